@@ -1,0 +1,142 @@
+"""Layer outputs against the float64 numpy reference over a grid of configurations."""
+import numpy as np
+import pytest
+
+import reference
+import tvmconv
+
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "float16": 2e-2}
+
+GRID = [
+    # (batch, h, w, cin, filters, kernel, strides, padding, dilation, groups)
+    (1, 8, 8, 4, 6, (3, 3), (1, 1), "valid", (1, 1), 1),
+    (2, 9, 7, 3, 5, (3, 3), (1, 1), "same", (1, 1), 1),
+    (1, 10, 11, 4, 8, (3, 2), (2, 2), "same", (1, 1), 1),      # odd total pad, non-square kernel
+    (1, 8, 8, 4, 4, (2, 2), (2, 1), "same", (1, 1), 1),
+    (2, 11, 9, 6, 6, (3, 3), (2, 3), "valid", (1, 1), 1),      # stride not dividing the input
+    (1, 12, 12, 4, 4, (3, 3), (1, 1), "same", (2, 2), 1),
+    (1, 12, 10, 2, 3, (3, 2), (1, 1), "valid", (2, 3), 1),
+    (1, 8, 8, 8, 12, (3, 3), (1, 1), "same", (1, 1), 4),        # grouped
+    (1, 9, 9, 6, 6, (3, 3), (2, 2), "same", (1, 1), 6),         # depthwise
+    (1, 9, 9, 4, 8, (5, 5), (1, 1), "same", (1, 1), 4),         # depthwise, channel multiplier 2
+    (1, 6, 6, 16, 32, (1, 1), (1, 1), "same", (1, 1), 1),       # pointwise
+    (1, 15, 15, 3, 8, (7, 7), (2, 2), "same", (1, 1), 1),       # first-layer shape
+]
+
+
+def _run(config, data_format, dtype="float32", activation=None, use_bias=True, seed=0):
+    n, h, w, c, f, k, s, p, d, g = config
+    rng = np.random.default_rng(seed)
+    shape = (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+    x = rng.standard_normal(shape).astype(dtype)
+    layer = tvmconv.Conv2D(f, k, strides=s, padding=p, dilation_rate=d, groups=g, data_format=data_format,
+                           activation=activation, use_bias=use_bias, dtype=dtype)
+    layer.build(shape)
+    weights = [rng.standard_normal(layer.kernel.shape).astype(dtype)]
+    if use_bias:
+        weights.append(rng.standard_normal(f).astype(dtype))
+    layer.set_weights(weights)
+    y = layer(x)
+    ref = reference.conv2d(x, weights[0], weights[1] if use_bias else None, s, p, d, g,
+                           channels_last=data_format == "channels_last")
+    return layer, y, ref
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("config", GRID, ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5]}s{c[6]}{c[7]}d{c[8]}g{c[9]}")
+def test_matches_reference(config, data_format):
+    layer, y, ref = _run(config, data_format)
+    assert y.dtype == np.float32
+    assert y.shape == ref.shape == layer.compute_output_shape(_input_shape(config, data_format))
+    np.testing.assert_allclose(y, ref, rtol=TOLERANCE["float32"], atol=TOLERANCE["float32"] * np.abs(ref).max())
+
+
+def _input_shape(config, data_format):
+    n, h, w, c = config[:4]
+    return (n, h, w, c) if data_format == "channels_last" else (n, c, h, w)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("config", [GRID[2], GRID[7], GRID[8]], ids=["stride-same", "grouped", "depthwise"])
+def test_other_dtypes(config, dtype):
+    layer, y, ref = _run(config, "channels_last", dtype=dtype)
+    assert y.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(y.astype(np.float64), ref, rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * np.abs(ref).max())
+
+
+def test_float16_accumulates_in_float32():
+    """A sum of 2048 float16 products is exact to float16 rounding only with a float32 accumulator."""
+    layer = tvmconv.Conv2D(1, 1, use_bias=False, dtype="float16", kernel_initializer="ones")
+    x = np.full((1, 1, 1, 2048), 1.0 + 2 ** -10, np.float16)  # float16 accumulation would stall at 2048
+    y = layer(x)
+    assert y[0, 0, 0, 0] == np.float16(2048 * (1.0 + 2 ** -10))
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_without_bias(data_format):
+    layer, y, ref = _run(GRID[1], data_format, use_bias=False)
+    assert len(layer.get_weights()) == 1
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_same_padding_puts_the_odd_pixel_at_the_end():
+    """One-hot input, 2x2 kernel of ones, stride 1 'same': total pad 1 goes bottom/right (Keras/TF rule)."""
+    x = np.zeros((1, 3, 3, 1), np.float32)
+    x[0, 2, 2, 0] = 1.0
+    layer = tvmconv.Conv2D(1, 2, padding="same", kernel_initializer="ones", use_bias=False)
+    y = layer(x)[0, :, :, 0]
+    expected = np.zeros((3, 3))
+    expected[1:, 1:] = 1.0  # windows starting at rows/cols 1..2 cover the pixel (2, 2)
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_mixed_float16_policy():
+    layer = tvmconv.Conv2D(4, 3, dtype="mixed_float16")
+    x = np.random.default_rng(0).standard_normal((1, 6, 6, 3)).astype(np.float32)
+    y = layer(x)
+    assert layer.dtype == "float32" and layer.kernel.dtype == np.float32 and y.dtype == np.float16
+    ref = reference.conv2d(x.astype(np.float16), layer.kernel.astype(np.float16), layer.bias.astype(np.float16))
+    np.testing.assert_allclose(y, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def test_nan_and_inf_propagate():
+    layer = tvmconv.Conv2D(2, 1, use_bias=False, kernel_initializer="ones")
+    x = np.zeros((1, 2, 2, 1), np.float32)
+    x[0, 0, 0, 0], x[0, 1, 1, 0] = np.nan, np.inf
+    y = layer(x)
+    assert np.isnan(y[0, 0, 0]).all() and np.isposinf(y[0, 1, 1]).all() and (y[0, 0, 1] == 0).all()
+
+
+def test_other_batch_and_spatial_sizes_compile_new_kernels():
+    layer = tvmconv.Conv2D(4, 3, padding="same")
+    rng = np.random.default_rng(0)
+    for shape in [(1, 8, 8, 3), (3, 8, 8, 3), (2, 5, 9, 3)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = layer(x)
+        np.testing.assert_allclose(y, reference.conv2d(x, layer.kernel, layer.bias, padding="same"),
+                                   rtol=1e-4, atol=1e-5)
+    assert layer.compiled_kernel((1, 8, 8, 3)).workload.batch == 1
+    assert layer.compiled_kernel((3, 8, 8, 3)).workload.batch == 3
+
+
+def test_accepts_dlpack_and_array_likes():
+    layer = tvmconv.Conv2D(2, 2)
+    x = np.arange(2 * 4 * 4 * 2, dtype=np.float32).reshape(2, 4, 4, 2)
+    expected = layer(x)
+    np.testing.assert_array_equal(layer(x.tolist()), expected)          # a nested list
+    np.testing.assert_array_equal(layer(x[:, :, :, :]), expected)        # a view
+    np.testing.assert_array_equal(layer(x.astype(np.float64)), expected)  # cast to the compute dtype
+    np.testing.assert_array_equal(layer(np.asfortranarray(x)), expected)  # non-contiguous memory
+
+    class DLPackOnly:  # a producer known only through the DLPack protocol
+        def __init__(self, array):
+            self._array = array
+
+        def __dlpack__(self, **kwargs):
+            return self._array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self._array.__dlpack_device__()
+
+    np.testing.assert_array_equal(layer(DLPackOnly(x)), expected)

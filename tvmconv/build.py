@@ -1,0 +1,112 @@
+"""Compute + schedule → compiled kernel, cached in memory and on disk per (workload, target).
+
+The disk cache lives under $TVMCONV_CACHE_DIR (default ~/.cache/tvmconv)/kernels/<target key>/.
+Each entry is a shared library and a JSON sidecar holding its checksum; both are written to a
+temporary name and renamed, so a concurrent reader sees a whole entry or none. An entry whose
+checksum does not match (truncated, corrupt, tampered) is reported, removed and rebuilt.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+
+import tvm
+
+from . import runtime, schedules, targets
+
+from .compute import ConvWorkload, conv2d_forward
+
+
+@dataclasses.dataclass
+class CompiledKernel:
+    workload: ConvWorkload
+    target_key: str
+    schedule: str   # the schedules/ rule that produced it
+    knobs: object   # its knob values
+    origin: str     # "compiled", "disk cache" or "memory cache"
+    kernel: runtime.Kernel
+
+    def __call__(self, *args):
+        self.kernel(*args)
+
+
+_memory: dict[tuple[str, str], CompiledKernel] = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> str:
+    return os.environ.get("TVMCONV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tvmconv")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def _load_verified(library: str, sidecar: str):
+    """The cached module, or None when absent; a damaged entry is reported and removed."""
+    if not (os.path.exists(library) and os.path.exists(sidecar)):
+        return None
+    try:
+        with open(sidecar) as f:
+            expected = json.load(f)["sha256"]
+        if _sha256(library) != expected:
+            raise ValueError("checksum mismatch")
+        return runtime.load_module(library)
+    except Exception as err:  # any damage to either file means: rebuild
+        warnings.warn(f"tvmconv: corrupt kernel cache entry {library} ({err}); rebuilding it", RuntimeWarning)
+        for path in (library, sidecar):
+            if os.path.exists(path):
+                os.remove(path)
+        return None
+
+
+def get_kernel(wl: ConvWorkload, target: tvm.target.Target) -> CompiledKernel:
+    key = targets.target_key(target)
+    with _lock:
+        cached = _memory.get((wl.key, key))
+        if cached is not None:
+            return dataclasses.replace(cached, origin="memory cache")
+        rule = schedules.find_rule(wl, target)
+        knobs = rule.default_knobs(wl, target)
+        scheduled = rule.schedule(conv2d_forward(wl), wl, target, knobs).mod["main"]
+        # The file name covers the exact scheduled program, so a change to compute or schedule
+        # never picks up a stale library.
+        fingerprint = hashlib.sha256(
+            (tvm.__version__ + str(target.export()) + scheduled.script()).encode()).hexdigest()[:16]
+        folder = os.path.join(cache_dir(), "kernels", key)
+        os.makedirs(folder, exist_ok=True)
+        library = os.path.join(folder, f"{wl.key}-{fingerprint}.so")
+        sidecar = library[:-3] + ".json"
+        module, origin = _load_verified(library, sidecar), "disk cache"
+        if module is None:
+            module, origin = tvm.compile(scheduled, target=target).mod, "compiled"
+            _atomic_write(library, module.export_library)
+            meta = {"sha256": _sha256(library), "workload": dataclasses.asdict(wl), "target": str(target.export()),
+                    "schedule": rule.__name__, "knobs": repr(knobs), "tvm": tvm.__version__}
+            _atomic_write(sidecar, lambda path: _write_json(path, meta))
+        compiled = CompiledKernel(wl, key, rule.__name__.rsplit(".", 1)[-1], knobs, origin, runtime.Kernel(module))
+        _memory[(wl.key, key)] = compiled
+        return compiled

@@ -1,0 +1,278 @@
+"""The convolution as TVM tensor expressions: shape arithmetic, forward compute, fused epilogue.
+
+Target-free, like topi's `nn/`: schedules and builds consume what is declared here.
+Block names are part of the contract with `schedules/`: "conv" (the reduction, in the
+accumulator dtype) and "epilogue" (bias + elementwise activation + cast to the output dtype).
+Last-axis activations (softmax, log_softmax, sparsemax, glu) add blocks after "epilogue".
+"""
+import dataclasses
+import hashlib
+import math
+
+from tvm import te, tirx
+
+# ---------------------------------------------------------------- shape arithmetic (one helper)
+
+
+def conv_output_length(length: int, kernel: int, stride: int, dilation: int, padding: str) -> int:
+    effective = (kernel - 1) * dilation + 1
+    if padding == "same":
+        return -(-length // stride)
+    return (length - effective) // stride + 1
+
+
+def same_padding(length: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """Keras/TF "same": the extra pixel of an odd total goes at the end (bottom/right)."""
+    out = conv_output_length(length, kernel, stride, dilation, "same")
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - length, 0)
+    return total // 2, total - total // 2
+
+
+# ---------------------------------------------------------------- the workload
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvWorkload:
+    """Everything that determines a compiled forward kernel, in the user's data format."""
+
+    batch: int
+    in_height: int
+    in_width: int
+    in_channels: int
+    filters: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: str = "valid"
+    groups: int = 1
+    data_format: str = "channels_last"
+    dtype: str = "float32"
+    use_bias: bool = True
+    activation: str = "linear"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.data_format == "channels_last"
+
+    @property
+    def accum_dtype(self) -> str:
+        # float16 multiplies and accumulates in float32, then rounds once at the end.
+        return "float64" if self.dtype == "float64" else "float32"
+
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right)"""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        top, bottom = same_padding(self.in_height, self.kernel_size[0], self.strides[0], self.dilation[0])
+        left, right = same_padding(self.in_width, self.kernel_size[1], self.strides[1], self.dilation[1])
+        return (top, left, bottom, right)
+
+    @property
+    def out_height(self) -> int:
+        return conv_output_length(self.in_height, self.kernel_size[0], self.strides[0], self.dilation[0],
+                                  self.padding)
+
+    @property
+    def out_width(self) -> int:
+        return conv_output_length(self.in_width, self.kernel_size[1], self.strides[1], self.dilation[1],
+                                  self.padding)
+
+    @property
+    def group_in_channels(self) -> int:
+        return self.in_channels // self.groups
+
+    def _layout(self, h, w, c) -> tuple:
+        return (self.batch, h, w, c) if self.channels_last else (self.batch, c, h, w)
+
+    @property
+    def input_shape(self) -> tuple:
+        return self._layout(self.in_height, self.in_width, self.in_channels)
+
+    @property
+    def kernel_shape(self) -> tuple:
+        return (*self.kernel_size, self.group_in_channels, self.filters)
+
+    @property
+    def output_shape(self) -> tuple:
+        shape = self._layout(self.out_height, self.out_width, self.filters)
+        # glu halves the last axis: the filters for channels_last, the width for channels_first.
+        return (*shape[:-1], shape[-1] // 2) if self.activation == "glu" else shape
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds of the convolution counted as 2 FLOPs each."""
+        return (2 * self.batch * self.out_height * self.out_width * self.filters
+                * self.group_in_channels * self.kernel_size[0] * self.kernel_size[1])
+
+    @property
+    def key(self) -> str:
+        """A stable, human-readable identity, used in caches and tuning logs."""
+        fields = dataclasses.astuple(self)
+        return "conv2d-" + hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- activations as expressions
+
+
+def _activation_formulas():
+    """Keras 3's elementwise activations on one TIR expression, with Keras's default parameters."""
+
+    def const(x, value):
+        return tirx.const(value, str(x.ty))
+
+    def softplus(x):  # log(1 + e^x) without overflow
+        return te.max(x, const(x, 0)) + tirx.log1p(tirx.exp(-tirx.abs(x)))
+
+    def sigmoid(x):
+        return tirx.sigmoid(x)
+
+    def expm1_neg(x, alpha):  # alpha * (e^x - 1) for x <= 0, x otherwise
+        return tirx.Select(x > const(x, 0), x, const(x, alpha) * (tirx.exp(te.min(x, const(x, 0))) - const(x, 1)))
+
+    def relu6(x):
+        return te.min(te.max(x, const(x, 0)), const(x, 6))
+
+    def hard_sigmoid(x):
+        return relu6(x + const(x, 3)) / const(x, 6)
+
+    def where(cond, a, b):
+        return tirx.Select(cond, a, b)
+
+    selu_alpha, selu_scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+    return {
+        "linear": lambda x: x,
+        "relu": lambda x: te.max(x, const(x, 0)),
+        "relu6": relu6,
+        "sigmoid": sigmoid,
+        "tanh": tirx.tanh,
+        "exponential": tirx.exp,
+        "elu": lambda x: expm1_neg(x, 1.0),
+        "celu": lambda x: expm1_neg(x, 1.0),  # alpha = 1: celu(x) = elu(x / alpha) * alpha
+        "selu": lambda x: const(x, selu_scale) * expm1_neg(x, selu_alpha),
+        "gelu": lambda x: const(x, 0.5) * x * (const(x, 1) + tirx.erf(x * const(x, 1 / math.sqrt(2)))),
+        "hard_sigmoid": hard_sigmoid,
+        "hard_silu": lambda x: x * hard_sigmoid(x),
+        "hard_tanh": lambda x: te.min(te.max(x, const(x, -1)), const(x, 1)),
+        "hard_shrink": lambda x: where(tirx.abs(x) > const(x, 0.5), x, const(x, 0)),
+        "soft_shrink": lambda x: where(x > const(x, 0.5), x - const(x, 0.5),
+                                       where(x < const(x, -0.5), x + const(x, 0.5), const(x, 0))),
+        "leaky_relu": lambda x: where(x >= const(x, 0), x, const(x, 0.2) * x),
+        "log_sigmoid": lambda x: -softplus(-x),
+        "mish": lambda x: x * tirx.tanh(softplus(x)),
+        "silu": lambda x: x * sigmoid(x),
+        "softplus": softplus,
+        "softsign": lambda x: x / (tirx.abs(x) + const(x, 1)),
+        "sparse_plus": lambda x: where(x <= const(x, -1), const(x, 0),
+                                       where(x >= const(x, 1), x, (x + const(x, 1)) * (x + const(x, 1)) / const(x, 4))),
+        "sparse_sigmoid": lambda x: where(x <= const(x, -1), const(x, 0),
+                                          where(x >= const(x, 1), const(x, 1), (x + const(x, 1)) / const(x, 2))),
+        "squareplus": lambda x: (x + tirx.sqrt(x * x + const(x, 4))) / const(x, 2),
+        "tanh_shrink": lambda x: x - tirx.tanh(x),
+    }
+
+
+ELEMENTWISE_ACTIVATIONS = _activation_formulas()
+
+
+def _softmax(z, log=False):
+    *lead, length = z.shape
+    k = te.reduce_axis((0, length), "k")
+    zmax = te.compute(lead, lambda *i: te.max(z[(*i, k)], axis=k), name="softmax_max")
+    k2 = te.reduce_axis((0, length), "k2")
+    total = te.compute(lead, lambda *i: te.sum(tirx.exp(z[(*i, k2)] - zmax[i]), axis=k2), name="softmax_sum")
+    if log:
+        return te.compute(z.shape, lambda *i: z[i] - zmax[i[:-1]] - tirx.log(total[i[:-1]]), name="log_softmax")
+    return te.compute(z.shape, lambda *i: tirx.exp(z[i] - zmax[i[:-1]]) / total[i[:-1]], name="softmax")
+
+
+def _sparsemax(z):
+    """Sparsemax without a sort: z_j is in the support iff 1 + |{i: z_i >= z_j}| * z_j > sum_{z_i >= z_j} z_i."""
+    *lead, length = z.shape
+    zero, one = tirx.const(0, z.dtype), tirx.const(1, z.dtype)
+
+    k = te.reduce_axis((0, length), "k")
+    count = te.compute(z.shape, lambda *i: te.sum(tirx.Select(z[(*i[:-1], k)] >= z[i], one, zero), axis=k),
+                       name="sparsemax_count")
+    k2 = te.reduce_axis((0, length), "k2")
+    mass = te.compute(z.shape, lambda *i: te.sum(tirx.Select(z[(*i[:-1], k2)] >= z[i], z[(*i[:-1], k2)], zero),
+                                                 axis=k2), name="sparsemax_mass")
+    k3 = te.reduce_axis((0, length), "k3")
+    k4 = te.reduce_axis((0, length), "k4")
+
+    def in_support(i, j):
+        return one + count[(*i, j)] * z[(*i, j)] > mass[(*i, j)]
+
+    support = te.compute(lead, lambda *i: te.sum(tirx.Select(in_support(i, k3), one, zero), axis=k3),
+                         name="sparsemax_size")
+    support_mass = te.compute(lead, lambda *i: te.sum(tirx.Select(in_support(i, k4), z[(*i, k4)], zero), axis=k4),
+                              name="sparsemax_support_mass")
+    return te.compute(z.shape, lambda *i: te.max(z[i] - (support_mass[i[:-1]] - one) / support[i[:-1]], zero),
+                      name="sparsemax")
+
+
+def _glu(z):
+    *lead, length = z.shape
+    half = length // 2
+    return te.compute((*lead, half), lambda *i: z[i] * tirx.sigmoid(z[(*i[:-1], i[-1] + half)]), name="glu")
+
+
+LAST_AXIS_ACTIVATIONS = {
+    "softmax": _softmax,
+    "log_softmax": lambda z: _softmax(z, log=True),
+    "sparsemax": _sparsemax,
+    "glu": _glu,
+}
+
+
+# ---------------------------------------------------------------- forward compute
+
+
+def conv2d_forward(wl: ConvWorkload):
+    """The forward PrimFunc with arguments (x, kernel[, bias], y) in the workload's layouts.
+
+    The kernel is in Keras's layout (kh, kw, in_channels // groups, filters)."""
+    kh, kw = wl.kernel_size
+    sh, sw = wl.strides
+    dh, dw = wl.dilation
+    top, left, bottom, right = wl.pads
+    cg, fg = wl.group_in_channels, wl.filters // wl.groups
+    acc = wl.accum_dtype
+    x = te.placeholder(wl.input_shape, wl.dtype, name="x")
+    w = te.placeholder(wl.kernel_shape, wl.dtype, name="kernel")
+    b = te.placeholder((wl.filters,), wl.dtype, name="bias") if wl.use_bias else None
+
+    def padded_input(n, h, ww, c):
+        # Padding is an index guard inside the reduction, not a separate buffer.
+        value = x[n, h - top, ww - left, c] if wl.channels_last else x[n, c, h - top, ww - left]
+        guards = [g for g, needed in ((h >= top, top), (h < wl.in_height + top, bottom),
+                                      (ww >= left, left), (ww < wl.in_width + left, right)) if needed]
+        if guards:
+            value = tirx.if_then_else(tirx.all(*guards), value, tirx.const(0, wl.dtype))
+        return value.astype(acc)
+
+    rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, cg), "rc")
+
+    def conv_at(n, oh, ow, f):
+        value = padded_input(n, oh * sh + rh * dh, ow * sw + rw * dw, (f // fg) * cg + rc)
+        return te.sum(value * w[rh, rw, rc, f].astype(acc), axis=[rh, rw, rc])
+
+    out_shape = wl._layout(wl.out_height, wl.out_width, wl.filters)
+    if wl.channels_last:
+        conv = te.compute(out_shape, lambda n, oh, ow, f: conv_at(n, oh, ow, f), name="conv")
+    else:
+        conv = te.compute(out_shape, lambda n, f, oh, ow: conv_at(n, oh, ow, f), name="conv")
+    channel_axis = 3 if wl.channels_last else 1
+
+    def biased(*i):
+        return conv[i] + b[i[channel_axis]].astype(acc) if b is not None else conv[i]
+
+    if wl.activation in LAST_AXIS_ACTIVATIONS:
+        z = te.compute(out_shape, biased, name="epilogue")
+        activated = LAST_AXIS_ACTIVATIONS[wl.activation](z)
+        y = te.compute(activated.shape, lambda *i: activated[i].astype(wl.dtype), name="output")
+    else:
+        act = ELEMENTWISE_ACTIVATIONS[wl.activation]
+        y = te.compute(out_shape, lambda *i: act(biased(*i)).astype(wl.dtype), name="epilogue")
+    args = [x, w] + ([b] if b is not None else []) + [y]
+    return te.create_prim_func(args)

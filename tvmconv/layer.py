@@ -1,0 +1,330 @@
+"""Conv2D: Keras 3's convolution layer whose forward pass runs a kernel TVM compiled from our compute.
+
+Arguments are validated once, here, with Keras's wording; nothing after the constructor re-checks
+them. `build` creates the weights from the input's channel count; a call turns the input shape into
+a `ConvWorkload`, fetches the compiled kernel for it (memory, then disk, then compile) and runs it.
+"""
+import itertools
+import threading
+
+import numpy as np
+
+from . import activations, build as kernel_build, constraints, initializers, keras_config, regularizers
+from . import runtime, targets, validation
+from .compute import ConvWorkload, conv_output_length
+from .symbolic import KerasTensor
+
+SUPPORTED_DTYPES = ("float16", "float32", "float64")
+_name_counters: dict[str, itertools.count] = {}
+_name_lock = threading.Lock()
+
+
+def unique_name(prefix: str) -> str:
+    """Keras's automatic names: "conv2d", then "conv2d_1", "conv2d_2", ... per process."""
+    with _name_lock:
+        n = next(_name_counters.setdefault(prefix, itertools.count()))
+    return prefix if n == 0 else f"{prefix}_{n}"
+
+
+def _dtype_policy(dtype) -> tuple[str, str]:
+    """(variable dtype, compute dtype) from a dtype, a dtype name, a Keras policy name, object or config."""
+    if dtype is None:
+        dtype = keras_config.floatx()
+    if isinstance(dtype, dict):  # Keras's serialized DTypePolicy
+        dtype = dtype.get("config", {}).get("name", dtype)
+    name = getattr(dtype, "name", dtype)  # a Keras DTypePolicy or a numpy dtype
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(name).name
+        except TypeError:
+            name = repr(dtype)
+    if name == "mixed_float16":
+        return "float32", "float16"
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"Invalid `dtype` argument: {dtype!r}. tvmconv supports "
+                         f"{', '.join(SUPPORTED_DTYPES)} and the policy 'mixed_float16'.")
+    return name, name
+
+
+def _shape_tuple(value, name: str, length: int, allow_none: bool = True):
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != length or not all(
+            (v is None and allow_none) or (validation.is_int(v) and v > 0) for v in value):
+        raise ValueError(f"The `{name}` argument must be a tuple of {length} positive integers"
+                         f"{' or None' if allow_none else ''}. Received: {name}={value!r}")
+    return tuple(None if v is None else int(v) for v in value)
+
+
+def to_array(x) -> np.ndarray:
+    """numpy arrays as they are; DLPack producers (torch, jax, ...) without a copy where possible."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__dlpack__"):
+        try:
+            return np.from_dlpack(x)
+        except (TypeError, RuntimeError, BufferError):
+            pass
+    return np.asarray(x)
+
+
+class Conv2D:
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None,
+                 dilation_rate=(1, 1), groups=1, activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
+                 bias_regularizer=None, activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
+                 input_shape=None, batch_input_shape=None, batch_size=None, dtype=None, name=None,
+                 trainable=True, weights=None, target=None):
+        self.groups = validation.positive_int(groups, "groups")
+        self.filters = validation.positive_int(filters, "filters")
+        if self.filters % self.groups:
+            raise ValueError("The number of filters must be evenly divisible by the number of groups. "
+                             f"Received: groups={groups}, filters={filters}.")
+        self.kernel_size = validation.standardize_tuple(kernel_size, "kernel_size")
+        self.strides = validation.standardize_tuple(strides, "strides")
+        self.dilation_rate = validation.standardize_tuple(dilation_rate, "dilation_rate")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError("`strides > 1` not supported in conjunction with `dilation_rate > 1`. "
+                             f"Received: strides={self.strides} and dilation_rate={self.dilation_rate}")
+        self.padding = validation.standardize_padding(padding)
+        self.data_format = validation.standardize_data_format(data_format)
+        self.activation = activations.get(activation)
+        self.use_bias = validation.as_bool(use_bias, "use_bias")
+        self.kernel_initializer = initializers.get(kernel_initializer, "kernel_initializer")
+        self.bias_initializer = initializers.get(bias_initializer, "bias_initializer")
+        self.kernel_regularizer = regularizers.get(kernel_regularizer, "kernel_regularizer")
+        self.bias_regularizer = regularizers.get(bias_regularizer, "bias_regularizer")
+        self.activity_regularizer = regularizers.get(activity_regularizer, "activity_regularizer")
+        self.kernel_constraint = constraints.get(kernel_constraint, "kernel_constraint")
+        self.bias_constraint = constraints.get(bias_constraint, "bias_constraint")
+        self.dtype, self.compute_dtype = _dtype_policy(dtype)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"The `name` argument must be a string. Received: name={name!r}")
+        self.name = name or unique_name("conv2d")
+        self.trainable = validation.as_bool(trainable, "trainable")
+        self.target = targets.resolve(target)
+        self._target_given = target
+        # R's input arguments: the declared input, batch axis included (None = any size).
+        input_shape = _shape_tuple(input_shape, "input_shape", 3)
+        batch_input_shape = _shape_tuple(batch_input_shape, "batch_input_shape", 4)
+        if batch_size is not None:
+            batch_size = validation.positive_int(batch_size, "batch_size")
+        if batch_input_shape is None and input_shape is not None:
+            batch_input_shape = (batch_size, *input_shape)
+        self.batch_input_shape = batch_input_shape
+        if weights is not None and not isinstance(weights, (list, tuple)):
+            raise TypeError(f"The `weights` argument must be a list of arrays like get_weights(). "
+                            f"Received: weights of type {type(weights).__name__}")
+        self._initial_weights = weights
+        self._kernel = self._bias = None
+        self._device_weights = None
+        self._kernels: dict[tuple, kernel_build.CompiledKernel] = {}
+        self._activity_losses: list[float] = []
+        self.built = False
+        if self.batch_input_shape is not None and self.batch_input_shape[self._channel_axis] is not None:
+            self.build(self.batch_input_shape)
+
+    # ------------------------------------------------------------ shapes
+
+    @property
+    def _channel_axis(self) -> int:
+        return -1 if self.data_format == "channels_last" else 1
+
+    def _check_input_shape(self, shape) -> None:
+        if len(shape) != 4:
+            raise ValueError(f"Input 0 of layer '{self.name}' is incompatible with the layer: expected ndim=4, "
+                             f"found ndim={len(shape)}. Full shape received: {tuple(shape)}")
+        channels = shape[self._channel_axis]
+        if channels is None:
+            raise ValueError(f"The channel dimension of the inputs (axis {self._channel_axis}) should be defined. "
+                             f"Received input shape {tuple(shape)}")
+        if self.built and channels != self.input_channels:
+            raise ValueError(f"Input 0 of layer '{self.name}' is incompatible with the layer: expected axis "
+                             f"{self._channel_axis} of input shape to have value {self.input_channels}, but "
+                             f"received input with shape {tuple(shape)}")
+        if channels % self.groups:
+            raise ValueError("The number of input channels must be evenly divisible by the number of groups. "
+                             f"Received groups={self.groups}, but the input has {channels} channels "
+                             f"(full input shape is {tuple(shape)}).")
+        spatial = shape[1:3] if self.data_format == "channels_last" else shape[2:4]
+        for length, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate):
+            if length is not None and conv_output_length(length, k, s, d, self.padding) <= 0:
+                raise ValueError("Computed output size would be zero or negative. Received "
+                                 f"`inputs shape={tuple(shape)}`, `kernel shape={self.kernel_size}`, "
+                                 f"`dilation_rate={self.dilation_rate}`, `strides={self.strides}`, "
+                                 f"`padding={self.padding}`.")
+
+    def compute_output_shape(self, input_shape) -> tuple:
+        input_shape = tuple(input_shape)
+        self._check_input_shape(input_shape)
+        spatial = input_shape[1:3] if self.data_format == "channels_last" else input_shape[2:4]
+        out = [None if n is None else conv_output_length(n, k, s, d, self.padding)
+               for n, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate)]
+        if self.data_format == "channels_last":
+            shape = (input_shape[0], *out, self.filters)
+        else:
+            shape = (input_shape[0], self.filters, *out)
+        if self.activation == "glu":  # a * sigmoid(b) over the two halves of the last axis
+            if shape[-1] is not None and shape[-1] % 2:
+                raise ValueError(f"The 'glu' activation splits the last axis of the output in two halves, but "
+                                 f"it has odd length {shape[-1]} (output shape {shape}).")
+            shape = (*shape[:-1], None if shape[-1] is None else shape[-1] // 2)
+        return shape
+
+    # ------------------------------------------------------------ weights
+
+    def build(self, input_shape) -> None:
+        input_shape = tuple(input_shape)
+        self._check_input_shape(input_shape)
+        if self.built:
+            return
+        self.input_channels = int(input_shape[self._channel_axis])
+        self._kernel = self.kernel_initializer(self._kernel_shape, dtype=self.dtype)
+        self._bias = self.bias_initializer((self.filters,), dtype=self.dtype) if self.use_bias else None
+        self.built = True
+        if self._initial_weights is not None:
+            self.set_weights(self._initial_weights)
+            self._initial_weights = None
+
+    @property
+    def _kernel_shape(self) -> tuple:
+        return (*self.kernel_size, self.input_channels // self.groups, self.filters)
+
+    @property
+    def kernel(self):
+        return self._kernel
+
+    @property
+    def bias(self):
+        return self._bias
+
+    @property
+    def weights(self) -> list:
+        return [w for w in (self._kernel, self._bias) if w is not None]
+
+    @property
+    def trainable_weights(self) -> list:
+        return self.weights if self.trainable else []
+
+    @property
+    def non_trainable_weights(self) -> list:
+        return [] if self.trainable else self.weights
+
+    def get_weights(self) -> list:
+        return [w.copy() for w in self.weights]
+
+    def set_weights(self, weights) -> None:
+        if not isinstance(weights, (list, tuple)):
+            raise TypeError(f"set_weights expects a list of arrays. Received: {type(weights).__name__}")
+        expected = self.weights
+        if len(weights) != len(expected):
+            raise ValueError(f"You called `set_weights(weights)` on layer '{self.name}' with a weight list of "
+                             f"length {len(weights)}, but the layer was expecting {len(expected)} weights.")
+        arrays = [np.asarray(to_array(w)) for w in weights]
+        for current, new in zip(expected, arrays):
+            if current.shape != new.shape:
+                raise ValueError(f"Layer {self.name} weight shape {current.shape} is not compatible with provided "
+                                 f"weight shape {new.shape}.")
+        self._kernel = arrays[0].astype(self.dtype)
+        if self.use_bias:
+            self._bias = arrays[1].astype(self.dtype)
+        self._device_weights = None
+
+    def count_params(self) -> int:
+        if not self.built:
+            raise ValueError(f"You tried to call `count_params` on layer '{self.name}', but the layer isn't built. "
+                             "You can build it manually via: `layer.build(input_shape)`.")
+        return sum(int(w.size) for w in self.weights)
+
+    @property
+    def losses(self) -> list:
+        """Regularizer terms: of the weights as they are now, and of the last call's output."""
+        terms = [reg(w) for reg, w in ((self.kernel_regularizer, self._kernel), (self.bias_regularizer, self._bias))
+                 if reg is not None and w is not None]
+        return [float(t) for t in terms] + list(self._activity_losses)
+
+    # ------------------------------------------------------------ calls
+
+    def workload(self, input_shape) -> ConvWorkload:
+        """The compiled kernel's description for a concrete input shape."""
+        if self.data_format == "channels_last":
+            n, h, w, c = input_shape
+        else:
+            n, c, h, w = input_shape
+        return ConvWorkload(int(n), int(h), int(w), int(c), self.filters, self.kernel_size, self.strides,
+                            self.dilation_rate, self.padding, self.groups, self.data_format, self.compute_dtype,
+                            self.use_bias, self.activation if isinstance(self.activation, str) else "linear")
+
+    def compiled_kernel(self, input_shape) -> kernel_build.CompiledKernel:
+        """The kernel for this input shape (what ran, from where, with which schedule)."""
+        input_shape = tuple(int(d) for d in input_shape)
+        compiled = self._kernels.get(input_shape)
+        if compiled is None:
+            targets.check_runnable_here(self.target)
+            compiled = kernel_build.get_kernel(self.workload(input_shape), self.target)
+            self._kernels[input_shape] = compiled
+        return compiled
+
+    def _weights_on_device(self) -> list:
+        if self._device_weights is None:
+            self._device_weights = [runtime.to_tensor(np.ascontiguousarray(w, dtype=self.compute_dtype))
+                                    for w in self.weights]
+        return self._device_weights
+
+    def __call__(self, inputs):
+        if isinstance(inputs, KerasTensor):
+            return self._symbolic_call(inputs)
+        x = to_array(inputs)
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"Input 0 of layer '{self.name}' must be a real numeric array (it is cast to "
+                            f"{self.compute_dtype}). Received dtype={x.dtype}")
+        self.compute_output_shape(x.shape)  # validates the shape, before anything compiles
+        if self.activation in activations.UNCALLABLE:
+            raise TypeError(f"The activation '{self.activation}' needs `threshold` and `default_value` "
+                            "arguments: pass a callable such as lambda x: keras.activations.threshold(x, t, v).")
+        if not self.built:
+            self.build(x.shape)
+        compiled = self.compiled_kernel(x.shape)
+        y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
+        compiled(x.astype(self.compute_dtype, copy=False), *self._weights_on_device(), y)
+        if callable(self.activation):
+            y = np.asarray(self.activation(y), dtype=self.compute_dtype)
+        if self.activity_regularizer is not None:
+            # Keras divides the activity penalty by the batch size.
+            self._activity_losses = [float(self.activity_regularizer(y)) / x.shape[0]]
+        return y
+
+    def _symbolic_call(self, inputs: KerasTensor) -> KerasTensor:
+        self._check_input_shape(inputs.shape)
+        if not self.built:
+            self.build(inputs.shape)
+        return KerasTensor(self.compute_output_shape(inputs.shape), self.compute_dtype, producer=self,
+                           parent=inputs, name=self.name)
+
+    # ------------------------------------------------------------ config
+
+    def get_config(self) -> dict:
+        config = {
+            "name": self.name, "trainable": self.trainable,
+            "dtype": "mixed_float16" if self.compute_dtype != self.dtype else self.dtype,
+            "filters": self.filters, "kernel_size": self.kernel_size, "strides": self.strides,
+            "padding": self.padding, "data_format": self.data_format, "dilation_rate": self.dilation_rate,
+            "groups": self.groups, "activation": activations.serialize(self.activation), "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+        }
+        if self._target_given is not None:
+            config["target"] = self._target_given
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Conv2D":
+        return cls(**config)
+
+    def __repr__(self):
+        return f"<Conv2D name={self.name}, filters={self.filters}, kernel_size={self.kernel_size}, built={self.built}>"

@@ -1,0 +1,73 @@
+"""Keras 3's weight regularizers: l1, l2, l1_l2, orthogonal_regularizer, with Keras's formulas."""
+import numbers
+
+import numpy as np
+
+from . import serialization
+
+
+def _non_negative(value, name):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid value for argument {name}: expected a non-negative float. Received: {name}={value!r}")
+    return float(value)
+
+
+class Regularizer(serialization.Serializable):
+    pass
+
+
+class L1(Regularizer):
+    def __init__(self, l1=0.01):
+        self.l1 = _non_negative(l1, "l1")
+
+    def __call__(self, x):
+        return self.l1 * np.sum(np.abs(np.asarray(x, np.float64)))
+
+
+class L2(Regularizer):
+    def __init__(self, l2=0.01):
+        self.l2 = _non_negative(l2, "l2")
+
+    def __call__(self, x):
+        return self.l2 * np.sum(np.square(np.asarray(x, np.float64)))  # no factor 1/2, as Keras
+
+
+class L1L2(Regularizer):
+    def __init__(self, l1=0.0, l2=0.0):
+        self.l1, self.l2 = _non_negative(l1, "l1"), _non_negative(l2, "l2")
+
+    def __call__(self, x):
+        x = np.asarray(x, np.float64)
+        return self.l1 * np.sum(np.abs(x)) + self.l2 * np.sum(np.square(x))
+
+
+class OrthogonalRegularizer(Regularizer):
+    def __init__(self, factor=0.01, mode="rows"):
+        self.factor = _non_negative(factor, "factor")
+        if mode not in ("rows", "columns"):
+            raise ValueError(f'Invalid value for argument `mode`. Expected one of {{"rows", "columns"}}. Received: mode={mode!r}')
+        self.mode = mode
+
+    def __call__(self, x):
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"Inputs to OrthogonalRegularizer must have rank 2. Received: inputs.shape={x.shape}")
+        axis = 1 if self.mode == "rows" else 0
+        unit = x / np.maximum(np.sqrt(np.sum(np.square(x), axis=axis, keepdims=True)), 1e-12)
+        product = unit @ unit.T if self.mode == "rows" else unit.T @ unit
+        size = product.shape[0]
+        off_diagonal = np.abs(product * (1.0 - np.eye(size)))
+        return self.factor * 0.5 * off_diagonal.sum() / (size * (size - 1.0) / 2.0)
+
+
+l1, l2, l1_l2, orthogonal_regularizer = L1, L2, L1L2, OrthogonalRegularizer
+
+NAMES = serialization.registry([L1, L2, L1L2, OrthogonalRegularizer])
+
+
+def get(identifier, argument):
+    return None if identifier is None else serialization.get(identifier, NAMES, "regularizer", argument)
+
+
+def serialize(obj):
+    return serialization.serialize(obj, "keras.regularizers")

@@ -1,0 +1,46 @@
+"""Running compiled modules with TVM's runtime API only: loading, array hand-over, calls.
+
+Nothing here compiles: an inference service loads and runs kernels with this module alone.
+"""
+import numpy as np
+import tvm.runtime
+
+# TVM's generated code assumes 64-byte aligned buffers; DLPack hand-over checks it.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    offset = -raw.ctypes.data % ALIGNMENT
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def as_aligned(array: np.ndarray) -> np.ndarray:
+    """The array itself when TVM can use it in place, else an aligned C-contiguous copy."""
+    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
+        return array
+    copy = aligned_empty(array.shape, array.dtype)
+    copy[...] = array
+    return copy
+
+
+def to_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
+    """A CPU tensor sharing memory with `array` (copied only when misaligned or strided)."""
+    return tvm.runtime.from_dlpack(as_aligned(array))
+
+
+def load_module(path: str):
+    return tvm.runtime.load_module(path)
+
+
+class Kernel:
+    """One compiled function, called with numpy arrays or tensors; the last argument is the output."""
+
+    def __init__(self, module, entry: str = "main"):
+        self.module = module
+        self.function = module[entry]
+
+    def __call__(self, *args):
+        self.function(*[to_tensor(a) if isinstance(a, np.ndarray) else a for a in args])

@@ -1,0 +1,95 @@
+"""Compilation targets: the host CPU as it really is, and one canonical key per target.
+
+The machines that run tvmconv differ (an AVX2-only AMD Zen 1 and an AVX-512 Zen 4 have both
+served it), and code built for the wrong CPU dies with "Illegal instruction": the host target is
+detected at run time, never hard-coded, and everything compiled is keyed by the full target.
+"""
+import functools
+import hashlib
+import json
+import os
+
+import tvm
+from tvm.target import codegen
+
+# Instruction-set features a hypervisor may hide even though LLVM's CPU model implies them.
+_CHECKED_X86_FEATURES = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "avx")
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def host() -> dict:
+    """The host's target dict: LLVM's CPU name, minus features the OS reports absent, and the core count."""
+    cpu = codegen.llvm_get_system_cpu()
+    target = {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
+    flags = _cpuinfo_flags()
+    if flags and codegen.llvm_get_system_triple().startswith("x86_64"):
+        implied = codegen.llvm_get_cpu_features(tvm.target.Target(target))
+        hidden = sorted(f for f in _CHECKED_X86_FEATURES if f in implied and f not in flags)
+        if hidden:
+            target["mattr"] = [f"-{f}" for f in hidden]
+    return target
+
+
+def resolve(target) -> tvm.target.Target:
+    """None (the host) or a target dict → a TVM Target, with a clear error for anything else."""
+    if target is None:
+        return tvm.target.Target(host())
+    if isinstance(target, tvm.target.Target):
+        return target
+    if not isinstance(target, dict):
+        raise TypeError("The `target` argument must be None (the host CPU) or a TVM target dict such as "
+                        f"{{'kind': 'llvm', 'mcpu': 'znver1', 'num-cores': 2}}. Received: target={target!r}")
+    try:
+        return tvm.target.Target(target)
+    except Exception as err:  # TVM raises its own error types for unknown kinds and attributes
+        raise ValueError(f"Invalid `target` {target!r}: {err}") from None
+
+
+def vector_bits(target: tvm.target.Target) -> int:
+    """SIMD register width. (codegen.llvm_get_vector_width answers for the host, not the target.)"""
+    if target.kind.name != "llvm":
+        return 128
+    features = codegen.llvm_get_cpu_features(target)
+    if "avx512f" in features:
+        return 512
+    if "avx" in features:
+        return 256
+    return 128
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """Readable and unique: kind, CPU or arch, vector ISA, cores, and a hash of the whole target."""
+    attrs = dict(target.attrs.items())
+    full = json.dumps({"kind": target.kind.name, **{k: str(v) for k, v in sorted(attrs.items())}}, sort_keys=True)
+    parts = [target.kind.name, str(attrs.get("mcpu") or attrs.get("arch") or "generic")]
+    if target.kind.name == "llvm":
+        parts.append(f"v{vector_bits(target)}")
+        parts.append(f"{attrs.get('num-cores', 1)}c")
+    return "-".join(parts + [hashlib.sha256(full.encode()).hexdigest()[:8]])
+
+
+def check_runnable_here(target: tvm.target.Target) -> None:
+    """Raise before running code the host cannot execute (another ISA, or features it lacks)."""
+    host_target = tvm.target.Target(host())
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    if target.kind.name != "llvm" or triple.split("-")[0] != codegen.llvm_get_system_triple().split("-")[0]:
+        raise ValueError(f"Kernels for target {target_key(target)} cannot run on this host "
+                         f"({target_key(host_target)}): run them on a matching device, or export them.")
+    missing = sorted(set(codegen.llvm_get_cpu_features(target)) - set(codegen.llvm_get_cpu_features(host_target)))
+    # Tuning-only "features" (fast-*, slow-*) differ between CPUs harmlessly; instruction sets do not.
+    vector_missing = [f for f in missing if f.startswith(("avx", "fma", "amx", "sse", "f16c", "bmi", "gfni", "vaes"))]
+    if vector_missing:
+        raise ValueError(f"Target {target_key(target)} uses CPU features this host lacks ({', '.join(vector_missing)}): "
+                         "running its kernels here would die with 'Illegal instruction'. Use target=None for the "
+                         "host CPU, or export the kernels for a machine that has them.")
