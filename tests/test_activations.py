@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import reference
+from tvmconv import reference
 import tvmconv
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import reference
+from tvmconv import reference
 import tvmconv
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "float16": 2e-2}
@@ -73,10 +73,12 @@ def test_float16_accumulates_in_float32():
     assert y[0, 0, 0, 0] == np.float16(2048 * (1.0 + 2 ** -10))
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "softmax"])
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_without_bias(data_format):
-    layer, y, ref = _run(GRID[1], data_format, use_bias=False)
+def test_without_bias(data_format, activation):
+    layer, y, ref = _run(GRID[1], data_format, activation=activation, use_bias=False)
     assert len(layer.get_weights()) == 1
+    ref = reference.ACTIVATIONS[activation or "linear"](ref)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 

@@ -265,7 +265,7 @@ def conv2d_forward(wl: ConvWorkload):
     channel_axis = 3 if wl.channels_last else 1
 
     def biased(*i):
-        return conv[i] + b[i[channel_axis]].astype(acc) if b is not None else conv[i]
+        return conv(*i) + b[i[channel_axis]].astype(acc) if b is not None else conv(*i)
 
     if wl.activation in LAST_AXIS_ACTIVATIONS:
         z = te.compute(out_shape, biased, name="epilogue")

@@ -12,9 +12,12 @@ _TRUNCATED_STDDEV_CORRECTION = 0.87962566103423978  # stddev of a unit normal tr
 _unseeded = np.random.default_rng()
 
 
-def compute_fans(shape) -> tuple[float, float]:
-    """Keras's fans: for a conv kernel (kh, kw, cin_g, filters), fan_in = kh*kw*cin_g, fan_out = kh*kw*filters."""
+def compute_fans(shape, input_axes=None, output_axes=None) -> tuple[float, float]:
+    """Keras's fans: for a conv kernel (kh, kw, cin_g, filters), fan_in = kh*kw*cin_g, fan_out = kh*kw*filters,
+    unless both `input_axes` and `output_axes` name the axes to multiply."""
     shape = tuple(shape)
+    if input_axes is not None and output_axes is not None:
+        return int(np.prod([shape[a] for a in input_axes])), int(np.prod([shape[a] for a in output_axes]))
     if len(shape) == 0:
         return 1, 1
     if len(shape) == 1:
@@ -97,7 +100,8 @@ class VarianceScaling(Initializer):
     _MODES = ("fan_in", "fan_out", "fan_avg")
     _DISTRIBUTIONS = ("truncated_normal", "untruncated_normal", "uniform")
 
-    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None):
+    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None, input_axes=None,
+                 output_axes=None):
         if not isinstance(scale, numbers.Real) or scale <= 0:
             raise ValueError(f"Argument `scale` must be positive float. Received: scale={scale!r}")
         if mode not in self._MODES:
@@ -107,9 +111,10 @@ class VarianceScaling(Initializer):
             raise ValueError(f"Invalid `distribution` argument: {distribution!r}. "
                              f"Allowed: {', '.join(self._DISTRIBUTIONS)}")
         self.scale, self.mode, self.distribution, self.seed = scale, mode, distribution, _check_seed(seed)
+        self.input_axes, self.output_axes = input_axes, output_axes
 
     def sample(self, shape):
-        fan_in, fan_out = compute_fans(shape)
+        fan_in, fan_out = compute_fans(shape, self.input_axes, self.output_axes)
         n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[self.mode]
         variance = self.scale / max(1.0, n)
         if self.distribution == "truncated_normal":
@@ -121,13 +126,13 @@ class VarianceScaling(Initializer):
 
 
 def _preset(name, scale, mode, distribution):
-    """The named VarianceScaling presets (Glorot, He, LeCun): only `seed` is theirs to set."""
+    """The named VarianceScaling presets (Glorot, He, LeCun): scale, mode and distribution are fixed."""
 
-    def __init__(self, seed=None):
-        VarianceScaling.__init__(self, scale, mode, distribution, seed)
+    def __init__(self, seed=None, input_axes=None, output_axes=None):
+        VarianceScaling.__init__(self, scale, mode, distribution, seed, input_axes, output_axes)
 
     def get_config(self):
-        return {"seed": self.seed}
+        return {"seed": self.seed, "input_axes": self.input_axes, "output_axes": self.output_axes}
 
     return type(name, (VarianceScaling,), {"__init__": __init__, "get_config": get_config})
 
@@ -191,6 +196,9 @@ NAMES = serialization.registry(
 
 
 def get(identifier, argument="kernel_initializer"):
+    if identifier in ("constant", "Constant"):  # Keras fails on the bare name too (it has no value)
+        raise ValueError(f"The initializer {identifier!r} needs a value (argument `{argument}`): pass "
+                         "tvmconv.initializers.Constant(value) instead of the bare name.")
     # Keras's add_weight falls back to glorot_uniform for a float weight given no initializer.
     return serialization.get("glorot_uniform" if identifier is None else identifier, NAMES, "initializer",
                              argument)

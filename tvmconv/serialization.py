@@ -13,7 +13,9 @@ class Serializable:
     """Objects whose constructor arguments are their config, as Keras's initializers and friends."""
 
     def get_config(self) -> dict:
-        return {k: getattr(self, k) for k in inspect.signature(type(self).__init__).parameters if k != "self"}
+        parameters = inspect.signature(type(self).__init__).parameters.values()
+        return {p.name: getattr(self, p.name) for p in parameters
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     @classmethod
     def from_config(cls, config: dict):

@@ -1,4 +1,6 @@
-"""Independent float64 numpy references: convolution with Keras's padding rule, and Keras's activations."""
+"""Independent float64 numpy references (no TVM): convolution with Keras's padding rule, and Keras's activations.
+
+Used by `tvmconv demo` and the tests to check compiled kernels."""
 import math
 
 import numpy as np
