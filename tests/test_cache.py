@@ -23,7 +23,9 @@ print(json.dumps({"origin": layer.compiled_kernel(x.shape).origin, "sum": float(
 
 def _run_in_new_process(cache_dir):
     env = dict(os.environ, TVMCONV_CACHE_DIR=str(cache_dir))
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
+    # cwd away from the checkout, so the installed package is imported, not the source folder
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True,
+                         cwd=cache_dir)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -119,7 +119,7 @@ def test_orthogonal_regularizer_formula_and_rank_check():
     layer = tvmconv.Conv2D(4, 3, kernel_regularizer="orthogonal_regularizer")
     layer.build((None, 5, 5, 2))
     with pytest.raises(ValueError, match="rank 2"):
-        layer.losses  # a 4-D conv kernel, as in Keras
+        _ = layer.losses  # a 4-D conv kernel, as in Keras
 
 
 def test_constraint_formulas():

@@ -1,0 +1,1 @@
+"""Shipped MetaSchedule tuning records, one folder per target key (data only; see README.md)."""
