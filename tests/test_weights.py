@@ -188,3 +188,16 @@ def test_input_shape_builds_and_weights_apply():
     assert layer.built and layer.batch_input_shape == (None, 4, 4, 3)
     np.testing.assert_allclose(layer(np.ones((1, 4, 4, 3), np.float32))[0, 0, 0], [2.5, 0.5])
     assert tvmconv.Conv2D(2, 1, input_shape=(4, 4, 3), batch_size=8).batch_input_shape == (8, 4, 4, 3)
+
+
+def test_weights_change_only_through_set_weights():
+    layer = tvmconv.Conv2D(2, 1, kernel_initializer="ones")
+    x = np.ones((1, 2, 2, 3), np.float32)
+    np.testing.assert_allclose(layer(x), 3.0)
+    with pytest.raises(ValueError, match="read-only"):
+        layer.kernel[...] = 0.0
+    kernel = layer.get_weights()[0]
+    kernel[...] = 2.0  # get_weights returns copies
+    np.testing.assert_allclose(layer(x), 3.0)
+    layer.set_weights([kernel, np.array([1.0, -1.0])])
+    np.testing.assert_allclose(layer(x)[0, 0, 0], [7.0, 5.0])

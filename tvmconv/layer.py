@@ -179,9 +179,9 @@ class Conv2D:
         if self.built:
             return
         self.input_channels = int(input_shape[self._channel_axis])
-        self._kernel = self.kernel_initializer(self._kernel_shape, dtype=self.dtype)
-        self._bias = self.bias_initializer((self.filters,), dtype=self.dtype) if self.use_bias else None
         self.built = True
+        self._assign(self.kernel_initializer(self._kernel_shape, dtype=self.dtype),
+                     self.bias_initializer((self.filters,), dtype=self.dtype) if self.use_bias else None)
         if self._initial_weights is not None:
             self.set_weights(self._initial_weights)
             self._initial_weights = None
@@ -225,9 +225,13 @@ class Conv2D:
             if current.shape != new.shape:
                 raise ValueError(f"Layer {self.name} weight shape {current.shape} is not compatible with provided "
                                  f"weight shape {new.shape}.")
-        self._kernel = arrays[0].astype(self.dtype)
-        if self.use_bias:
-            self._bias = arrays[1].astype(self.dtype)
+        self._assign(*arrays)
+
+    def _assign(self, kernel, bias=None) -> None:
+        """The one place weights change: read-only copies (the compiled kernel may share their memory)."""
+        self._kernel, self._bias = [None if w is None else np.array(w, dtype=self.dtype) for w in (kernel, bias)]
+        for w in self.weights:
+            w.flags.writeable = False
         self._device_weights = None
 
     def count_params(self) -> int:
@@ -267,8 +271,8 @@ class Conv2D:
 
     def _weights_on_device(self) -> list:
         if self._device_weights is None:
-            self._device_weights = [runtime.to_tensor(np.ascontiguousarray(w, dtype=self.compute_dtype))
-                                    for w in self.weights]
+            # Copies in the compute dtype, made once per weight change, that the kernel reads in place.
+            self._device_weights = [runtime.to_tensor(np.array(w, dtype=self.compute_dtype)) for w in self.weights]
         return self._device_weights
 
     def __call__(self, inputs):
