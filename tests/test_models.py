@@ -57,6 +57,9 @@ def test_functional_branches_and_shared_input():
     model = tvmconv.Model(inputs, [left, right])
     x = _x((2, 8, 8, 3))
     out_left, out_right = model(x)
+    predicted_left, predicted_right = model.predict(x, batch_size=1)
+    np.testing.assert_array_equal(predicted_left, out_left)
+    np.testing.assert_array_equal(predicted_right, out_right)
     l0, r0, r1 = model.layers
     np.testing.assert_allclose(out_left, reference.conv2d(x, l0.kernel, l0.bias), rtol=1e-4, atol=1e-5)
     mid = reference.conv2d(x, r0.kernel, r0.bias, padding="same")
@@ -124,3 +127,8 @@ def test_model_weights_round_trip():
         model.set_weights(new[:2])
     with pytest.raises(ValueError, match="batch_size"):
         model.predict(np.ones((1, 6, 6, 2), np.float32), batch_size=0)
+
+
+def test_empty_batch_gives_an_empty_output():
+    model = tvmconv.Sequential([tvmconv.Conv2D(4, 3, input_shape=(6, 6, 2)), tvmconv.Conv2D(2, 1)])
+    assert model.predict(np.zeros((0, 6, 6, 2), np.float32)).shape == (0, 4, 4, 2)

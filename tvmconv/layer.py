@@ -288,6 +288,8 @@ class Conv2D:
                             "arguments: pass a callable such as lambda x: keras.activations.threshold(x, t, v).")
         if not self.built:
             self.build(x.shape)
+        if x.shape[0] == 0:  # an empty batch has an empty answer; nothing to compile
+            return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
         compiled = self.compiled_kernel(x.shape)
         y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
         compiled(x.astype(self.compute_dtype, copy=False), *self._weights_on_device(), y)

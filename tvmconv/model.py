@@ -33,7 +33,10 @@ class _Network:
         x = to_array(x)
         if x.ndim == 0:
             raise ValueError(f"predict expects a batch of inputs. Received an array of shape {x.shape}")
-        return np.concatenate([self(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)])
+        chunks = [self(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)]
+        if isinstance(chunks[0], list):  # a functional model with several outputs
+            return [np.concatenate(parts) for parts in zip(*chunks)]
+        return np.concatenate(chunks)
 
     def get_weights(self) -> list:
         return [w for layer in self.layers for w in layer.get_weights()]
