@@ -94,8 +94,13 @@ class ConvWorkload:
         return (*self.kernel_size, self.group_in_channels, self.filters)
 
     @property
+    def conv_output_shape(self) -> tuple:
+        """The convolution's own output, before a last-axis activation may reshape it."""
+        return self._layout(self.out_height, self.out_width, self.filters)
+
+    @property
     def output_shape(self) -> tuple:
-        shape = self._layout(self.out_height, self.out_width, self.filters)
+        shape = self.conv_output_shape
         # glu halves the last axis: the filters for channels_last, the width for channels_first.
         return (*shape[:-1], shape[-1] // 2) if self.activation == "glu" else shape
 
@@ -107,7 +112,7 @@ class ConvWorkload:
 
     @property
     def key(self) -> str:
-        """A stable, human-readable identity, used in caches and tuning logs."""
+        """A stable identity (a hash of every field), used in cache file names and tuning logs."""
         fields = dataclasses.astuple(self)
         return "conv2d-" + hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
@@ -257,7 +262,7 @@ def conv2d_forward(wl: ConvWorkload):
         value = padded_input(n, oh * sh + rh * dh, ow * sw + rw * dw, (f // fg) * cg + rc)
         return te.sum(value * w[rh, rw, rc, f].astype(acc), axis=[rh, rw, rc])
 
-    out_shape = wl._layout(wl.out_height, wl.out_width, wl.filters)
+    out_shape = wl.conv_output_shape
     if wl.channels_last:
         conv = te.compute(out_shape, lambda n, oh, ow, f: conv_at(n, oh, ow, f), name="conv")
     else:

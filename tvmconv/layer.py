@@ -228,7 +228,8 @@ class Conv2D:
         self._assign(*arrays)
 
     def _assign(self, kernel, bias=None) -> None:
-        """The one place weights change: read-only copies (the compiled kernel may share their memory)."""
+        """The one place weights change. They are stored read-only, so an in-place edit cannot bypass the
+        invalidation of the device copies below."""
         self._kernel, self._bias = [None if w is None else np.array(w, dtype=self.dtype) for w in (kernel, bias)]
         for w in self.weights:
             w.flags.writeable = False
