@@ -32,6 +32,11 @@ class CompiledKernel:
     def __call__(self, *args):
         self.kernel(*args)
 
+    def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
+        """TVM's time evaluator for this kernel: call it with `Conv2D.kernel_arguments(x)`."""
+        return self.kernel.module.time_evaluator(self.kernel.entry, tvm.cpu(), number=number, repeat=repeat,
+                                                 min_repeat_ms=min_repeat_ms)
+
 
 _memory: dict[tuple[str, str], CompiledKernel] = {}
 _lock = threading.Lock()

@@ -270,6 +270,17 @@ class Conv2D:
             self._kernels[input_shape] = compiled
         return compiled
 
+    def kernel_arguments(self, inputs) -> list:
+        """The compiled kernel's arguments for one call (input, weights as the kernel reads them, a fresh
+        output), for timing the bare kernel with `compiled_kernel(shape).time_evaluator()`."""
+        x = to_array(inputs).astype(self.compute_dtype, copy=False)
+        self.compute_output_shape(x.shape)
+        if not self.built:
+            self.build(x.shape)
+        compiled = self.compiled_kernel(x.shape)
+        y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
+        return [runtime.to_tensor(x), *self._weights_on_device(), runtime.to_tensor(y)]
+
     def _weights_on_device(self) -> list:
         if self._device_weights is None:
             # Copies in the compute dtype, made once per weight change, that the kernel reads in place.

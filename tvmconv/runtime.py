@@ -40,6 +40,7 @@ class Kernel:
 
     def __init__(self, module, entry: str = "main"):
         self.module = module
+        self.entry = entry
         self.function = module[entry]
 
     def __call__(self, *args):
