@@ -1,12 +1,13 @@
 """Schedule registry: an ordered list of rules, the first that accepts a (workload, target) schedules it.
 
 A rule is a module with `applies(workload, target) -> bool`, `default_knobs(workload, target)` and
-`schedule(func, workload, target, knobs=None) -> s_tir.Schedule`. Per-target templates go before
-the generic default, which accepts every CPU workload.
+`schedule(func, workload, target, knobs=None) -> s_tir.Schedule`; its knobs name the kernel layout
+they expect (`kernel_block`, see `compute.pack_kernel`). Family modules go before the generic
+CPU rule, which accepts every LLVM target.
 """
-from . import cpu_default
+from . import cpu, x86
 
-RULES = [cpu_default]
+RULES = [x86, cpu]
 
 
 def find_rule(wl, target):

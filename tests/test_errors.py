@@ -43,7 +43,9 @@ CONSTRUCTION_ERRORS = [
     (dict(batch_input_shape=(8, 8, 3)), ValueError, "batch_input_shape"),
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(weights=np.ones(3)), TypeError, "weights"),
-    (dict(target="llvm -mcpu=znver1"), TypeError, "target"),
+    (dict(target="llvm -mcpu=znver1"), ValueError, "presets"),
+    (dict(target=5), TypeError, "target"),
+    (dict(threads=0), ValueError, "threads"),
     (dict(target={"kind": "no-such-kind"}), ValueError, "target"),
 ]
 

@@ -29,6 +29,11 @@ class CompiledKernel:
     origin: str     # "compiled", "disk cache" or "memory cache"
     kernel: runtime.Kernel
 
+    @property
+    def kernel_block(self) -> int:
+        """Filters per block of the packed kernel this kernel reads (0: Keras's layout)."""
+        return self.knobs.kernel_block
+
     def __call__(self, *args):
         self.kernel(*args)
 
@@ -96,7 +101,7 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target) -> CompiledKernel:
             return dataclasses.replace(cached, origin="memory cache")
         rule = schedules.find_rule(wl, target)
         knobs = rule.default_knobs(wl, target)
-        scheduled = rule.schedule(conv2d_forward(wl), wl, target, knobs).mod["main"]
+        scheduled = rule.schedule(conv2d_forward(wl, knobs.kernel_block), wl, target, knobs).mod["main"]
         # The file name covers the exact scheduled program, so a change to compute or schedule
         # never picks up a stale library.
         fingerprint = hashlib.sha256(

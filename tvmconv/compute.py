@@ -1,14 +1,14 @@
 """The convolution as TVM tensor expressions: shape arithmetic, forward compute, fused epilogue.
 
 Target-free, like topi's `nn/`: schedules and builds consume what is declared here.
-Block names are part of the contract with `schedules/`: "conv" (the reduction, in the
-accumulator dtype) and "epilogue" (bias + elementwise activation + cast to the output dtype).
-Last-axis activations (softmax, log_softmax, sparsemax, glu) add blocks after "epilogue".
+Block names are part of the contract with `schedules/` (see `conv2d_forward`). Last-axis
+activations (softmax, log_softmax, sparsemax, glu) add blocks after "epilogue".
 """
 import dataclasses
 import hashlib
 import math
 
+import numpy as np
 from tvm import te, tirx
 
 # ---------------------------------------------------------------- shape arithmetic (one helper)
@@ -233,10 +233,34 @@ LAST_AXIS_ACTIVATIONS = {
 # ---------------------------------------------------------------- forward compute
 
 
-def conv2d_forward(wl: ConvWorkload):
-    """The forward PrimFunc with arguments (x, kernel[, bias], y) in the workload's layouts.
+def packed_kernel_shape(wl: ConvWorkload, block: int) -> tuple:
+    """The kernel in blocks of `block` filters: (ceil(filters / block), kh, kw, in_channels // groups, block),
+    so one register tile's weights are contiguous. block == 0 means Keras's layout."""
+    if not block:
+        return wl.kernel_shape
+    return (-(-wl.filters // block), *wl.kernel_size, wl.group_in_channels, block)
 
-    The kernel is in Keras's layout (kh, kw, in_channels // groups, filters)."""
+
+def pack_kernel(kernel: np.ndarray, block: int) -> np.ndarray:
+    """Keras's (kh, kw, cin/groups, filters) kernel → `packed_kernel_shape` (zero-filled past `filters`)."""
+    if not block:
+        return kernel
+    kh, kw, cg, filters = kernel.shape
+    blocks = -(-filters // block)
+    padded = np.zeros((kh, kw, cg, blocks * block), dtype=kernel.dtype)
+    padded[..., :filters] = kernel
+    return np.ascontiguousarray(padded.reshape(kh, kw, cg, blocks, block).transpose(3, 0, 1, 2, 4))
+
+
+def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
+    """The forward PrimFunc with arguments (x, kernel[, bias], y), x and y in the workload's layout.
+
+    The kernel is in Keras's layout (kh, kw, in_channels // groups, filters), or packed by
+    `pack_kernel` when kernel_block > 0. Stages, by block name:
+      "data_pad" — the input, zero-padded and channels-last; absent when the input already is both.
+      "conv"     — the convolution in the accumulator dtype, always (batch, height, width, filters).
+      "epilogue" — bias + activation + cast, written in the workload's layout.
+    """
     kh, kw = wl.kernel_size
     sh, sw = wl.strides
     dh, dw = wl.dilation
@@ -244,40 +268,52 @@ def conv2d_forward(wl: ConvWorkload):
     cg, fg = wl.group_in_channels, wl.filters // wl.groups
     acc = wl.accum_dtype
     x = te.placeholder(wl.input_shape, wl.dtype, name="x")
-    w = te.placeholder(wl.kernel_shape, wl.dtype, name="kernel")
+    w = te.placeholder(packed_kernel_shape(wl, kernel_block), wl.dtype, name="kernel")
     b = te.placeholder((wl.filters,), wl.dtype, name="bias") if wl.use_bias else None
 
-    def padded_input(n, h, ww, c):
-        # Padding is an index guard inside the reduction, not a separate buffer.
-        value = x[n, h - top, ww - left, c] if wl.channels_last else x[n, c, h - top, ww - left]
-        guards = [g for g, needed in ((h >= top, top), (h < wl.in_height + top, bottom),
-                                      (ww >= left, left), (ww < wl.in_width + left, right)) if needed]
-        if guards:
-            value = tirx.if_then_else(tirx.all(*guards), value, tirx.const(0, wl.dtype))
-        return value.astype(acc)
+    def input_at(n, h, ww, c):
+        return x[n, h, ww, c] if wl.channels_last else x[n, c, h, ww]
+
+    if wl.channels_last and not any(wl.pads):
+        data = x
+    else:
+        def padded(n, h, ww, c):
+            guards = [g for g, needed in ((h >= top, top), (h < wl.in_height + top, bottom),
+                                          (ww >= left, left), (ww < wl.in_width + left, right)) if needed]
+            value = input_at(n, h - top, ww - left, c)
+            return tirx.if_then_else(tirx.all(*guards), value, tirx.const(0, wl.dtype)) if guards else value
+        data = te.compute((wl.batch, wl.in_height + top + bottom, wl.in_width + left + right, wl.in_channels),
+                          padded, name="data_pad")
+
+    def weight(rh, rw, rc, f):
+        if kernel_block:
+            return w[f // kernel_block, rh, rw, rc, f % kernel_block]
+        return w[rh, rw, rc, f]
 
     rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, cg), "rc")
+    conv = te.compute(
+        (wl.batch, wl.out_height, wl.out_width, wl.filters),
+        lambda n, oh, ow, f: te.sum(
+            data[n, oh * sh + rh * dh, ow * sw + rw * dw, (f // fg) * cg + rc].astype(acc)
+            * weight(rh, rw, rc, f).astype(acc), axis=[rh, rw, rc]),
+        name="conv")
 
-    def conv_at(n, oh, ow, f):
-        value = padded_input(n, oh * sh + rh * dh, ow * sw + rw * dw, (f // fg) * cg + rc)
-        return te.sum(value * w[rh, rw, rc, f].astype(acc), axis=[rh, rw, rc])
+    def biased(n, oh, ow, f):
+        value = conv(n, oh, ow, f)  # a call, not [], gives an expression with a dtype
+        return value + b[f].astype(acc) if b is not None else value
+
+    def in_layout(value):  # index the workload's layout, read the channels-last conv
+        if wl.channels_last:
+            return value
+        return lambda n, f, oh, ow: value(n, oh, ow, f)
 
     out_shape = wl.conv_output_shape
-    if wl.channels_last:
-        conv = te.compute(out_shape, lambda n, oh, ow, f: conv_at(n, oh, ow, f), name="conv")
-    else:
-        conv = te.compute(out_shape, lambda n, f, oh, ow: conv_at(n, oh, ow, f), name="conv")
-    channel_axis = 3 if wl.channels_last else 1
-
-    def biased(*i):
-        return conv(*i) + b[i[channel_axis]].astype(acc) if b is not None else conv(*i)
-
     if wl.activation in LAST_AXIS_ACTIVATIONS:
-        z = te.compute(out_shape, biased, name="epilogue")
+        z = te.compute(out_shape, in_layout(biased), name="epilogue")
         activated = LAST_AXIS_ACTIVATIONS[wl.activation](z)
         y = te.compute(activated.shape, lambda *i: activated[i].astype(wl.dtype), name="output")
     else:
         act = ELEMENTWISE_ACTIVATIONS[wl.activation]
-        y = te.compute(out_shape, lambda *i: act(biased(*i)).astype(wl.dtype), name="epilogue")
+        y = te.compute(out_shape, in_layout(lambda *i: act(biased(*i)).astype(wl.dtype)), name="epilogue")
     args = [x, w] + ([b] if b is not None else []) + [y]
     return te.create_prim_func(args)

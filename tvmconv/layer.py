@@ -11,7 +11,7 @@ import numpy as np
 
 from . import activations, build as kernel_build, constraints, initializers, keras_config, regularizers
 from . import runtime, targets, validation
-from .compute import ConvWorkload, conv_output_length
+from .compute import ConvWorkload, conv_output_length, pack_kernel
 from .symbolic import KerasTensor
 
 SUPPORTED_DTYPES = ("float16", "float32", "float64")
@@ -74,7 +74,7 @@ class Conv2D:
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
                  input_shape=None, batch_input_shape=None, batch_size=None, dtype=None, name=None,
-                 trainable=True, weights=None, target=None):
+                 trainable=True, weights=None, target=None, threads=None):
         self.groups = validation.positive_int(groups, "groups")
         self.filters = validation.positive_int(filters, "filters")
         if self.filters % self.groups:
@@ -104,6 +104,7 @@ class Conv2D:
         self.trainable = validation.as_bool(trainable, "trainable")
         self.target = targets.resolve(target)
         self._target_given = target
+        self.threads = None if threads is None else validation.positive_int(threads, "threads")
         # R's input arguments: the declared input, batch axis included (None = any size).
         input_shape = _shape_tuple(input_shape, "input_shape", 3)
         batch_input_shape = _shape_tuple(batch_input_shape, "batch_input_shape", 4)
@@ -117,7 +118,7 @@ class Conv2D:
                             f"Received: weights of type {type(weights).__name__}")
         self._initial_weights = weights
         self._kernel = self._bias = None
-        self._device_weights = None
+        self._device_weights: dict[int, list] = {}
         self._kernels: dict[tuple, kernel_build.CompiledKernel] = {}
         self._activity_losses: list[float] = []
         self.built = False
@@ -233,7 +234,7 @@ class Conv2D:
         self._kernel, self._bias = [None if w is None else np.array(w, dtype=self.dtype) for w in (kernel, bias)]
         for w in self.weights:
             w.flags.writeable = False
-        self._device_weights = None
+        self._device_weights = {}
 
     def count_params(self) -> int:
         if not self.built:
@@ -279,13 +280,18 @@ class Conv2D:
             self.build(x.shape)
         compiled = self.compiled_kernel(x.shape)
         y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
-        return [runtime.to_tensor(x), *self._weights_on_device(), runtime.to_tensor(y)]
+        runtime.use_threads(self.threads or runtime.default_threads())
+        return [runtime.to_tensor(x), *self._weights_on_device(compiled), runtime.to_tensor(y)]
 
-    def _weights_on_device(self) -> list:
-        if self._device_weights is None:
-            # Copies in the compute dtype, made once per weight change, that the kernel reads in place.
-            self._device_weights = [runtime.to_tensor(np.array(w, dtype=self.compute_dtype)) for w in self.weights]
-        return self._device_weights
+    def _weights_on_device(self, compiled: kernel_build.CompiledKernel) -> list:
+        """The weights as `compiled` reads them: in the compute dtype, the kernel packed into the
+        schedule's blocks. Made once per weight change and layout, then read in place by every call."""
+        block = compiled.kernel_block
+        if block not in self._device_weights:
+            kernel = pack_kernel(self._kernel.astype(self.compute_dtype), block)
+            bias = [] if self._bias is None else [self._bias.astype(self.compute_dtype)]
+            self._device_weights[block] = [runtime.to_tensor(np.ascontiguousarray(w)) for w in (kernel, *bias)]
+        return self._device_weights[block]
 
     def __call__(self, inputs):
         if isinstance(inputs, KerasTensor):
@@ -304,7 +310,8 @@ class Conv2D:
             return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
         compiled = self.compiled_kernel(x.shape)
         y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
-        compiled(x.astype(self.compute_dtype, copy=False), *self._weights_on_device(), y)
+        runtime.use_threads(self.threads or runtime.default_threads())
+        compiled(x.astype(self.compute_dtype, copy=False), *self._weights_on_device(compiled), y)
         if callable(self.activation):
             y = np.asarray(self.activation(y), dtype=self.compute_dtype)
         if self.activity_regularizer is not None:
@@ -338,6 +345,8 @@ class Conv2D:
         }
         if self._target_given is not None:
             config["target"] = self._target_given
+        if self.threads is not None:
+            config["threads"] = self.threads
         return config
 
     @classmethod

@@ -2,6 +2,9 @@
 
 Nothing here compiles: an inference service loads and runs kernels with this module alone.
 """
+import os
+import threading
+
 import numpy as np
 import tvm.runtime
 
@@ -29,6 +32,32 @@ def as_aligned(array: np.ndarray) -> np.ndarray:
 def to_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
     """A CPU tensor sharing memory with `array` (copied only when misaligned or strided)."""
     return tvm.runtime.from_dlpack(as_aligned(array))
+
+
+def default_threads() -> int:
+    """TVM_NUM_THREADS when set, else every CPU this process may run on.
+
+    (TVM's own default halves the core count on x86, assuming hyper-threads: on the 2-core
+    machines here that is one thread and half the speed.)"""
+    value = os.environ.get("TVM_NUM_THREADS")
+    return int(value) if value else len(os.sched_getaffinity(0))
+
+
+_threads_lock = threading.Lock()
+_threads_in_use = None
+
+
+def use_threads(count: int) -> None:
+    """Size TVM's process-wide thread pool; a no-op when it already has `count` threads."""
+    global _threads_in_use
+    if count == _threads_in_use:
+        return
+    with _threads_lock:
+        # TVM caps the pool at TVM_NUM_THREADS whenever it is (re)configured.
+        if int(os.environ.get("TVM_NUM_THREADS") or 0) < count:
+            os.environ["TVM_NUM_THREADS"] = str(count)
+        tvm.get_global_func("runtime.config_threadpool")(1, count)  # 1: every core, fastest first
+        _threads_in_use = count
 
 
 def load_module(path: str):

@@ -41,15 +41,34 @@ def host() -> dict:
     return target
 
 
+_AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4}
+
+# Named targets. The x86 presets use the oldest CPU model with that vector ISA, so their code
+# runs on every CPU that has it (AMD Zen 1 and later for AVX2, Zen 4 and Skylake-SP for AVX-512).
+PRESETS = {
+    "x86-avx2": lambda: {"kind": "llvm", "mcpu": "haswell", "num-cores": host()["num-cores"]},
+    "x86-avx512": lambda: {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": host()["num-cores"]},
+    "aarch64": lambda: {**_AARCH64, "mcpu": "cortex-a72"},
+    "aarch64-neoverse": lambda: {**_AARCH64, "mcpu": "neoverse-n1"},
+    "cuda": lambda: {"kind": "cuda", "arch": "sm_80"},
+    "cuda-sm_80": lambda: {"kind": "cuda", "arch": "sm_80"},
+    "cuda-sm_90": lambda: {"kind": "cuda", "arch": "sm_90"},
+}
+
+
 def resolve(target) -> tvm.target.Target:
-    """None (the host) or a target dict → a TVM Target, with a clear error for anything else."""
-    if target is None:
+    """None or "host" (this CPU), a preset name, a target dict or a Target → a TVM Target."""
+    if target is None or target == "host":
         return tvm.target.Target(host())
     if isinstance(target, tvm.target.Target):
         return target
+    if isinstance(target, str) and target in PRESETS:
+        return tvm.target.Target(PRESETS[target]())
     if not isinstance(target, dict):
-        raise TypeError("The `target` argument must be None (the host CPU) or a TVM target dict such as "
-                        f"{{'kind': 'llvm', 'mcpu': 'znver1', 'num-cores': 2}}. Received: target={target!r}")
+        error = ValueError if isinstance(target, str) else TypeError
+        raise error("The `target` argument must be None or 'host' (this CPU), one of the presets "
+                    f"{', '.join(repr(p) for p in PRESETS)}, or a TVM target dict such as "
+                    f"{{'kind': 'llvm', 'mcpu': 'znver1', 'num-cores': 2}}. Received: target={target!r}")
     try:
         return tvm.target.Target(target)
     except Exception as err:  # TVM raises its own error types for unknown kinds and attributes
