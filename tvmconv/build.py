@@ -43,7 +43,7 @@ class CompiledKernel:
                                                  min_repeat_ms=min_repeat_ms)
 
 
-_memory: dict[tuple[str, str], CompiledKernel] = {}
+_memory: dict[tuple, CompiledKernel] = {}
 _lock = threading.Lock()
 
 
@@ -93,30 +93,34 @@ def _load_verified(library: str, sidecar: str):
         return None
 
 
-def get_kernel(wl: ConvWorkload, target: tvm.target.Target) -> CompiledKernel:
+def scheduled(rule, wl: ConvWorkload, target: tvm.target.Target, knobs):
+    """The PrimFunc of our compute for `wl`, scheduled by a schedules/ rule with these knobs."""
+    return rule.schedule(conv2d_forward(wl, knobs.kernel_block), wl, target, knobs).mod["main"]
+
+
+def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None) -> CompiledKernel:
     key = targets.target_key(target)
     with _lock:
-        cached = _memory.get((wl.key, key))
+        rule = schedules.find_rule(wl, target)
+        knobs = knobs or rule.default_knobs(wl, target)
+        cached = _memory.get((wl.key, key, knobs))
         if cached is not None:
             return dataclasses.replace(cached, origin="memory cache")
-        rule = schedules.find_rule(wl, target)
-        knobs = rule.default_knobs(wl, target)
-        scheduled = rule.schedule(conv2d_forward(wl, knobs.kernel_block), wl, target, knobs).mod["main"]
+        func = scheduled(rule, wl, target, knobs)
         # The file name covers the exact scheduled program, so a change to compute or schedule
         # never picks up a stale library.
-        fingerprint = hashlib.sha256(
-            (tvm.__version__ + str(target.export()) + scheduled.script()).encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha256((tvm.__version__ + str(target.export()) + func.script()).encode()).hexdigest()[:16]
         folder = os.path.join(cache_dir(), "kernels", key)
         os.makedirs(folder, exist_ok=True)
         library = os.path.join(folder, f"{wl.key}-{fingerprint}.so")
         sidecar = library[:-3] + ".json"
         module, origin = _load_verified(library, sidecar), "disk cache"
         if module is None:
-            module, origin = tvm.compile(scheduled, target=target).mod, "compiled"
+            module, origin = tvm.compile(func, target=target).mod, "compiled"
             _atomic_write(library, module.export_library)
             meta = {"sha256": _sha256(library), "workload": dataclasses.asdict(wl), "target": str(target.export()),
                     "schedule": rule.__name__, "knobs": repr(knobs), "tvm": tvm.__version__}
             _atomic_write(sidecar, lambda path: _write_json(path, meta))
         compiled = CompiledKernel(wl, key, rule.__name__.rsplit(".", 1)[-1], knobs, origin, runtime.Kernel(module))
-        _memory[(wl.key, key)] = compiled
+        _memory[(wl.key, key, knobs)] = compiled
         return compiled

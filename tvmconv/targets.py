@@ -12,6 +12,10 @@ import os
 import tvm
 from tvm.target import codegen
 
+# LLVM splits 512-bit vectors in two on Intel AVX-512 CPU models ("prefer-256-bit"); the schedules
+# choose their vector width themselves.
+_FULL_WIDTH_AVX512 = "-prefer-256-bit"
+
 # Instruction-set features a hypervisor may hide even though LLVM's CPU model implies them.
 _CHECKED_X86_FEATURES = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "avx")
 
@@ -36,8 +40,11 @@ def host() -> dict:
     if flags and codegen.llvm_get_system_triple().startswith("x86_64"):
         implied = codegen.llvm_get_cpu_features(tvm.target.Target(target))
         hidden = sorted(f for f in _CHECKED_X86_FEATURES if f in implied and f not in flags)
-        if hidden:
-            target["mattr"] = [f"-{f}" for f in hidden]
+        mattr = [f"-{f}" for f in hidden]
+        if "prefer-256-bit" in implied and "avx512f" in flags:
+            mattr.append(_FULL_WIDTH_AVX512)
+        if mattr:
+            target["mattr"] = mattr
     return target
 
 
@@ -47,7 +54,8 @@ _AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], 
 # runs on every CPU that has it (AMD Zen 1 and later for AVX2, Zen 4 and Skylake-SP for AVX-512).
 PRESETS = {
     "x86-avx2": lambda: {"kind": "llvm", "mcpu": "haswell", "num-cores": host()["num-cores"]},
-    "x86-avx512": lambda: {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": host()["num-cores"]},
+    "x86-avx512": lambda: {"kind": "llvm", "mcpu": "skylake-avx512", "mattr": [_FULL_WIDTH_AVX512],
+                           "num-cores": host()["num-cores"]},
     "aarch64": lambda: {**_AARCH64, "mcpu": "cortex-a72"},
     "aarch64-neoverse": lambda: {**_AARCH64, "mcpu": "neoverse-n1"},
     "cuda": lambda: {"kind": "cuda", "arch": "sm_80"},

@@ -1,0 +1,99 @@
+"""The CPU template at its default and edge knobs against the float64 reference; the x86 builds' code."""
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+from tvmconv import build, reference, runtime, targets
+from tvmconv.compute import ConvWorkload, pack_kernel
+from tvmconv.schedules import cpu, find_rule, x86
+
+HOST = targets.resolve(None)
+
+
+def _check(wl: ConvWorkload, knobs, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(wl.input_shape)
+    kernel = rng.standard_normal(wl.kernel_shape)
+    bias = rng.standard_normal(wl.filters) if wl.use_bias else None
+    compiled = build.get_kernel(wl, HOST, knobs)
+    assert compiled.knobs == knobs
+    y = runtime.aligned_empty(wl.output_shape, wl.dtype)
+    weights = [pack_kernel(kernel.astype(wl.dtype), knobs.kernel_block)] + ([bias.astype(wl.dtype)] if wl.use_bias else [])
+    compiled(x.astype(wl.dtype), *[np.ascontiguousarray(w) for w in weights], y)
+    expected = reference.conv2d(x, kernel, bias, wl.strides, wl.padding, wl.dilation, wl.groups, wl.channels_last)
+    expected = reference.ACTIVATIONS[wl.activation](expected)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+WORKLOADS = {
+    "3x3 same": ConvWorkload(1, 9, 10, 8, 24, (3, 3), padding="same"),
+    "3x3 stride 2": ConvWorkload(2, 11, 9, 6, 16, (3, 3), (2, 2), padding="same"),
+    "1x1": ConvWorkload(1, 7, 7, 32, 40, (1, 1)),
+    "1x1 stride 2": ConvWorkload(1, 9, 9, 16, 32, (1, 1), (2, 2)),
+    "first layer 7x7 s2": ConvWorkload(1, 17, 15, 3, 16, (7, 7), (2, 2), padding="same"),
+    "depthwise": ConvWorkload(1, 10, 10, 24, 24, (3, 3), padding="same", groups=24),
+    "depthwise s2": ConvWorkload(1, 10, 10, 24, 24, (3, 3), (2, 2), padding="same", groups=24),
+    "grouped": ConvWorkload(1, 8, 8, 32, 64, (3, 3), padding="same", groups=8),
+    "dilated": ConvWorkload(1, 12, 12, 4, 8, (3, 3), dilation=(2, 2), padding="same"),
+    "channels_first": ConvWorkload(1, 9, 9, 8, 24, (3, 3), padding="same", data_format="channels_first"),
+    "relu, no bias": ConvWorkload(1, 6, 6, 4, 8, (3, 3), use_bias=False, activation="relu"),
+    "float64": ConvWorkload(1, 6, 7, 3, 8, (3, 3), padding="same", dtype="float64"),
+}
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_default_knobs(name):
+    wl = WORKLOADS[name]
+    _check(wl, find_rule(wl, HOST).default_knobs(wl, HOST))
+
+
+EDGE_KNOBS = [
+    cpu.Knobs(lanes=4, f_vectors=1, ow_tile=1),                       # tile = 1 everywhere
+    cpu.Knobs(lanes=8, f_vectors=3, ow_tile=9, oh_tile=9),            # a tile covering the whole extent
+    cpu.Knobs(lanes=16, f_vectors=2, ow_tile=4, oh_tile=2, rc_tile=3),  # non-dividing tiles, all axes
+    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=5, filters_first=True, pad_inline=True),
+    cpu.Knobs(lanes=1, f_vectors=5, ow_tile=3, rc_tile=1),            # scalar lanes
+]
+
+
+@pytest.mark.parametrize("knobs", EDGE_KNOBS, ids=repr)
+@pytest.mark.parametrize("name", ["3x3 same", "depthwise s2", "grouped", "channels_first", "first layer 7x7 s2"])
+def test_edge_knobs(name, knobs):
+    _check(WORKLOADS[name], knobs)
+
+
+@pytest.mark.parametrize("preset, register, absent", [("x86-avx2", "ymm", "zmm"), ("x86-avx512", "zmm", None)])
+@pytest.mark.parametrize("name", ["3x3 same", "1x1", "depthwise", "grouped", "3x3 stride 2", "first layer 7x7 s2"])
+def test_x86_builds_use_vector_fmas(preset, register, absent, name):
+    """Whichever CPU runs this, both x86 paths compile, and the FMAs are on full-width registers."""
+    target = targets.resolve(preset)
+    wl = WORKLOADS[name]
+    rule = find_rule(wl, target)
+    assert rule is x86
+    func = build.scheduled(rule, wl, target, rule.default_knobs(wl, target))
+    asm = tvm.compile(func, target=target).mod.inspect_source("asm")
+    fmas = re.findall(rf"vfmadd\d+ps\s+[^\n]*%{register}", asm)
+    assert len(fmas) >= 4, f"no {register} FMAs in the {preset} build"
+    if absent:
+        assert f"%{absent}" not in asm
+
+
+def test_x86_defaults_fit_the_register_file():
+    wl = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
+    for preset, registers, lanes in (("x86-avx2", 16, 8), ("x86-avx512", 32, 16)):
+        knobs = x86.default_knobs(wl, targets.resolve(preset))
+        assert knobs.lanes == lanes
+        accumulators = knobs.ow_tile * knobs.oh_tile * knobs.f_vectors
+        assert 8 <= accumulators and accumulators + knobs.f_vectors + 1 <= registers
+
+
+def test_pack_kernel_layout():
+    kernel = np.arange(3 * 2 * 5 * 20, dtype=np.float32).reshape(3, 2, 5, 20)
+    packed = pack_kernel(kernel, 8)
+    assert packed.shape == (3, 3, 2, 5, 8)
+    for f in range(24):
+        expected = kernel[..., f] if f < 20 else 0
+        np.testing.assert_array_equal(packed[f // 8, ..., f % 8], expected)
+    assert pack_kernel(kernel, 0) is kernel

@@ -1,0 +1,85 @@
+"""Targets: host detection, presets, canonical keys; the thread count; weights packed once."""
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+import tvmconv
+from tvmconv import reference, runtime, targets
+
+
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+
+
+def test_keys_are_stable_readable_and_distinct():
+    names = [None, *targets.PRESETS]
+    keys = {name: targets.target_key(targets.resolve(name)) for name in names}
+    assert keys == {name: targets.target_key(targets.resolve(name)) for name in names}  # stable
+    assert keys["cuda"] == keys["cuda-sm_80"]  # an alias, the same target
+    assert len(set(keys.values())) == len(names) - 1
+    assert re.fullmatch(r"llvm-haswell-v256-\d+c-[0-9a-f]{8}", keys["x86-avx2"])
+    assert re.fullmatch(r"llvm-cortex-a72-v128-4c-[0-9a-f]{8}", keys["aarch64"])
+    # Any attribute change is another key: the same CPU name with fewer cores, or a feature removed.
+    other_cores = targets.target_key(targets.resolve({**targets.host(), "num-cores": 64}))
+    fewer_features = targets.target_key(targets.resolve({"kind": "llvm", "mcpu": "haswell", "mattr": ["-fma"]}))
+    assert other_cores != keys[None] and fewer_features != keys["x86-avx2"]
+
+
+@pytest.mark.skipif(not tvm.target.codegen.llvm_get_system_triple().startswith("x86_64"), reason="x86 host only")
+def test_host_target_matches_the_cpu_and_presets_run_where_they_can():
+    flags = _cpu_flags()
+    host = targets.resolve(None)
+    targets.check_runnable_here(host)
+    assert targets.vector_bits(host) == (512 if "avx512f" in flags else 256 if "avx2" in flags else 128)
+    targets.check_runnable_here(targets.resolve("x86-avx2"))
+    if "avx512f" in flags:
+        targets.check_runnable_here(targets.resolve("x86-avx512"))
+    else:
+        with pytest.raises(ValueError, match="Illegal instruction"):
+            targets.check_runnable_here(targets.resolve("x86-avx512"))
+    with pytest.raises(ValueError, match="cannot run on this host"):
+        targets.check_runnable_here(targets.resolve("aarch64"))
+
+
+def test_presets_by_name_build_layers():
+    layer = tvmconv.Conv2D(8, 3, padding="same", target="x86-avx2")
+    x = np.random.default_rng(0).standard_normal((1, 6, 6, 4)).astype(np.float32)
+    y = layer(x)
+    np.testing.assert_allclose(y, reference.conv2d(x, layer.kernel, layer.bias, padding="same"), rtol=1e-4, atol=1e-5)
+    assert layer.compiled_kernel(x.shape).target_key.startswith("llvm-haswell-v256")
+    assert layer.get_config()["target"] == "x86-avx2"
+    assert str(tvmconv.Conv2D.from_config(layer.get_config()).target) == str(layer.target)
+
+
+def test_thread_count_follows_the_option_and_the_environment(monkeypatch):
+    num_threads = tvm.get_global_func("runtime.NumThreads")
+    x = np.ones((1, 5, 5, 2), np.float32)
+    layer = tvmconv.Conv2D(4, 3, kernel_initializer="ones", threads=1)
+    np.testing.assert_allclose(layer(x), 18.0)
+    assert num_threads() == 1
+    assert layer.get_config()["threads"] == 1
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    assert runtime.default_threads() == 2
+    np.testing.assert_allclose(tvmconv.Conv2D(4, 3, kernel_initializer="ones")(x), 18.0)
+    assert num_threads() == 2
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    assert runtime.default_threads() == len(__import__("os").sched_getaffinity(0))
+
+
+def test_weights_are_packed_once_per_change():
+    layer = tvmconv.Conv2D(20, 3, padding="same")
+    x = np.random.default_rng(0).standard_normal((1, 7, 7, 3)).astype(np.float32)
+    first = layer(x)
+    compiled = layer.compiled_kernel(x.shape)
+    assert compiled.kernel_block > 0  # the default x86 template reads packed weights
+    packed = layer._weights_on_device(compiled)
+    layer(x)
+    assert layer._weights_on_device(compiled) is packed  # not repacked by a call
+    np.testing.assert_array_equal(
+        packed[0].numpy(), tvmconv.compute.pack_kernel(layer.kernel, compiled.kernel_block))
+    layer.set_weights([w * 2 for w in layer.get_weights()])
+    assert layer._weights_on_device(compiled) is not packed
+    np.testing.assert_allclose(layer(x), 2 * first, rtol=1e-6, atol=1e-6)
