@@ -27,6 +27,7 @@ class Knobs:
     rc_tile: int = 0    # input channels per inner reduction step; 0 = all of them
     filters_first: bool = False  # filter blocks outermost: each block's weights stay in cache over all rows
     pad_inline: bool = False  # read the input through bound checks instead of a padded copy
+    unroll_window: bool = False  # unroll the kernel window: neighbouring taps share loaded input vectors
 
     @property
     def kernel_block(self) -> int:
@@ -74,6 +75,9 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     sch.reverse_compute_at(sch.get_sblock("epilogue"), tile_root)
     epilogue_inner = sch.get_loops(sch.get_sblock("epilogue"))[-1]
     sch.vectorize(epilogue_inner)
+    if knobs.unroll_window:
+        sch.unroll(rh)
+        sch.unroll(rw)
     sch.unroll(oh_i)
     sch.unroll(ow_i)
     sch.unroll(f_r)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tvmconv import reference
+from tvmconv import reference, runtime
 import tvmconv
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "float16": 2e-2}
@@ -142,3 +142,18 @@ def test_accepts_dlpack_and_array_likes():
             return self._array.__dlpack_device__()
 
     np.testing.assert_array_equal(layer(DLPackOnly(x)), expected)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_input_at_any_alignment_is_read_in_place(data_format):
+    """numpy aligns large arrays to 16 bytes, not TVM's 64: kernels read such inputs without a copy."""
+    layer = tvmconv.Conv2D(16, 3, padding="same", data_format=data_format)
+    shape = (1, 9, 9, 8) if data_format == "channels_last" else (1, 8, 9, 9)
+    storage = np.random.default_rng(0).standard_normal(int(np.prod(shape)) + 1).astype(np.float32)
+    x = storage[1:].reshape(shape)  # 4 bytes past an aligned start
+    assert x.ctypes.data % 64 != 0
+    y = layer(x)
+    kernel, bias = layer.get_weights()
+    expected = reference.conv2d(x, kernel, bias, padding="same", channels_last=data_format == "channels_last")
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    assert runtime.input_tensor(x).data_ptr == x.ctypes.data  # the same memory, not a copy

@@ -34,8 +34,8 @@ class CompiledKernel:
         """Filters per block of the packed kernel this kernel reads (0: Keras's layout)."""
         return self.knobs.kernel_block
 
-    def __call__(self, *args):
-        self.kernel(*args)
+    def __call__(self, x, *args):
+        self.kernel(x, *args)
 
     def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
         """TVM's time evaluator for this kernel: call it with `Conv2D.kernel_arguments(x)`."""

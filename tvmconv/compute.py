@@ -9,6 +9,7 @@ import hashlib
 import math
 
 import numpy as np
+import tvm.script
 from tvm import te, tirx
 
 # ---------------------------------------------------------------- shape arithmetic (one helper)
@@ -180,10 +181,16 @@ def _activation_formulas():
 ELEMENTWISE_ACTIVATIONS = _activation_formulas()
 
 
+# te.max starts from the dtype's lowest value, and TVMScript (see _input_read_unaligned) rejects
+# float64 literals beyond float32's range: start from float32's lowest, far below any activation.
+# (z is in the accumulator dtype, float32 or float64.)
+_row_max = te.comm_reducer(lambda a, b: te.max(a, b), lambda dtype: tirx.const(-3.4e38, dtype), name="row_max")
+
+
 def _softmax(z, log=False):
     *lead, length = z.shape
     k = te.reduce_axis((0, length), "k")
-    zmax = te.compute(lead, lambda *i: te.max(z[(*i, k)], axis=k), name="softmax_max")
+    zmax = te.compute(lead, lambda *i: _row_max(z[(*i, k)], axis=k), name="softmax_max")
     k2 = te.reduce_axis((0, length), "k2")
     total = te.compute(lead, lambda *i: te.sum(tirx.exp(z[(*i, k2)] - zmax[i]), axis=k2), name="softmax_sum")
     if log:
@@ -316,4 +323,17 @@ def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
         act = ELEMENTWISE_ACTIVATIONS[wl.activation]
         y = te.compute(out_shape, in_layout(lambda *i: act(biased(*i)).astype(wl.dtype)), name="epilogue")
     args = [x, w] + ([b] if b is not None else []) + [y]
-    return te.create_prim_func(args)
+    return _input_read_unaligned(te.create_prim_func(args), wl)
+
+
+def _input_read_unaligned(func, wl: ConvWorkload):
+    """Declare x with element alignment instead of TVM's 64 bytes, so the kernel reads the caller's
+    array in place (numpy aligns to 16 bytes): vector loads of x are then unaligned ones, which cost
+    the same on the CPUs we target. TE has no alignment option and PrimFunc.specialize refuses to
+    change one, so the declaration is rewritten in the function's TVMScript."""
+    declared = f'x: T.Buffer({wl.input_shape}, "{wl.dtype}")'
+    text = func.script()
+    if text.count(declared) != 1:
+        raise RuntimeError(f"unexpected signature for the input buffer: {declared!r} not found once")
+    itemsize = np.dtype(wl.dtype).itemsize
+    return tvm.script.from_source(text.replace(declared, f"{declared[:-1]}, align={itemsize})"))

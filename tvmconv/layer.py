@@ -281,7 +281,7 @@ class Conv2D:
         compiled = self.compiled_kernel(x.shape)
         y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
         runtime.use_threads(self.threads or runtime.default_threads())
-        return [runtime.to_tensor(x), *self._weights_on_device(compiled), runtime.to_tensor(y)]
+        return [runtime.input_tensor(x), *self._weights_on_device(compiled), runtime.to_tensor(y)]
 
     def _weights_on_device(self, compiled: kernel_build.CompiledKernel) -> list:
         """The weights as `compiled` reads them: in the compute dtype, the kernel packed into the

@@ -5,8 +5,11 @@ Nothing here compiles: an inference service loads and runs kernels with this mod
 import os
 import threading
 
+import math
+
 import numpy as np
 import tvm.runtime
+import tvm_ffi
 
 # TVM's generated code assumes 64-byte aligned buffers; DLPack hand-over checks it.
 ALIGNMENT = 64
@@ -14,7 +17,7 @@ ALIGNMENT = 64
 
 def aligned_empty(shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     offset = -raw.ctypes.data % ALIGNMENT
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
@@ -60,17 +63,25 @@ def use_threads(count: int) -> None:
         _threads_in_use = count
 
 
+def input_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
+    """A CPU tensor sharing memory with a caller's array, copied only when not C-contiguous.
+    (The kernels declare their input with element alignment: see compute.conv2d_forward.)"""
+    return tvm_ffi.from_dlpack(np.ascontiguousarray(array), require_alignment=0)
+
+
 def load_module(path: str):
     return tvm.runtime.load_module(path)
 
 
 class Kernel:
-    """One compiled function, called with numpy arrays or tensors; the last argument is the output."""
+    """One compiled function, called with numpy arrays or tensors: the input first (read in place at any
+    alignment), then the weights and the output (64-byte aligned)."""
 
     def __init__(self, module, entry: str = "main"):
         self.module = module
         self.entry = entry
         self.function = module[entry]
 
-    def __call__(self, *args):
-        self.function(*[to_tensor(a) if isinstance(a, np.ndarray) else a for a in args])
+    def __call__(self, x, *args):
+        self.function(input_tensor(x) if isinstance(x, np.ndarray) else x,
+                      *[to_tensor(a) if isinstance(a, np.ndarray) else a for a in args])
