@@ -156,4 +156,4 @@ def test_input_at_any_alignment_is_read_in_place(data_format):
     kernel, bias = layer.get_weights()
     expected = reference.conv2d(x, kernel, bias, padding="same", channels_last=data_format == "channels_last")
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
-    assert runtime.input_tensor(x).data_ptr == x.ctypes.data  # the same memory, not a copy
+    assert runtime.input_tensor(x).data_ptr() == x.ctypes.data  # the same memory, not a copy
