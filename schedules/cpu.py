@@ -90,7 +90,7 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     if knobs.pad_inline:
         sch.compute_inline(pad)
     else:
-        pn, ph, pw, pc = sch.get_loops(pad)
-        sch.parallel(sch.fuse(pn, ph))
-        sch.vectorize(pc)
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*loops[:2]))
+        sch.vectorize(loops[-1])
     return sch

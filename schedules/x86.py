@@ -39,7 +39,18 @@ def _tile_score(wl: ConvWorkload, lanes: int, ow: int, fv: int) -> float:
 
 
 def default_knobs(wl: ConvWorkload, target) -> Knobs:
+    depthwise = wl.groups == wl.in_channels == wl.filters
+    # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
+    # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
+    # So small groups get narrower vectors, e.g. 4 lanes for ResNeXt's 4 filters per group.
     lanes = cpu.lanes(wl, target)
+    while (wl.filters if depthwise else wl.filters // wl.groups) % lanes:
+        lanes //= 2
+    if depthwise:
+        # Depthwise: one FMA per loaded input vector, so memory decides. Padding by bound checks
+        # saves a pass over the input, and an unrolled window lets neighbouring taps share loads.
+        ow = max(range(1, min(wl.out_width, 8) + 1), key=lambda c: (_tile_score(wl, lanes, c, 1), c))
+        return Knobs(lanes, 1, ow, pad_inline=True, unroll_window=True)
     budget = _registers(target) - 2
     candidates = [(ow, fv) for ow, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), range(1, 5))
                   if ow * fv + fv <= budget]

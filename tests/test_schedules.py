@@ -64,12 +64,23 @@ def test_edge_knobs(name, knobs):
     _check(WORKLOADS[name], knobs)
 
 
+# Filter counts per group that fill a 512-bit vector (narrower counts get narrower vectors).
+FULL_WIDTH = {
+    "3x3": ConvWorkload(1, 9, 10, 8, 32, (3, 3), padding="same"),
+    "1x1": ConvWorkload(1, 7, 7, 32, 48, (1, 1)),
+    "depthwise": ConvWorkload(1, 10, 10, 32, 32, (3, 3), padding="same", groups=32),
+    "grouped": ConvWorkload(1, 8, 8, 32, 64, (3, 3), padding="same", groups=2),
+    "3x3 stride 2": ConvWorkload(1, 11, 9, 6, 16, (3, 3), (2, 2), padding="same"),
+    "first layer 7x7 s2": ConvWorkload(1, 17, 15, 3, 16, (7, 7), (2, 2), padding="same"),
+}
+
+
 @pytest.mark.parametrize("preset, register, absent", [("x86-avx2", "ymm", "zmm"), ("x86-avx512", "zmm", None)])
-@pytest.mark.parametrize("name", ["3x3 same", "1x1", "depthwise", "grouped", "3x3 stride 2", "first layer 7x7 s2"])
+@pytest.mark.parametrize("name", FULL_WIDTH)
 def test_x86_builds_use_vector_fmas(preset, register, absent, name):
     """Whichever CPU runs this, both x86 paths compile, and the FMAs are on full-width registers."""
     target = targets.resolve(preset)
-    wl = WORKLOADS[name]
+    wl = FULL_WIDTH[name]
     rule = find_rule(wl, target)
     assert rule is x86
     func = build.scheduled(rule, wl, target, rule.default_knobs(wl, target))
@@ -97,3 +108,16 @@ def test_pack_kernel_layout():
         expected = kernel[..., f] if f < 20 else 0
         np.testing.assert_array_equal(packed[f // 8, ..., f % 8], expected)
     assert pack_kernel(kernel, 0) is kernel
+
+
+def test_x86_vectors_never_straddle_groups_or_the_last_filter():
+    avx512 = targets.resolve("x86-avx512")
+    lanes = {name: x86.default_knobs(wl, avx512).lanes for name, wl in {
+        "resnext, 4 filters per group": ConvWorkload(1, 56, 56, 128, 128, (3, 3), padding="same", groups=32),
+        "8 filters per group": ConvWorkload(1, 28, 28, 256, 256, (3, 3), padding="same", groups=32),
+        "24 filters": ConvWorkload(1, 8, 8, 8, 24, (3, 3)),
+        "depthwise, 24 channels": ConvWorkload(1, 8, 8, 24, 24, (3, 3), groups=24),
+        "depthwise, 96 channels": ConvWorkload(1, 8, 8, 96, 96, (3, 3), groups=96),
+    }.items()}
+    assert lanes == {"resnext, 4 filters per group": 4, "8 filters per group": 8, "24 filters": 8,
+                     "depthwise, 24 channels": 8, "depthwise, 96 channels": 16}
