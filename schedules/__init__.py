@@ -5,9 +5,9 @@ A rule is a module with `applies(workload, target) -> bool`, `default_knobs(work
 they expect (`kernel_block`, see `compute.pack_kernel`). Family modules go before the generic
 CPU rule, which accepts every LLVM target.
 """
-from . import cpu, x86
+from . import arm, cpu, cuda, x86
 
-RULES = [x86, cpu]
+RULES = [x86, arm, cuda, cpu]
 
 
 def find_rule(wl, target):

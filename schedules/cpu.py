@@ -7,12 +7,14 @@ every broadcast input value feeds `f_vectors`. The weights are packed (`compute.
 so a tile's weights are one contiguous stream. The epilogue (bias, activation, cast, and the
 channels-first transpose) runs on the tile while it is still in registers.
 
-Knobs are data: family modules (x86, arm) pick defaults from the vector width, the register
-count and the shape; the autotuner samples the same knobs.
+Knobs are data: `register_tile_knobs` picks defaults from the shape, the vector width and the
+register count that family modules (x86, arm) know; the autotuner samples the same knobs.
 """
 import dataclasses
+import itertools
 
 from tvm import s_tir
+from tvm.target import codegen
 
 from tvmconv.compute import ConvWorkload
 from tvmconv.targets import vector_bits
@@ -35,10 +37,6 @@ class Knobs:
         return self.lanes * self.f_vectors
 
 
-def largest_divisor(extent: int, limit: int) -> int:
-    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
-
-
 def lanes(wl: ConvWorkload, target) -> int:
     return max(vector_bits(target) // (64 if wl.accum_dtype == "float64" else 32), 1)
 
@@ -47,11 +45,50 @@ def applies(wl: ConvWorkload, target) -> bool:
     return target.kind.name == "llvm"
 
 
-def default_knobs(wl: ConvWorkload, target) -> Knobs:
-    """A conservative register tile for any SIMD width (the family modules refine it)."""
+def triple(target) -> str:
+    """The LLVM target triple the code is for (the host's when the target names none)."""
+    return str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+
+
+# At least this many independent accumulators hide the FMA latency (4 cycles, 2 pipes).
+_MIN_ACCUMULATORS = 8
+
+
+def _tile_score(wl: ConvWorkload, lanes: int, ow: int, fv: int) -> float:
+    """FMAs per load, ow*fv / (ow + fv) for `ow` broadcast inputs and `fv` weight vectors per reduction
+    step, discounted for too few accumulators and for the idle part of tiles that overhang the output."""
+    width_used = wl.out_width / (-(-wl.out_width // ow) * ow)
+    filters_used = wl.filters / (-(-wl.filters // (fv * lanes)) * fv * lanes)
+    latency = min(ow * fv / _MIN_ACCUMULATORS, 1.0)
+    return ow * fv / (ow + fv) * latency * width_used * filters_used
+
+
+def register_tile_knobs(wl: ConvWorkload, target, registers: int) -> Knobs:
+    """Default knobs for a CPU with `registers` vector registers: the register tile that scores best."""
+    depthwise = wl.groups == wl.in_channels == wl.filters
+    # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
+    # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
+    # So small groups get narrower vectors, e.g. 4 lanes for ResNeXt's 4 filters per group.
     n_lanes = lanes(wl, target)
-    f_vectors = largest_divisor(max(wl.filters // n_lanes, 1), 2)
-    return Knobs(n_lanes, f_vectors, largest_divisor(wl.out_width, 4))
+    while (wl.filters if depthwise else wl.filters // wl.groups) % n_lanes:
+        n_lanes //= 2
+    if depthwise:
+        # One FMA per loaded input vector, so memory decides: small tiles (measured best: 4 columns x
+        # 2 vectors), padding by bound checks (no extra pass over the input) and an unrolled window,
+        # so that neighbouring taps share loaded input vectors.
+        fv = 2 if wl.filters % (2 * n_lanes) == 0 else 1
+        ow = max(range(1, min(wl.out_width, 4) + 1), key=lambda c: (_tile_score(wl, n_lanes, c, fv), c))
+        return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=True)
+    # The tile's accumulators, plus the weight vectors and one broadcast, fit in the registers.
+    candidates = [(ow, fv) for ow, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), range(1, 5))
+                  if ow * fv + fv + 2 <= registers]
+    ow, fv = max(candidates, key=lambda c: (_tile_score(wl, n_lanes, *c), c[0]))
+    return Knobs(n_lanes, fv, ow)
+
+
+def default_knobs(wl: ConvWorkload, target) -> Knobs:
+    """Any LLVM CPU: assume 16 vector registers (the family modules know their own)."""
+    return register_tile_knobs(wl, target, registers=16)
 
 
 def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_tir.Schedule:

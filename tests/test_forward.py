@@ -157,3 +157,19 @@ def test_input_at_any_alignment_is_read_in_place(data_format):
     expected = reference.conv2d(x, kernel, bias, padding="same", channels_last=data_format == "channels_last")
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
     assert runtime.input_tensor(x).data_ptr() == x.ctypes.data  # the same memory, not a copy
+
+
+def test_outputs_are_reused_only_when_dropped():
+    layer = tvmconv.Conv2D(8, 3)
+    x = np.random.default_rng(0).standard_normal((1, 6, 6, 2)).astype(np.float32)
+    kept = layer(x)
+    again = layer(2 * x)
+    assert again is not kept  # the caller still holds `kept`
+    np.testing.assert_allclose(again, 2 * kept, rtol=1e-5, atol=1e-6)
+    view = kept[0]
+    del kept
+    third = layer(3 * x)
+    assert not np.shares_memory(third, view)  # a view keeps its array out of the pool
+    address = third.ctypes.data
+    del third
+    assert layer(x).ctypes.data == address  # dropped: its memory serves the next call

@@ -21,7 +21,7 @@ def _check(wl: ConvWorkload, knobs, seed=0):
     assert compiled.knobs == knobs
     y = runtime.aligned_empty(wl.output_shape, wl.dtype)
     weights = [pack_kernel(kernel.astype(wl.dtype), knobs.kernel_block)] + ([bias.astype(wl.dtype)] if wl.use_bias else [])
-    compiled(x.astype(wl.dtype), *[np.ascontiguousarray(w) for w in weights], y)  # x at numpy's alignment
+    compiled.kernel(x.astype(wl.dtype), compiled.kernel.weights(weights), y)  # x at numpy's alignment
     expected = reference.conv2d(x, kernel, bias, wl.strides, wl.padding, wl.dilation, wl.groups, wl.channels_last)
     expected = reference.ACTIVATIONS[wl.activation](expected)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
+import shutil
 import tempfile
 import threading
 import warnings
@@ -27,18 +29,17 @@ class CompiledKernel:
     schedule: str   # the schedules/ rule that produced it
     knobs: object   # its knob values
     origin: str     # "compiled", "disk cache" or "memory cache"
-    kernel: runtime.Kernel
+    library: str    # the shared library in the kernel cache
+    kernel: runtime.Kernel | None  # loaded here, when this host can run the target's code
+    cubin: str | None = None  # GPU targets: the device code nvcc built, beside the library
 
     @property
     def kernel_block(self) -> int:
         """Filters per block of the packed kernel this kernel reads (0: Keras's layout)."""
         return self.knobs.kernel_block
 
-    def __call__(self, x, *args):
-        self.kernel(x, *args)
-
     def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
-        """TVM's time evaluator for this kernel: call it with `Conv2D.kernel_arguments(x)`."""
+        """TVM's time evaluator for this kernel on this host's CPU: call it with `Conv2D.kernel_arguments(x)`."""
         return self.kernel.module.time_evaluator(self.kernel.entry, tvm.cpu(), number=number, repeat=repeat,
                                                  min_repeat_ms=min_repeat_ms)
 
@@ -75,22 +76,34 @@ def _write_json(path: str, value) -> None:
         json.dump(value, f, indent=1)
 
 
-def _load_verified(library: str, sidecar: str):
-    """The cached module, or None when absent; a damaged entry is reported and removed."""
+def _verified(library: str, sidecar: str) -> bool:
+    """Whether the cache holds this entry intact; a damaged entry is reported and removed."""
     if not (os.path.exists(library) and os.path.exists(sidecar)):
-        return None
+        return False
     try:
         with open(sidecar) as f:
             expected = json.load(f)["sha256"]
         if _sha256(library) != expected:
             raise ValueError("checksum mismatch")
-        return runtime.load_module(library)
+        return True
     except Exception as err:  # any damage to either file means: rebuild
         warnings.warn(f"tvmconv: corrupt kernel cache entry {library} ({err}); rebuilding it", RuntimeWarning)
         for path in (library, sidecar):
             if os.path.exists(path):
                 os.remove(path)
-        return None
+        return False
+
+
+def _cubin(module, target: tvm.target.Target) -> bytes:
+    """The device code of a CUDA module, built by nvcc for the target's architecture. (TVM's CPU wheel
+    keeps only the CUDA source in the module; building it here proves it compiles.)"""
+    if shutil.which("nvcc") is None:
+        raise RuntimeError("CUDA kernels are built with nvcc, which is not on the PATH: install the CUDA toolkit")
+    import tvm.support.nvcc  # noqa: PLC0415  (only CUDA builds need it)
+    source = next(m for m in module.imports if m.kind == "cuda").inspect_source()
+    with target:
+        return bytes(tvm.support.nvcc.compile_cuda(source, target_format="cubin", arch=str(target.attrs["arch"]),
+                                                   compiler="nvcc"))
 
 
 def scheduled(rule, wl: ConvWorkload, target: tvm.target.Target, knobs):
@@ -114,13 +127,21 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None) -> Compi
         os.makedirs(folder, exist_ok=True)
         library = os.path.join(folder, f"{wl.key}-{fingerprint}.so")
         sidecar = library[:-3] + ".json"
-        module, origin = _load_verified(library, sidecar), "disk cache"
-        if module is None:
+        cubin = library[:-3] + ".cubin" if target.kind.name == "cuda" else None
+        if _verified(library, sidecar) and (cubin is None or os.path.exists(cubin)):
+            origin = "disk cache"
+        else:
             module, origin = tvm.compile(func, target=target).mod, "compiled"
-            _atomic_write(library, module.export_library)
+            fcompile = targets.cross_compiler(target)
+            _atomic_write(library, lambda path: module.export_library(path, fcompile=fcompile))
+            if cubin:
+                device_code = _cubin(module, target)
+                _atomic_write(cubin, lambda path: pathlib.Path(path).write_bytes(device_code))
             meta = {"sha256": _sha256(library), "workload": dataclasses.asdict(wl), "target": str(target.export()),
                     "schedule": rule.__name__, "knobs": repr(knobs), "tvm": tvm.__version__}
             _atomic_write(sidecar, lambda path: _write_json(path, meta))
-        compiled = CompiledKernel(wl, key, rule.__name__.rsplit(".", 1)[-1], knobs, origin, runtime.Kernel(module))
+        # Loaded from the library in both cases: what runs is what the cache holds.
+        kernel = runtime.Kernel(runtime.load_module(library)) if targets.runnable_here(target) else None
+        compiled = CompiledKernel(wl, key, rule.__name__.rsplit(".", 1)[-1], knobs, origin, library, kernel, cubin)
         _memory[(wl.key, key, knobs)] = compiled
         return compiled

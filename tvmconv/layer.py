@@ -74,7 +74,7 @@ class Conv2D:
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
                  input_shape=None, batch_input_shape=None, batch_size=None, dtype=None, name=None,
-                 trainable=True, weights=None, target=None, threads=None):
+                 trainable=True, weights=None, target=None, threads=None, remote=None):
         self.groups = validation.positive_int(groups, "groups")
         self.filters = validation.positive_int(filters, "filters")
         if self.filters % self.groups:
@@ -105,6 +105,8 @@ class Conv2D:
         self.target = targets.resolve(target)
         self._target_given = target
         self.threads = None if threads is None else validation.positive_int(threads, "threads")
+        self.remote = validation.remote(remote)
+        self._outputs = runtime.OutputPool()
         # R's input arguments: the declared input, batch axis included (None = any size).
         input_shape = _shape_tuple(input_shape, "input_shape", 3)
         batch_input_shape = _shape_tuple(batch_input_shape, "batch_input_shape", 4)
@@ -118,7 +120,7 @@ class Conv2D:
                             f"Received: weights of type {type(weights).__name__}")
         self._initial_weights = weights
         self._kernel = self._bias = None
-        self._device_weights: dict[int, list] = {}
+        self._device_weights: dict[tuple, list] = {}
         self._kernels: dict[tuple, kernel_build.CompiledKernel] = {}
         self._activity_losses: list[float] = []
         self.built = False
@@ -266,10 +268,17 @@ class Conv2D:
         input_shape = tuple(int(d) for d in input_shape)
         compiled = self._kernels.get(input_shape)
         if compiled is None:
-            targets.check_runnable_here(self.target)
+            if self.remote is None:
+                targets.check_runnable_here(self.target)
             compiled = kernel_build.get_kernel(self.workload(input_shape), self.target)
             self._kernels[input_shape] = compiled
         return compiled
+
+    def _runner(self, compiled: kernel_build.CompiledKernel):
+        """What runs `compiled`: its module in this process, or its library uploaded to the remote board."""
+        if self.remote is None:
+            return compiled.kernel
+        return runtime.remote_kernel(runtime.connect(self.remote), compiled.library)
 
     def kernel_arguments(self, inputs) -> list:
         """The compiled kernel's arguments for one call (input, weights as the kernel reads them, a fresh
@@ -281,17 +290,17 @@ class Conv2D:
         compiled = self.compiled_kernel(x.shape)
         y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
         runtime.use_threads(self.threads or runtime.default_threads())
-        return [runtime.input_tensor(x), *self._weights_on_device(compiled), runtime.to_tensor(y)]
+        return [runtime.input_tensor(x), *self._weights_on_device(compiled, compiled.kernel), runtime.to_tensor(y)]
 
-    def _weights_on_device(self, compiled: kernel_build.CompiledKernel) -> list:
-        """The weights as `compiled` reads them: in the compute dtype, the kernel packed into the
-        schedule's blocks. Made once per weight change and layout, then read in place by every call."""
-        block = compiled.kernel_block
-        if block not in self._device_weights:
-            kernel = pack_kernel(self._kernel.astype(self.compute_dtype), block)
+    def _weights_on_device(self, compiled: kernel_build.CompiledKernel, runner) -> list:
+        """The weights as `compiled` reads them, where `runner` runs it: in the compute dtype, the kernel
+        packed into the schedule's blocks. Made once per weight change, layout and device."""
+        key = (compiled.kernel_block, runner.device)
+        if key not in self._device_weights:
+            kernel = pack_kernel(self._kernel.astype(self.compute_dtype), compiled.kernel_block)
             bias = [] if self._bias is None else [self._bias.astype(self.compute_dtype)]
-            self._device_weights[block] = [runtime.to_tensor(np.ascontiguousarray(w)) for w in (kernel, *bias)]
-        return self._device_weights[block]
+            self._device_weights[key] = runner.weights([kernel, *bias])
+        return self._device_weights[key]
 
     def __call__(self, inputs):
         if isinstance(inputs, KerasTensor):
@@ -309,9 +318,10 @@ class Conv2D:
         if x.shape[0] == 0:  # an empty batch has an empty answer; nothing to compile
             return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
         compiled = self.compiled_kernel(x.shape)
-        y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
+        runner = self._runner(compiled)
+        y = self._outputs.take(compiled.workload.output_shape, np.dtype(self.compute_dtype))
         runtime.use_threads(self.threads or runtime.default_threads())
-        compiled(x.astype(self.compute_dtype, copy=False), *self._weights_on_device(compiled), y)
+        runner(x.astype(self.compute_dtype, copy=False), self._weights_on_device(compiled, runner), y)
         if callable(self.activation):
             y = np.asarray(self.activation(y), dtype=self.compute_dtype)
         if self.activity_regularizer is not None:
@@ -347,6 +357,8 @@ class Conv2D:
             config["target"] = self._target_given
         if self.threads is not None:
             config["threads"] = self.threads
+        if isinstance(self.remote, (str, dict)):  # a live session is not configuration
+            config["remote"] = self.remote
         return config
 
     @classmethod

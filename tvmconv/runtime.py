@@ -2,14 +2,15 @@
 
 Nothing here compiles: an inference service loads and runs kernels with this module alone.
 """
-import os
-import threading
-
 import math
+import os
+import sys
+import threading
 
 import numpy as np
 import tvm.runtime
 import tvm_ffi
+from tvm import rpc
 
 # TVM's generated code assumes 64-byte aligned buffers; DLPack hand-over checks it.
 ALIGNMENT = 64
@@ -73,15 +74,98 @@ def load_module(path: str):
     return tvm.runtime.load_module(path)
 
 
+class OutputPool:
+    """Output arrays reused by later calls once the caller holds no reference to them (nor any view):
+    a fresh multi-megabyte array costs page faults on every call."""
+
+    def __init__(self, keep: int = 2):
+        self._arrays: list[np.ndarray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype) -> np.ndarray:
+        with self._lock:
+            for array in self._arrays:
+                # The array: referenced by the list, this loop variable and getrefcount's argument, or in
+                # use. Its memory (array.base, see aligned_empty): referenced by the array and the argument,
+                # or held by a view, since numpy points views at the owner of the memory.
+                if (array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3
+                        and sys.getrefcount(array.base) == 2):
+                    return array
+            array = aligned_empty(shape, dtype)
+            self._arrays = [array, *self._arrays][:self._keep]
+            return array
+
+
 class Kernel:
-    """One compiled function, called with numpy arrays or tensors: the input first (read in place at any
-    alignment), then the weights and the output (64-byte aligned)."""
+    """A compiled function in this process: input read in place at any alignment, weights and
+    output as 64-byte aligned tensors."""
+
+    device = "cpu"
 
     def __init__(self, module, entry: str = "main"):
         self.module = module
         self.entry = entry
         self.function = module[entry]
 
-    def __call__(self, x, *args):
-        self.function(input_tensor(x) if isinstance(x, np.ndarray) else x,
-                      *[to_tensor(a) if isinstance(a, np.ndarray) else a for a in args])
+    def weights(self, arrays) -> list:
+        return [to_tensor(np.ascontiguousarray(a)) for a in arrays]
+
+    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
+        self.function(input_tensor(x), *weights, to_tensor(out))
+
+
+_sessions: dict[str, rpc.RPCSession] = {}
+_remote_kernels: dict[tuple, "RemoteKernel"] = {}
+_remote_lock = threading.Lock()
+
+
+def connect(remote):
+    """An RPC session from "HOST:PORT" (a server), {"tracker": "HOST:PORT", "key": KEY} (a device
+    from a tracker's pool) or a session itself. One session per address and process: TVM's RPC
+    server serves one session at a time, so a second one would wait for the first to close."""
+    if isinstance(remote, rpc.RPCSession):
+        return remote
+    address = remote if isinstance(remote, str) else f"{remote['tracker']}/{remote['key']}"
+    with _remote_lock:
+        if address not in _sessions:
+            if isinstance(remote, dict):
+                host, port = remote["tracker"].rsplit(":", 1)
+                _sessions[address] = rpc.connect_tracker(host, int(port)).request(remote["key"])
+            else:
+                host, port = remote.rsplit(":", 1)
+                _sessions[address] = rpc.connect(host, int(port))
+        return _sessions[address]
+
+
+def remote_kernel(session, library: str) -> "RemoteKernel":
+    """The library loaded on the session's device, once: uploading a library again over one that is
+    loaded crashes the server."""
+    with _remote_lock:
+        key = (id(session), library)
+        if key not in _remote_kernels:
+            _remote_kernels[key] = RemoteKernel(session, library)
+        return _remote_kernels[key]
+
+
+class RemoteKernel:
+    """A compiled library run on an RPC server's CPU (a board): uploaded once, weights uploaded once
+    per change, the input and output copied per call."""
+
+    device = "rpc"
+
+    def __init__(self, session, library: str, entry: str = "main"):
+        self.session = session
+        session.upload(library)
+        self.module = session.load_module(os.path.basename(library))
+        self.function = self.module[entry]
+        self.entry = entry
+        self._device = session.cpu()
+
+    def weights(self, arrays) -> list:
+        return [tvm.runtime.tensor(np.ascontiguousarray(a), device=self._device) for a in arrays]
+
+    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
+        result = tvm.runtime.empty(out.shape, str(out.dtype), self._device)
+        self.function(tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device), *weights, result)
+        out[...] = result.numpy()

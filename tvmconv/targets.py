@@ -8,8 +8,10 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 
 import tvm
+import tvm.support.cc
 from tvm.target import codegen
 
 # LLVM splits 512-bit vectors in two on Intel AVX-512 CPU models ("prefer-256-bit"); the schedules
@@ -50,6 +52,9 @@ def host() -> dict:
 
 _AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4}
 
+# A GPU library's host code runs on the GPU machine's CPU, whatever it is: baseline x86-64.
+_GPU_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+
 # Named targets. The x86 presets use the oldest CPU model with that vector ISA, so their code
 # runs on every CPU that has it (AMD Zen 1 and later for AVX2, Zen 4 and Skylake-SP for AVX-512).
 PRESETS = {
@@ -58,9 +63,9 @@ PRESETS = {
                            "num-cores": host()["num-cores"]},
     "aarch64": lambda: {**_AARCH64, "mcpu": "cortex-a72"},
     "aarch64-neoverse": lambda: {**_AARCH64, "mcpu": "neoverse-n1"},
-    "cuda": lambda: {"kind": "cuda", "arch": "sm_80"},
-    "cuda-sm_80": lambda: {"kind": "cuda", "arch": "sm_80"},
-    "cuda-sm_90": lambda: {"kind": "cuda", "arch": "sm_90"},
+    "cuda": lambda: {"kind": "cuda", "arch": "sm_80", "host": _GPU_HOST},
+    "cuda-sm_80": lambda: {"kind": "cuda", "arch": "sm_80", "host": _GPU_HOST},
+    "cuda-sm_90": lambda: {"kind": "cuda", "arch": "sm_90", "host": _GPU_HOST},
 }
 
 
@@ -106,13 +111,44 @@ def target_key(target: tvm.target.Target) -> str:
     return "-".join(parts + [hashlib.sha256(full.encode()).hexdigest()[:8]])
 
 
+# The C++ toolchain that links kernels for a foreign CPU, and the Debian package that has it.
+CROSS_TOOLCHAINS = {"aarch64": ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")}
+
+
+def cross_compiler(target: tvm.target.Target):
+    """The export_library `fcompile` that links kernels for `target`: None for this host's own CPU and
+    for GPU targets (whose host code is for this CPU), a cross compiler for another CPU architecture."""
+    if target.kind.name != "llvm":
+        return None
+    arch = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
+    if arch == codegen.llvm_get_system_triple().split("-")[0]:
+        return None
+    if arch not in CROSS_TOOLCHAINS:
+        raise ValueError(f"tvmconv has no toolchain for {arch} targets (known: {', '.join(CROSS_TOOLCHAINS)})")
+    compiler, package = CROSS_TOOLCHAINS[arch]
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"Cross-compiling for {arch} needs {compiler}, which is not installed: "
+                           f"apt-get install {package}")
+    return tvm.support.cc.cross_compiler(compiler)
+
+
+def runnable_here(target: tvm.target.Target) -> bool:
+    try:
+        check_runnable_here(target)
+        return True
+    except ValueError:
+        return False
+
+
 def check_runnable_here(target: tvm.target.Target) -> None:
     """Raise before running code the host cannot execute (another ISA, or features it lacks)."""
     host_target = tvm.target.Target(host())
     triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
     if target.kind.name != "llvm" or triple.split("-")[0] != codegen.llvm_get_system_triple().split("-")[0]:
         raise ValueError(f"Kernels for target {target_key(target)} cannot run on this host "
-                         f"({target_key(host_target)}): run them on a matching device, or export them.")
+                         f"({target_key(host_target)}): run them on a matching device over RPC with "
+                         "remote='HOST:PORT' (an emulated aarch64 board: scripts/arm_board.sh start), "
+                         "or export them.")
     missing = sorted(set(codegen.llvm_get_cpu_features(target)) - set(codegen.llvm_get_cpu_features(host_target)))
     # Tuning-only "features" (fast-*, slow-*) differ between CPUs harmlessly; instruction sets do not.
     vector_missing = [f for f in missing if f.startswith(("avx", "fma", "amx", "sse", "f16c", "bmi", "gfni", "vaes"))]

@@ -58,3 +58,22 @@ def as_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"The `{name}` argument must be a bool. Received: {name}={value!r}")
     return bool(value)
+
+
+def _address(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def remote(value):
+    """None, "HOST:PORT" (an RPC server), {"tracker": "HOST:PORT", "key": KEY} or an RPC session."""
+    if value is None or (isinstance(value, str) and _address(value)):
+        return value
+    if isinstance(value, dict) and set(value) == {"tracker", "key"} and isinstance(value["tracker"], str) \
+            and _address(value["tracker"]) and isinstance(value["key"], str) and value["key"]:
+        return dict(value)
+    if type(value).__name__ == "RPCSession":  # tvm.rpc's session, checked by name: no import at the edge
+        return value
+    raise ValueError("The `remote` argument must be None, 'HOST:PORT' of a TVM RPC server, "
+                     "{'tracker': 'HOST:PORT', 'key': KEY} for a device from an RPC tracker, or a "
+                     f"tvm.rpc session. Received: remote={value!r}")

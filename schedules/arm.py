@@ -1,0 +1,18 @@
+"""ARM (AArch64 NEON): the CPU template, with default tiles sized to NEON's 32 128-bit registers.
+
+Cortex-A72 and Neoverse cores have two 128-bit FMA pipes of 4-cycle latency, the case the
+template's default rule is written for; AArch64 broadcasts by FMA-by-element (`fmla v.4s, v.4s,
+v.s[i]`), so a broadcast input costs no extra register.
+"""
+from tvmconv.compute import ConvWorkload
+
+from . import cpu
+from .cpu import Knobs, schedule  # noqa: F401  (the family's template is the CPU template)
+
+
+def applies(wl: ConvWorkload, target) -> bool:
+    return target.kind.name == "llvm" and cpu.triple(target).startswith(("aarch64", "arm64"))
+
+
+def default_knobs(wl: ConvWorkload, target) -> Knobs:
+    return cpu.register_tile_knobs(wl, target, registers=32)

@@ -1,0 +1,89 @@
+"""CUDA: the convolution as an implicit GEMM, tiled through shared memory.
+
+Output pixels (batch x height x width) and filters form the GEMM's M and N; the reduction
+(window x input channels) its K. Each thread block computes a (pixels x filters) tile; each
+thread a small (pixels x filters) register tile; each step of the reduction stages a slice of
+the input and of the weights in shared memory, loaded cooperatively by the block's threads.
+The epilogue (bias, activation, cast, channels-first transpose) runs on the register tile.
+Padding is read by bound checks (no padded copy: global memory traffic decides on a GPU).
+The weights stay in Keras's layout, whose filter axis is contiguous: coalesced loads.
+"""
+import dataclasses
+
+from tvm import s_tir
+
+from tvmconv.compute import ConvWorkload
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    pixel_threads: int = 8    # threads along output pixels per block
+    filter_threads: int = 16  # threads along filters per block
+    pixel_tile: int = 4       # output pixels per thread
+    filter_tile: int = 4      # filters per thread
+    rc_tile: int = 8          # input channels per shared-memory stage
+
+    kernel_block = 0  # Keras's kernel layout (compute.pack_kernel)
+
+
+def applies(wl: ConvWorkload, target) -> bool:
+    return target.kind.name == "cuda"
+
+
+def _fit(extent: int, wanted: int) -> int:
+    """The largest power of two not above `wanted` that does not exceed the extent much."""
+    tile = wanted
+    while tile > 1 and tile // 2 >= extent:
+        tile //= 2
+    return tile
+
+
+def default_knobs(wl: ConvWorkload, target) -> Knobs:
+    pixels = wl.batch * wl.out_height * wl.out_width
+    filters_per_group = wl.filters // wl.groups
+    return Knobs(pixel_threads=_fit(pixels, 8), filter_threads=_fit(wl.filters, 16),
+                 pixel_tile=_fit(pixels, 4), filter_tile=_fit(filters_per_group, 4),
+                 rc_tile=_fit(wl.group_in_channels, 8))
+
+
+def _bind_elementwise(sch: s_tir.Schedule, block, threads: int = 128) -> None:
+    """One thread per output element of a stage the template does not tile (last-axis activations)."""
+    spatial = sum(1 for v in sch.get(block).iter_vars if v.iter_type == 0)
+    fused = sch.fuse(*sch.get_loops(block)[:spatial])
+    blocks, thread = sch.split(fused, factors=[None, threads])
+    sch.bind(blocks, "blockIdx.x")
+    sch.bind(thread, "threadIdx.x")
+
+
+def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_tir.Schedule:
+    knobs = knobs or default_knobs(wl, target)
+    sch = s_tir.Schedule(func)
+    if not (wl.channels_last and not any(wl.pads)):
+        sch.compute_inline(sch.get_sblock("data_pad"))
+    conv = sch.get_sblock("conv")
+    n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)
+    # A block covers a segment of one output row; a thread a (pixels x filters) register tile.
+    ow_block, ow_thread, ow_inner = sch.split(ow, factors=[None, knobs.pixel_threads, knobs.pixel_tile])
+    f_block, f_thread, f_inner = sch.split(f, factors=[None, knobs.filter_threads, knobs.filter_tile])
+    rc_o, rc_i = sch.split(rc, factors=[None, knobs.rc_tile])
+    sch.reorder(n, oh, ow_block, f_block, ow_thread, f_thread, rc_o, rh, rw, rc_i, ow_inner, f_inner)
+    sch.bind(sch.fuse(n, oh, ow_block, f_block), "blockIdx.x")
+    thread = sch.fuse(ow_thread, f_thread)
+    sch.bind(thread, "threadIdx.x")
+    threads = knobs.pixel_threads * knobs.filter_threads
+    # Stage the reduction step's input window and weights in shared memory, loaded by all threads.
+    for operand in (0, 1):
+        shared = sch.cache_read(conv, operand, "shared")
+        sch.compute_at(shared, rw)
+        loops = sch.get_loops(shared)
+        depth = [sch.get(loop).same_as(sch.get(rw)) for loop in loops].index(True) + 1
+        _, loader = sch.split(sch.fuse(*loops[depth:]), factors=[None, threads])
+        sch.bind(loader, "threadIdx.x")
+    sch.set_scope(conv, 0, "local")
+    sch.decompose_reduction(conv, rc_o)
+    sch.reverse_compute_at(sch.get_sblock("epilogue"), thread)
+    # A last-axis activation's stages need whole rows of the output: one thread per row or element.
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(sch.get_loops(block)[0]).thread_binding is None:
+            _bind_elementwise(sch, block)
+    return sch

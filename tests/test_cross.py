@@ -1,0 +1,114 @@
+"""Other targets: NEON code for aarch64 (built here, run on the emulated board), CUDA for sm_80/sm_90.
+
+Tests marked `arm` run kernels on the board that `scripts/arm_board.sh start` serves; without one
+they skip, saying so. $TVMCONV_BOARD names another board (default 127.0.0.1:9095).
+"""
+import os
+import re
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import tvm
+
+import tvmconv
+from tvmconv import build, reference, targets
+from tvmconv.compute import ConvWorkload
+from tvmconv.schedules import arm, cuda, find_rule
+
+PATHS = {
+    "3x3": ConvWorkload(1, 9, 10, 8, 16, (3, 3), padding="same"),
+    "1x1": ConvWorkload(1, 7, 7, 32, 24, (1, 1)),
+    "depthwise": ConvWorkload(1, 10, 10, 16, 16, (3, 3), padding="same", groups=16),
+    "grouped": ConvWorkload(1, 8, 8, 32, 32, (3, 3), padding="same", groups=4),
+    "stride 2": ConvWorkload(1, 11, 9, 6, 16, (3, 3), (2, 2), padding="same"),
+    "first layer 7x7 s2": ConvWorkload(1, 17, 15, 3, 16, (7, 7), (2, 2), padding="same"),
+}
+BOARD = os.environ.get("TVMCONV_BOARD", "127.0.0.1:9095")
+
+
+def _compiled_source(wl, target, kind="asm"):
+    rule = find_rule(wl, target)
+    func = build.scheduled(rule, wl, target, rule.default_knobs(wl, target))
+    module = tvm.compile(func, target=target).mod
+    if kind == "asm":
+        return module.inspect_source("asm")
+    return next(m for m in module.imports if m.kind == "cuda").inspect_source()
+
+
+@pytest.mark.parametrize("preset", ["aarch64", "aarch64-neoverse"])
+@pytest.mark.parametrize("name", PATHS)
+def test_arm_builds_use_neon_fmas(preset, name):
+    target = targets.resolve(preset)
+    assert find_rule(PATHS[name], target) is arm
+    asm = _compiled_source(PATHS[name], target)
+    assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) >= 4
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="no aarch64 cross compiler: apt-get install g++-aarch64-linux-gnu")
+def test_aarch64_library_is_an_arm_elf():
+    compiled = build.get_kernel(PATHS["3x3"], targets.resolve("aarch64"))
+    assert compiled.kernel is None  # not loadable here
+    with open(compiled.library, "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_foreign_layer_without_remote_says_how_to_run_it():
+    layer = tvmconv.Conv2D(4, 3, target="aarch64")
+    with pytest.raises(ValueError, match="remote='HOST:PORT'.*arm_board.sh"):
+        layer(np.ones((1, 5, 5, 2), np.float32))
+
+
+@pytest.mark.parametrize("remote", ["127.0.0.1", "host:port", {"tracker": "127.0.0.1:9190"}, 9095])
+def test_bad_remote_is_refused(remote):
+    with pytest.raises(ValueError, match="remote"):
+        tvmconv.Conv2D(4, 3, target="aarch64", remote=remote)
+
+
+@pytest.fixture(scope="module")
+def board() -> str:
+    """The board's address, checked once: the layers then share one session with it (TVM's RPC server
+    serves one session at a time, so later probes would wait)."""
+    host, port = BOARD.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError:
+        pytest.skip(f"no aarch64 board at {BOARD}: start one with scripts/arm_board.sh start")
+    return BOARD
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("name", PATHS)
+def test_paths_run_on_the_board(name, board):
+    wl = PATHS[name]
+    rng = np.random.default_rng(0)
+    layer = tvmconv.Conv2D(wl.filters, wl.kernel_size, strides=wl.strides, padding=wl.padding, groups=wl.groups,
+                           activation="relu", target="aarch64", remote=board)
+    x = rng.standard_normal(wl.input_shape).astype(np.float32)
+    layer.build(x.shape)
+    layer.set_weights([rng.standard_normal(w.shape).astype(np.float32) for w in layer.get_weights()])
+    kernel, bias = layer.get_weights()
+    for inputs in (x, 2 * x):  # the second call reuses the uploaded kernel and weights
+        expected = np.maximum(reference.conv2d(inputs, kernel, bias, wl.strides, wl.padding, groups=wl.groups), 0)
+        np.testing.assert_allclose(layer(inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("preset", ["cuda-sm_80", "cuda-sm_90"])
+@pytest.mark.parametrize("wl", [PATHS["3x3"], PATHS["grouped"], PATHS["stride 2"],
+                                ConvWorkload(1, 6, 6, 4, 8, (3, 3), data_format="channels_first", activation="relu"),
+                                ConvWorkload(1, 6, 6, 4, 8, (1, 1), activation="softmax")], ids=repr)
+def test_cuda_sources_build(preset, wl):
+    target = targets.resolve(preset)
+    assert find_rule(wl, target) is cuda
+    source = _compiled_source(wl, target, kind="cuda")
+    for construct in ("__global__", "__shared__", "__syncthreads()", "threadIdx.x", "blockIdx.x"):
+        assert construct in source
+    # nvcc built the device code: a CUDA ELF (EM_CUDA = 190) for that SM version (e_flags bits 8-15).
+    with open(build.get_kernel(wl, target).cubin, "rb") as f:
+        header = f.read(52)
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 190
+    assert f"sm_{(int.from_bytes(header[48:52], 'little') >> 8) & 0xFF}" == preset.split("-")[1]
