@@ -7,7 +7,7 @@ v.s[i]`), so a broadcast input costs no extra register.
 from tvmconv.compute import ConvWorkload
 
 from . import cpu
-from .cpu import Knobs, schedule  # noqa: F401  (the family's template is the CPU template)
+from .cpu import Knobs, schedule  # the family's template is the CPU template, re-exported
 
 
 def applies(wl: ConvWorkload, target) -> bool:

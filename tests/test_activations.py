@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tvmconv import reference
 import tvmconv
+from tvmconv import reference
 
 
 def _layer_and_input(activation, data_format="channels_last", dtype="float32", filters=6):

@@ -6,25 +6,22 @@ they skip, saying so. $TVMCONV_BOARD names another board (default 127.0.0.1:9095
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import tvm
+from paths import PATHS
+from tvmconv.schedules import arm, cuda, find_rule
 
 import tvmconv
 from tvmconv import build, reference, targets
 from tvmconv.compute import ConvWorkload
-from tvmconv.schedules import arm, cuda, find_rule
 
-PATHS = {
-    "3x3": ConvWorkload(1, 9, 10, 8, 16, (3, 3), padding="same"),
-    "1x1": ConvWorkload(1, 7, 7, 32, 24, (1, 1)),
-    "depthwise": ConvWorkload(1, 10, 10, 16, 16, (3, 3), padding="same", groups=16),
-    "grouped": ConvWorkload(1, 8, 8, 32, 32, (3, 3), padding="same", groups=4),
-    "stride 2": ConvWorkload(1, 11, 9, 6, 16, (3, 3), (2, 2), padding="same"),
-    "first layer 7x7 s2": ConvWorkload(1, 17, 15, 3, 16, (7, 7), (2, 2), padding="same"),
-}
 BOARD = os.environ.get("TVMCONV_BOARD", "127.0.0.1:9095")
 
 
@@ -112,3 +109,47 @@ def test_cuda_sources_build(preset, wl):
         header = f.read(52)
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 190
     assert f"sm_{(int.from_bytes(header[48:52], 'little') >> 8) & 0xFF}" == preset.split("-")[1]
+
+
+def _wait_for_port(port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def test_remote_through_a_tracker_on_localhost(tmp_path):
+    """A device farm in miniature: a tracker, a (host CPU) server registered under a key, and a layer
+    that asks the tracker for a device by that key."""
+    tracker_port, key = 9391, "tvmconv-test-cpu"
+    # Own process groups: the server forks workers that outlive a plain terminate().
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
+                               start_new_session=True, cwd=tmp_path)
+    server = None
+    try:
+        _wait_for_port(tracker_port)
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
+                                   f"127.0.0.1:{tracker_port}", "--key", key, "--host", "127.0.0.1",
+                                   "--port", "9395", "--port-end", "9399"], start_new_session=True, cwd=tmp_path)
+        remote = {"tracker": f"127.0.0.1:{tracker_port}", "key": key}
+        deadline = time.monotonic() + 60
+        while tvm.rpc.connect_tracker("127.0.0.1", tracker_port).text_summary().count(key) < 2:
+            assert time.monotonic() < deadline, "the server never registered with the tracker"
+            time.sleep(0.5)
+        layer = tvmconv.Conv2D(8, 3, padding="same", activation="relu", remote=remote)
+        x = np.random.default_rng(0).standard_normal((1, 6, 6, 4)).astype(np.float32)
+        layer.build(x.shape)
+        kernel, bias = layer.get_weights()
+        expected = np.maximum(reference.conv2d(x, kernel, bias, padding="same"), 0)
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-4, atol=1e-5)
+        assert layer.get_config()["remote"] == remote
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tvmconv import reference, runtime
 import tvmconv
+from tvmconv import reference, runtime
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "float16": 2e-2}
 

@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 
-from tvmconv import reference
 import tvmconv
-from tvmconv import layer_conv_2d
+from tvmconv import layer_conv_2d, reference
 
 
 def _x(shape=(3, 9, 9, 2), seed=0):

@@ -4,10 +4,11 @@ import re
 import numpy as np
 import pytest
 import tvm
+from paths import PATHS
+from tvmconv.schedules import cpu, find_rule, x86
 
 from tvmconv import build, reference, runtime, targets
 from tvmconv.compute import ConvWorkload, pack_kernel
-from tvmconv.schedules import cpu, find_rule, x86
 
 HOST = targets.resolve(None)
 
@@ -64,23 +65,12 @@ def test_edge_knobs(name, knobs):
     _check(WORKLOADS[name], knobs)
 
 
-# Filter counts per group that fill a 512-bit vector (narrower counts get narrower vectors).
-FULL_WIDTH = {
-    "3x3": ConvWorkload(1, 9, 10, 8, 32, (3, 3), padding="same"),
-    "1x1": ConvWorkload(1, 7, 7, 32, 48, (1, 1)),
-    "depthwise": ConvWorkload(1, 10, 10, 32, 32, (3, 3), padding="same", groups=32),
-    "grouped": ConvWorkload(1, 8, 8, 32, 64, (3, 3), padding="same", groups=2),
-    "3x3 stride 2": ConvWorkload(1, 11, 9, 6, 16, (3, 3), (2, 2), padding="same"),
-    "first layer 7x7 s2": ConvWorkload(1, 17, 15, 3, 16, (7, 7), (2, 2), padding="same"),
-}
-
-
 @pytest.mark.parametrize("preset, register, absent", [("x86-avx2", "ymm", "zmm"), ("x86-avx512", "zmm", None)])
-@pytest.mark.parametrize("name", FULL_WIDTH)
+@pytest.mark.parametrize("name", PATHS)
 def test_x86_builds_use_vector_fmas(preset, register, absent, name):
     """Whichever CPU runs this, both x86 paths compile, and the FMAs are on full-width registers."""
     target = targets.resolve(preset)
-    wl = FULL_WIDTH[name]
+    wl = PATHS[name]
     rule = find_rule(wl, target)
     assert rule is x86
     func = build.scheduled(rule, wl, target, rule.default_knobs(wl, target))

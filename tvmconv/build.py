@@ -18,7 +18,6 @@ import warnings
 import tvm
 
 from . import runtime, schedules, targets
-
 from .compute import ConvWorkload, conv2d_forward
 
 
@@ -99,7 +98,7 @@ def _cubin(module, target: tvm.target.Target) -> bytes:
     keeps only the CUDA source in the module; building it here proves it compiles.)"""
     if shutil.which("nvcc") is None:
         raise RuntimeError("CUDA kernels are built with nvcc, which is not on the PATH: install the CUDA toolkit")
-    import tvm.support.nvcc  # noqa: PLC0415  (only CUDA builds need it)
+    import tvm.support.nvcc  # only CUDA builds need it
     source = next(m for m in module.imports if m.kind == "cuda").inspect_source()
     with target:
         return bytes(tvm.support.nvcc.compile_cuda(source, target_format="cubin", arch=str(target.attrs["arch"]),

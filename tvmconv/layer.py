@@ -9,8 +9,17 @@ import threading
 
 import numpy as np
 
-from . import activations, build as kernel_build, constraints, initializers, keras_config, regularizers
-from . import runtime, targets, validation
+from . import (
+    activations,
+    constraints,
+    initializers,
+    keras_config,
+    regularizers,
+    runtime,
+    targets,
+    validation,
+)
+from . import build as kernel_build
 from .compute import ConvWorkload, conv_output_length, pack_kernel
 from .symbolic import KerasTensor
 
