@@ -111,6 +111,12 @@ def test_cuda_sources_build(preset, wl):
     assert f"sm_{(int.from_bytes(header[48:52], 'little') >> 8) & 0xFF}" == preset.split("-")[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _wait_for_port(port: int, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -125,7 +131,7 @@ def _wait_for_port(port: int, seconds: float = 30) -> None:
 def test_remote_through_a_tracker_on_localhost(tmp_path):
     """A device farm in miniature: a tracker, a (host CPU) server registered under a key, and a layer
     that asks the tracker for a device by that key."""
-    tracker_port, key = 9391, "tvmconv-test-cpu"
+    tracker_port, server_port, key = _free_port(), _free_port(), "tvmconv-test-cpu"
     # Own process groups: the server forks workers that outlive a plain terminate().
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                 "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
@@ -135,7 +141,7 @@ def test_remote_through_a_tracker_on_localhost(tmp_path):
         _wait_for_port(tracker_port)
         server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
                                    f"127.0.0.1:{tracker_port}", "--key", key, "--host", "127.0.0.1",
-                                   "--port", "9395", "--port-end", "9399"], start_new_session=True, cwd=tmp_path)
+                                   "--port", str(server_port), "--port-end", str(server_port + 1)], start_new_session=True, cwd=tmp_path)
         remote = {"tracker": f"127.0.0.1:{tracker_port}", "key": key}
         deadline = time.monotonic() + 60
         while tvm.rpc.connect_tracker("127.0.0.1", tracker_port).text_summary().count(key) < 2:
@@ -153,3 +159,13 @@ def test_remote_through_a_tracker_on_localhost(tmp_path):
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_layer_compiles_and_says_it_cannot_run_yet():
+    layer = tvmconv.Conv2D(8, 3, target="cuda")
+    x = np.ones((1, 6, 6, 4), np.float32)
+    layer.build(x.shape)
+    assert layer.compiled_kernel(x.shape).cubin.endswith(".cubin")
+    with pytest.raises(NotImplementedError, match="GPU machine"):
+        layer(x)

@@ -277,15 +277,18 @@ class Conv2D:
         input_shape = tuple(int(d) for d in input_shape)
         compiled = self._kernels.get(input_shape)
         if compiled is None:
-            if self.remote is None:
-                targets.check_runnable_here(self.target)
             compiled = kernel_build.get_kernel(self.workload(input_shape), self.target)
             self._kernels[input_shape] = compiled
         return compiled
 
     def _runner(self, compiled: kernel_build.CompiledKernel):
         """What runs `compiled`: its module in this process, or its library uploaded to the remote board."""
+        if self.target.kind.name == "cuda":
+            raise NotImplementedError(
+                "CUDA kernels compile (compiled_kernel(shape).cubin is nvcc's build for the target's arch) "
+                "but tvmconv does not run them yet: that needs a GPU machine with a CUDA build of TVM.")
         if self.remote is None:
+            targets.check_runnable_here(self.target)
             return compiled.kernel
         return runtime.remote_kernel(runtime.connect(self.remote), compiled.library)
 
@@ -297,9 +300,13 @@ class Conv2D:
         if not self.built:
             self.build(x.shape)
         compiled = self.compiled_kernel(x.shape)
+        if self.remote is not None:
+            raise ValueError(f"kernel_arguments are for timing kernels in this process; layer '{self.name}' "
+                             f"runs on remote={self.remote!r}")
+        runner = self._runner(compiled)
         y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
         runtime.use_threads(self.threads or runtime.default_threads())
-        return [runtime.input_tensor(x), *self._weights_on_device(compiled, compiled.kernel), runtime.to_tensor(y)]
+        return [runtime.input_tensor(x), *self._weights_on_device(compiled, runner), runtime.to_tensor(y)]
 
     def _weights_on_device(self, compiled: kernel_build.CompiledKernel, runner) -> list:
         """The weights as `compiled` reads them, where `runner` runs it: in the compute dtype, the kernel
