@@ -117,9 +117,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_for_port(port: int, seconds: float = 30) -> None:
+def _wait_for_port(port: int, process, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        assert process.poll() is None, f"{process.args} exited with status {process.returncode}"
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -138,7 +139,7 @@ def test_remote_through_a_tracker_on_localhost(tmp_path):
                                start_new_session=True, cwd=tmp_path)
     server = None
     try:
-        _wait_for_port(tracker_port)
+        _wait_for_port(tracker_port, tracker)
         server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
                                    f"127.0.0.1:{tracker_port}", "--key", key, "--host", "127.0.0.1",
                                    "--port", str(server_port), "--port-end", str(server_port + 1)], start_new_session=True, cwd=tmp_path)
