@@ -5,13 +5,14 @@ template's default rule is written for; AArch64 broadcasts by FMA-by-element (`f
 v.s[i]`), so a broadcast input costs no extra register.
 """
 from tvmconv.compute import ConvWorkload
+from tvmconv.targets import architecture
 
 from . import cpu
 from .cpu import Knobs, schedule  # the family's template is the CPU template, re-exported
 
 
 def applies(wl: ConvWorkload, target) -> bool:
-    return target.kind.name == "llvm" and cpu.triple(target).startswith(("aarch64", "arm64"))
+    return target.kind.name == "llvm" and architecture(target) in ("aarch64", "arm64")
 
 
 def default_knobs(wl: ConvWorkload, target) -> Knobs:

@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 
 from tvm import s_tir
-from tvm.target import codegen
 
 from tvmconv.compute import ConvWorkload
 from tvmconv.targets import vector_bits
@@ -43,11 +42,6 @@ def lanes(wl: ConvWorkload, target) -> int:
 
 def applies(wl: ConvWorkload, target) -> bool:
     return target.kind.name == "llvm"
-
-
-def triple(target) -> str:
-    """The LLVM target triple the code is for (the host's when the target names none)."""
-    return str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
 
 
 # At least this many independent accumulators hide the FMA latency (4 cycles, 2 pipes).

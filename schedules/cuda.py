@@ -1,7 +1,7 @@
 """CUDA: the convolution as an implicit GEMM, tiled through shared memory.
 
-Output pixels (batch x height x width) and filters form the GEMM's M and N; the reduction
-(window x input channels) its K. Each thread block computes a (pixels x filters) tile; each
+Output pixels and filters form the GEMM's M and N; the reduction (window x input channels)
+its K. Each thread block computes a (pixels of one output row x filters) tile; each
 thread a small (pixels x filters) register tile; each step of the reduction stages a slice of
 the input and of the weights in shared memory, loaded cooperatively by the block's threads.
 The epilogue (bias, activation, cast, channels-first transpose) runs on the register tile.
@@ -39,10 +39,10 @@ def _fit(extent: int, wanted: int) -> int:
 
 
 def default_knobs(wl: ConvWorkload, target) -> Knobs:
-    pixels = wl.batch * wl.out_height * wl.out_width
     filters_per_group = wl.filters // wl.groups
-    return Knobs(pixel_threads=_fit(pixels, 8), filter_threads=_fit(wl.filters, 16),
-                 pixel_tile=_fit(pixels, 4), filter_tile=_fit(filters_per_group, 4),
+    # A block spans pixels of one output row: size its pixel tiles to the row.
+    return Knobs(pixel_threads=_fit(wl.out_width, 8), filter_threads=_fit(wl.filters, 16),
+                 pixel_tile=_fit(-(-wl.out_width // 8), 4), filter_tile=_fit(filters_per_group, 4),
                  rc_tile=_fit(wl.group_in_channels, 8))
 
 

@@ -25,7 +25,8 @@ def _check(wl: ConvWorkload, knobs, seed=0):
     compiled.kernel(x.astype(wl.dtype), compiled.kernel.weights(weights), y)  # x at numpy's alignment
     expected = reference.conv2d(x, kernel, bias, wl.strides, wl.padding, wl.dilation, wl.groups, wl.channels_last)
     expected = reference.ACTIVATIONS[wl.activation](expected)
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    tolerance = 1e-10 if wl.dtype == "float64" else 1e-4
+    np.testing.assert_allclose(y, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
 WORKLOADS = {
@@ -52,7 +53,7 @@ def test_default_knobs(name):
 
 EDGE_KNOBS = [
     cpu.Knobs(lanes=4, f_vectors=1, ow_tile=1),                       # tile = 1 everywhere
-    cpu.Knobs(lanes=8, f_vectors=3, ow_tile=9, oh_tile=9),            # a tile covering the whole extent
+    cpu.Knobs(lanes=8, f_vectors=3, ow_tile=9, oh_tile=9),            # tiles as large as (or past) the extent
     cpu.Knobs(lanes=16, f_vectors=2, ow_tile=4, oh_tile=2, rc_tile=3),  # non-dividing tiles, all axes
     cpu.Knobs(lanes=8, f_vectors=1, ow_tile=5, filters_first=True, pad_inline=True),
     cpu.Knobs(lanes=1, f_vectors=5, ow_tile=3, rc_tile=1),            # scalar lanes

@@ -1,4 +1,5 @@
 """Targets: host detection, presets, canonical keys; the thread count; weights packed once."""
+import os
 import re
 
 import numpy as np
@@ -57,16 +58,21 @@ def test_presets_by_name_build_layers():
 def test_thread_count_follows_the_option_and_the_environment(monkeypatch):
     num_threads = tvm.get_global_func("runtime.NumThreads")
     x = np.ones((1, 5, 5, 2), np.float32)
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     layer = tvmconv.Conv2D(4, 3, kernel_initializer="ones", threads=1)
     np.testing.assert_allclose(layer(x), 18.0)
     assert num_threads() == 1
     assert layer.get_config()["threads"] == 1
+    # One layer's option is not the process's default: the environment is left as it was.
+    assert "TVM_NUM_THREADS" not in os.environ
+    np.testing.assert_allclose(tvmconv.Conv2D(4, 3, kernel_initializer="ones")(x), 18.0)
+    assert num_threads() == runtime.default_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
     assert runtime.default_threads() == 2
     np.testing.assert_allclose(tvmconv.Conv2D(4, 3, kernel_initializer="ones")(x), 18.0)
     assert num_threads() == 2
     monkeypatch.delenv("TVM_NUM_THREADS")
-    assert runtime.default_threads() == len(__import__("os").sched_getaffinity(0))
+    assert runtime.default_threads() == len(os.sched_getaffinity(0))
 
 
 def test_weights_are_packed_once_per_change():

@@ -39,6 +39,8 @@ class CompiledKernel:
 
     def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
         """TVM's time evaluator for this kernel on this host's CPU: call it with `Conv2D.kernel_arguments(x)`."""
+        if self.kernel is None:
+            raise ValueError(f"kernels for {self.target_key} do not run on this host: time them on their device")
         return self.kernel.module.time_evaluator(self.kernel.entry, tvm.cpu(), number=number, repeat=repeat,
                                                  min_repeat_ms=min_repeat_ms)
 

@@ -281,14 +281,18 @@ class Conv2D:
             self._kernels[input_shape] = compiled
         return compiled
 
-    def _runner(self, compiled: kernel_build.CompiledKernel):
-        """What runs `compiled`: its module in this process, or its library uploaded to the remote board."""
+    def _check_can_run(self) -> None:
+        """Refuse, before compiling anything, a call that could not run: clear errors, not a crash."""
         if self.target.kind.name == "cuda":
             raise NotImplementedError(
                 "CUDA kernels compile (compiled_kernel(shape).cubin is nvcc's build for the target's arch) "
                 "but tvmconv does not run them yet: that needs a GPU machine with a CUDA build of TVM.")
         if self.remote is None:
             targets.check_runnable_here(self.target)
+
+    def _runner(self, compiled: kernel_build.CompiledKernel):
+        """What runs `compiled`: its module in this process, or its library uploaded to the remote board."""
+        if self.remote is None:
             return compiled.kernel
         return runtime.remote_kernel(runtime.connect(self.remote), compiled.library)
 
@@ -299,10 +303,11 @@ class Conv2D:
         self.compute_output_shape(x.shape)
         if not self.built:
             self.build(x.shape)
-        compiled = self.compiled_kernel(x.shape)
         if self.remote is not None:
             raise ValueError(f"kernel_arguments are for timing kernels in this process; layer '{self.name}' "
                              f"runs on remote={self.remote!r}")
+        self._check_can_run()
+        compiled = self.compiled_kernel(x.shape)
         runner = self._runner(compiled)
         y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
         runtime.use_threads(self.threads or runtime.default_threads())
@@ -311,12 +316,14 @@ class Conv2D:
     def _weights_on_device(self, compiled: kernel_build.CompiledKernel, runner) -> list:
         """The weights as `compiled` reads them, where `runner` runs it: in the compute dtype, the kernel
         packed into the schedule's blocks. Made once per weight change, layout and device."""
+        # One read of each attribute: a concurrent set_weights replaces them, never edits them.
+        cache, kernel, bias = self._device_weights, self._kernel, self._bias
         key = (compiled.kernel_block, runner.device)
-        if key not in self._device_weights:
-            kernel = pack_kernel(self._kernel.astype(self.compute_dtype), compiled.kernel_block)
-            bias = [] if self._bias is None else [self._bias.astype(self.compute_dtype)]
-            self._device_weights[key] = runner.weights([kernel, *bias])
-        return self._device_weights[key]
+        weights = cache.get(key)
+        if weights is None:
+            packed = pack_kernel(kernel.astype(self.compute_dtype), compiled.kernel_block)
+            weights = cache[key] = runner.weights([packed] + ([] if bias is None else [bias.astype(self.compute_dtype)]))
+        return weights
 
     def __call__(self, inputs):
         if isinstance(inputs, KerasTensor):
@@ -333,6 +340,7 @@ class Conv2D:
             self.build(x.shape)
         if x.shape[0] == 0:  # an empty batch has an empty answer; nothing to compile
             return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
+        self._check_can_run()
         compiled = self.compiled_kernel(x.shape)
         runner = self._runner(compiled)
         y = self._outputs.take(compiled.workload.output_shape, np.dtype(self.compute_dtype))

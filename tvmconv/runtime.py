@@ -35,7 +35,7 @@ def as_aligned(array: np.ndarray) -> np.ndarray:
 
 def to_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
     """A CPU tensor sharing memory with `array` (copied only when misaligned or strided)."""
-    return tvm.runtime.from_dlpack(as_aligned(array))
+    return tvm_ffi.from_dlpack(as_aligned(array), require_alignment=ALIGNMENT)
 
 
 def default_threads() -> int:
@@ -48,20 +48,26 @@ def default_threads() -> int:
 
 
 _threads_lock = threading.Lock()
-_threads_in_use = None
+_threads_in_use = threading.local()  # TVM keeps one pool per calling thread
 
 
 def use_threads(count: int) -> None:
-    """Size TVM's process-wide thread pool; a no-op when it already has `count` threads."""
-    global _threads_in_use
-    if count == _threads_in_use:
+    """Size TVM's thread pool (the calling thread's); a no-op when it already has `count` threads."""
+    if getattr(_threads_in_use, "count", None) == count:
         return
     with _threads_lock:
-        # TVM caps the pool at TVM_NUM_THREADS whenever it is (re)configured.
-        if int(os.environ.get("TVM_NUM_THREADS") or 0) < count:
-            os.environ["TVM_NUM_THREADS"] = str(count)
-        tvm.get_global_func("runtime.config_threadpool")(1, count)  # 1: every core, fastest first
-        _threads_in_use = count
+        # TVM caps the pool at TVM_NUM_THREADS when it is configured: lift the cap for this call only,
+        # so that the user's setting (read by default_threads) stays as it was.
+        previous = os.environ.get("TVM_NUM_THREADS")
+        os.environ["TVM_NUM_THREADS"] = str(max(count, int(previous or 0)))
+        try:
+            tvm.get_global_func("runtime.config_threadpool")(1, count)  # 1: every core, fastest first
+        finally:
+            if previous is None:
+                del os.environ["TVM_NUM_THREADS"]
+            else:
+                os.environ["TVM_NUM_THREADS"] = previous
+        _threads_in_use.count = count
 
 
 def input_tensor(array: np.ndarray) -> tvm.runtime.Tensor:

@@ -88,6 +88,11 @@ def resolve(target) -> tvm.target.Target:
         raise ValueError(f"Invalid `target` {target!r}: {err}") from None
 
 
+def architecture(target: tvm.target.Target) -> str:
+    """The CPU architecture the code is for ("x86_64", "aarch64", ...): the target's triple, else the host's."""
+    return str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
+
+
 def vector_bits(target: tvm.target.Target) -> int:
     """SIMD register width. (codegen.llvm_get_vector_width answers for the host, not the target.)"""
     if target.kind.name != "llvm":
@@ -120,7 +125,7 @@ def cross_compiler(target: tvm.target.Target):
     for GPU targets (whose host code is for this CPU), a cross compiler for another CPU architecture."""
     if target.kind.name != "llvm":
         return None
-    arch = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
+    arch = architecture(target)
     if arch == codegen.llvm_get_system_triple().split("-")[0]:
         return None
     if arch not in CROSS_TOOLCHAINS:
@@ -143,8 +148,7 @@ def runnable_here(target: tvm.target.Target) -> bool:
 def check_runnable_here(target: tvm.target.Target) -> None:
     """Raise before running code the host cannot execute (another ISA, or features it lacks)."""
     host_target = tvm.target.Target(host())
-    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
-    if target.kind.name != "llvm" or triple.split("-")[0] != codegen.llvm_get_system_triple().split("-")[0]:
+    if target.kind.name != "llvm" or architecture(target) != codegen.llvm_get_system_triple().split("-")[0]:
         raise ValueError(f"Kernels for target {target_key(target)} cannot run on this host "
                          f"({target_key(host_target)}): run them on a matching device over RPC with "
                          "remote='HOST:PORT' (an emulated aarch64 board: scripts/arm_board.sh start), "

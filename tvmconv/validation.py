@@ -2,6 +2,7 @@
 import numbers
 
 import numpy as np
+from tvm import rpc
 
 from . import keras_config
 
@@ -72,7 +73,7 @@ def remote(value):
     if isinstance(value, dict) and set(value) == {"tracker", "key"} and isinstance(value["tracker"], str) \
             and _address(value["tracker"]) and isinstance(value["key"], str) and value["key"]:
         return dict(value)
-    if type(value).__name__ == "RPCSession":  # tvm.rpc's session, checked by name: no import at the edge
+    if isinstance(value, rpc.RPCSession):
         return value
     raise ValueError("The `remote` argument must be None, 'HOST:PORT' of a TVM RPC server, "
                      "{'tracker': 'HOST:PORT', 'key': KEY} for a device from an RPC tracker, or a "
