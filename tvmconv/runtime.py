@@ -80,9 +80,20 @@ def load_module(path: str):
     return tvm.runtime.load_module(path)
 
 
+def _idle_reference_counts() -> tuple[int, int]:
+    """getrefcount of a pooled array nobody else holds, and of its memory, as OutputPool.take sees
+    them: measured in the same code shape, since interpreters count borrowed references differently."""
+    arrays = [aligned_empty((1,), np.float32)]
+    for array in arrays:
+        counts = sys.getrefcount(array), sys.getrefcount(array.base)
+    return counts
+
+
 class OutputPool:
     """Output arrays reused by later calls once the caller holds no reference to them (nor any view):
-    a fresh multi-megabyte array costs page faults on every call."""
+    a fresh multi-megabyte array costs page faults on every call. Each layer keeps at most `keep`."""
+
+    IDLE = _idle_reference_counts()
 
     def __init__(self, keep: int = 2):
         self._arrays: list[np.ndarray] = []
@@ -92,11 +103,10 @@ class OutputPool:
     def take(self, shape, dtype) -> np.ndarray:
         with self._lock:
             for array in self._arrays:
-                # The array: referenced by the list, this loop variable and getrefcount's argument, or in
-                # use. Its memory (array.base, see aligned_empty): referenced by the array and the argument,
-                # or held by a view, since numpy points views at the owner of the memory.
-                if (array.shape == shape and array.dtype == dtype and sys.getrefcount(array) == 3
-                        and sys.getrefcount(array.base) == 2):
+                # Any reference beyond the idle counts means in use: to the array itself, or to its memory
+                # (array.base, see aligned_empty) from a view, since numpy points views at the memory's owner.
+                if (array.shape == shape and array.dtype == dtype
+                        and (sys.getrefcount(array), sys.getrefcount(array.base)) == self.IDLE):
                     return array
             array = aligned_empty(shape, dtype)
             self._arrays = [array, *self._arrays][:self._keep]
