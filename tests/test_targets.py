@@ -89,3 +89,15 @@ def test_weights_are_packed_once_per_change():
     layer.set_weights([w * 2 for w in layer.get_weights()])
     assert layer._weights_on_device(compiled, compiled.kernel) is not packed
     np.testing.assert_allclose(layer(x), 2 * first, rtol=1e-6, atol=1e-6)
+
+
+def test_runnability_is_checked_once_per_shape(monkeypatch):
+    """The check reads LLVM's CPU feature lists (about 0.5 ms): not a per-call cost."""
+    calls = []
+    check = targets.check_runnable_here
+    monkeypatch.setattr(targets, "check_runnable_here", lambda target: calls.append(target) or check(target))
+    layer = tvmconv.Conv2D(4, 3)
+    for _ in range(3):
+        layer(np.ones((1, 5, 5, 2), np.float32))
+    layer(np.ones((2, 5, 5, 2), np.float32))
+    assert len(calls) == 2
