@@ -91,13 +91,16 @@ def test_weights_are_packed_once_per_change():
     np.testing.assert_allclose(layer(x), 2 * first, rtol=1e-6, atol=1e-6)
 
 
-def test_runnability_is_checked_once_per_shape(monkeypatch):
-    """The check reads LLVM's CPU feature lists (about 0.5 ms): not a per-call cost."""
+def test_runnability_is_not_checked_per_call(monkeypatch):
+    """The check reads LLVM's CPU feature lists (about 0.5 ms): a first-call cost, not a per-call one."""
     calls = []
     check = targets.check_runnable_here
     monkeypatch.setattr(targets, "check_runnable_here", lambda target: calls.append(target) or check(target))
     layer = tvmconv.Conv2D(4, 3)
+    x = np.ones((1, 5, 5, 2), np.float32)
+    layer(x)
+    first = len(calls)
+    assert first >= 1
     for _ in range(3):
-        layer(np.ones((1, 5, 5, 2), np.float32))
-    layer(np.ones((2, 5, 5, 2), np.float32))
-    assert len(calls) == 2
+        layer(x)
+    assert len(calls) == first

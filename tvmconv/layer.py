@@ -116,6 +116,7 @@ class Conv2D:
         self.threads = None if threads is None else validation.positive_int(threads, "threads")
         self.remote = validation.remote(remote)
         self._outputs = runtime.OutputPool()
+        self._can_run = False
         # R's input arguments: the declared input, batch axis included (None = any size).
         input_shape = _shape_tuple(input_shape, "input_shape", 3)
         batch_input_shape = _shape_tuple(batch_input_shape, "batch_input_shape", 4)
@@ -340,8 +341,9 @@ class Conv2D:
             self.build(x.shape)
         if x.shape[0] == 0:  # an empty batch has an empty answer; nothing to compile
             return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
-        if x.shape not in self._kernels:  # the first call of a shape: checks that cost ~0.5 ms
+        if not self._can_run:  # once: the checks cost ~0.5 ms, and target and remote never change
             self._check_can_run()
+            self._can_run = True
         compiled = self.compiled_kernel(x.shape)
         runner = self._runner(compiled)
         y = self._outputs.take(compiled.workload.output_shape, np.dtype(self.compute_dtype))
