@@ -98,12 +98,11 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     sch.reorder(*outer, ow_o, rc_o, rh, rw, rc_i, oh_i, ow_i, f_r, f_v)
     # Threads split rows and filter blocks together: 7x7 layers have too few rows for many cores.
     sch.parallel(sch.fuse(*outer))
-    tile_root = ow_o
     # The accumulator tile lives in registers; the epilogue consumes it inside the same tile.
     sch.set_scope(conv, 0, "local")
     # (With a last-axis activation, "epilogue" is the pre-activation tensor; the stages after it
     # need whole rows and stay outside.)
-    sch.reverse_compute_at(sch.get_sblock("epilogue"), tile_root)
+    sch.reverse_compute_at(sch.get_sblock("epilogue"), ow_o)
     epilogue_inner = sch.get_loops(sch.get_sblock("epilogue"))[-1]
     sch.vectorize(epilogue_inner)
     if knobs.unroll_window:
@@ -115,7 +114,7 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     sch.vectorize(f_v)
     init = sch.decompose_reduction(conv, rc_o)
     sch.vectorize(sch.get_loops(init)[-1])
-    if wl.channels_last and not any(wl.pads):
+    if not wl.has_data_pad:
         return sch
     pad = sch.get_sblock("data_pad")
     if knobs.pad_inline:

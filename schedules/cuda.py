@@ -58,7 +58,7 @@ def _bind_elementwise(sch: s_tir.Schedule, block, threads: int = 128) -> None:
 def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_tir.Schedule:
     knobs = knobs or default_knobs(wl, target)
     sch = s_tir.Schedule(func)
-    if not (wl.channels_last and not any(wl.pads)):
+    if wl.has_data_pad:
         sch.compute_inline(sch.get_sblock("data_pad"))
     conv = sch.get_sblock("conv")
     n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)

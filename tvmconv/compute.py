@@ -70,6 +70,11 @@ class ConvWorkload:
         return (top, left, bottom, right)
 
     @property
+    def has_data_pad(self) -> bool:
+        """Whether the forward compute copies the input into a "data_pad" stage (padded, channels-last)."""
+        return not self.channels_last or any(self.pads)
+
+    @property
     def out_height(self) -> int:
         return conv_output_length(self.in_height, self.kernel_size[0], self.strides[0], self.dilation[0],
                                   self.padding)
@@ -281,7 +286,7 @@ def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
     def input_at(n, h, ww, c):
         return x[n, h, ww, c] if wl.channels_last else x[n, c, h, ww]
 
-    if wl.channels_last and not any(wl.pads):
+    if not wl.has_data_pad:
         data = x
     else:
         def padded(n, h, ww, c):

@@ -171,11 +171,8 @@ class RemoteKernel:
     device = "rpc"
 
     def __init__(self, session, library: str, entry: str = "main"):
-        self.session = session
         session.upload(library)
-        self.module = session.load_module(os.path.basename(library))
-        self.function = self.module[entry]
-        self.entry = entry
+        self.function = session.load_module(os.path.basename(library))[entry]
         self._device = session.cpu()
 
     def weights(self, arrays) -> list:

@@ -63,10 +63,10 @@ PRESETS = {
                            "num-cores": host()["num-cores"]},
     "aarch64": lambda: {**_AARCH64, "mcpu": "cortex-a72"},
     "aarch64-neoverse": lambda: {**_AARCH64, "mcpu": "neoverse-n1"},
-    "cuda": lambda: {"kind": "cuda", "arch": "sm_80", "host": _GPU_HOST},
     "cuda-sm_80": lambda: {"kind": "cuda", "arch": "sm_80", "host": _GPU_HOST},
     "cuda-sm_90": lambda: {"kind": "cuda", "arch": "sm_90", "host": _GPU_HOST},
 }
+PRESETS["cuda"] = PRESETS["cuda-sm_80"]
 
 
 def resolve(target) -> tvm.target.Target:
@@ -91,6 +91,10 @@ def resolve(target) -> tvm.target.Target:
 def architecture(target: tvm.target.Target) -> str:
     """The CPU architecture the code is for ("x86_64", "aarch64", ...): the target's triple, else the host's."""
     return str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
+
+
+def _host_architecture() -> str:
+    return codegen.llvm_get_system_triple().split("-")[0]
 
 
 def vector_bits(target: tvm.target.Target) -> int:
@@ -126,7 +130,7 @@ def cross_compiler(target: tvm.target.Target):
     if target.kind.name != "llvm":
         return None
     arch = architecture(target)
-    if arch == codegen.llvm_get_system_triple().split("-")[0]:
+    if arch == _host_architecture():
         return None
     if arch not in CROSS_TOOLCHAINS:
         raise ValueError(f"tvmconv has no toolchain for {arch} targets (known: {', '.join(CROSS_TOOLCHAINS)})")
@@ -148,7 +152,7 @@ def runnable_here(target: tvm.target.Target) -> bool:
 def check_runnable_here(target: tvm.target.Target) -> None:
     """Raise before running code the host cannot execute (another ISA, or features it lacks)."""
     host_target = tvm.target.Target(host())
-    if target.kind.name != "llvm" or architecture(target) != codegen.llvm_get_system_triple().split("-")[0]:
+    if target.kind.name != "llvm" or architecture(target) != _host_architecture():
         raise ValueError(f"Kernels for target {target_key(target)} cannot run on this host "
                          f"({target_key(host_target)}): run them on a matching device over RPC with "
                          "remote='HOST:PORT' (an emulated aarch64 board: scripts/arm_board.sh start), "
