@@ -59,6 +59,12 @@ def test_foreign_layer_without_remote_says_how_to_run_it():
         layer(np.ones((1, 5, 5, 2), np.float32))
 
 
+def test_unreachable_remote_names_the_argument():
+    layer = tvmconv.Conv2D(4, 3, remote=f"127.0.0.1:{_free_port()}")
+    with pytest.raises(ConnectionError, match="`remote`.*arm_board.sh"):
+        layer(np.ones((1, 5, 5, 2), np.float32))
+
+
 @pytest.mark.parametrize("remote", ["127.0.0.1", "host:port", {"tracker": "127.0.0.1:9190"}, 9095])
 def test_bad_remote_is_refused(remote):
     with pytest.raises(ValueError, match="remote"):

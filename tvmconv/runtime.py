@@ -145,12 +145,16 @@ def connect(remote):
     address = remote if isinstance(remote, str) else f"{remote['tracker']}/{remote['key']}"
     with _remote_lock:
         if address not in _sessions:
-            if isinstance(remote, dict):
-                host, port = remote["tracker"].rsplit(":", 1)
-                _sessions[address] = rpc.connect_tracker(host, int(port)).request(remote["key"])
-            else:
-                host, port = remote.rsplit(":", 1)
-                _sessions[address] = rpc.connect(host, int(port))
+            try:
+                if isinstance(remote, dict):
+                    host, port = remote["tracker"].rsplit(":", 1)
+                    _sessions[address] = rpc.connect_tracker(host, int(port)).request(remote["key"])
+                else:
+                    host, port = remote.rsplit(":", 1)
+                    _sessions[address] = rpc.connect(host, int(port))
+            except Exception as err:  # TVM reports a refused connection as its own InternalError
+                raise ConnectionError(f"Cannot reach the `remote` device {remote!r} ({err}). Is its RPC server "
+                                      "running? (An emulated aarch64 board: scripts/arm_board.sh start)") from None
         return _sessions[address]
 
 
