@@ -8,12 +8,23 @@ from tvmconv.compute import ConvWorkload
 from tvmconv.targets import architecture
 
 from . import cpu
-from .cpu import Knobs, schedule  # the family's template is the CPU template, re-exported
+from .cpu import Knobs, apply, schedule  # noqa: F401  (the family's template is the CPU template)
 
 
 def applies(wl: ConvWorkload, target) -> bool:
     return target.kind.name == "llvm" and architecture(target) in ("aarch64", "arm64")
 
 
+REGISTERS = 32
+
+
 def default_knobs(wl: ConvWorkload, target) -> Knobs:
-    return cpu.register_tile_knobs(wl, target, registers=32)
+    return cpu.default_knobs(wl, target, REGISTERS)
+
+
+def tunable_knobs(wl: ConvWorkload, target) -> list[Knobs]:
+    return cpu.tunable_knobs(wl, target, REGISTERS)
+
+
+def sample_tiles(sch, wl: ConvWorkload, target, knobs: Knobs) -> Knobs:
+    return cpu.sample_tiles(sch, wl, target, knobs, REGISTERS)

@@ -7,8 +7,11 @@ every broadcast input value feeds `f_vectors`. The weights are packed (`compute.
 so a tile's weights are one contiguous stream. The epilogue (bias, activation, cast, and the
 channels-first transpose) runs on the tile while it is still in registers.
 
-Knobs are data: `register_tile_knobs` picks defaults from the shape, the vector width and the
-register count that family modules (x86, arm) know; the autotuner samples the same knobs.
+Knobs are data: `default_knobs` picks defaults from the shape, the vector width and the
+register count that family modules (x86, arm) know. The autotuner (tvmconv.tuning) tunes the same
+template: `tunable_knobs` lists the variants that change the program's structure or the packed
+kernel's shape (one MetaSchedule design space each), and `sample_tiles` turns the tile sizes
+into sampled decisions, which `apply` takes as it takes plain integers.
 """
 import dataclasses
 import itertools
@@ -57,7 +60,8 @@ def _tile_score(wl: ConvWorkload, lanes: int, ow: int, fv: int) -> float:
     return ow * fv / (ow + fv) * latency * width_used * filters_used
 
 
-def register_tile_knobs(wl: ConvWorkload, target, registers: int) -> Knobs:
+# Any LLVM CPU is assumed to have 16 vector registers; the family modules pass their own count.
+def default_knobs(wl: ConvWorkload, target, registers: int = 16) -> Knobs:
     """Default knobs for a CPU with `registers` vector registers: the register tile that scores best."""
     depthwise = wl.groups == wl.in_channels == wl.filters
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
@@ -73,27 +77,63 @@ def register_tile_knobs(wl: ConvWorkload, target, registers: int) -> Knobs:
         fv = 2 if wl.filters % (2 * n_lanes) == 0 else 1
         ow = max(range(1, min(wl.out_width, 4) + 1), key=lambda c: (_tile_score(wl, n_lanes, c, fv), c))
         return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=True)
-    # The tile's accumulators, plus the weight vectors and one broadcast, fit in the registers.
     candidates = [(ow, fv) for ow, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), range(1, 5))
-                  if ow * fv + fv + 2 <= registers]
+                  if _fits(registers, fv, ow)]
     ow, fv = max(candidates, key=lambda c: (_tile_score(wl, n_lanes, *c), c[0]))
     return Knobs(n_lanes, fv, ow)
 
 
-def default_knobs(wl: ConvWorkload, target) -> Knobs:
-    """Any LLVM CPU: assume 16 vector registers (the family modules know their own)."""
-    return register_tile_knobs(wl, target, registers=16)
-
-
 def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_tir.Schedule:
-    knobs = knobs or default_knobs(wl, target)
     sch = s_tir.Schedule(func)
+    apply(sch, wl, knobs or default_knobs(wl, target))
+    return sch
+
+
+def _fits(registers: int, fv: int, ow: int, oh: int = 1) -> bool:
+    """The tile's accumulators, its weight vectors and one broadcast fit in the registers."""
+    return oh * ow * fv + fv + 2 <= registers
+
+
+def tunable_knobs(wl: ConvWorkload, target, registers: int = 16) -> list[Knobs]:
+    """The template's structural variants, tile sizes left at their defaults (`sample_tiles` samples them):
+    every filter-vector count that fits and is not wasted, each with every loop order, padding
+    method and window unrolling that applies."""
+    default = default_knobs(wl, target, registers)
+    vector_counts = [fv for fv in range(1, 5) if (fv - 1) * default.lanes < wl.filters and _fits(registers, fv, 1)]
+    variants = []
+    for fv, filters_first, pad_inline, unroll_window in itertools.product(
+            vector_counts, (False, True), (False, True) if wl.has_data_pad else (False,),
+            (False, True) if wl.kernel_size != (1, 1) else (False,)):
+        ow = max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c))
+        variants.append(Knobs(default.lanes, fv, ow, filters_first=filters_first, pad_inline=pad_inline,
+                              unroll_window=unroll_window))
+    return variants
+
+
+def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, target, knobs: Knobs, registers: int = 16) -> Knobs:
+    """`knobs` with ow_tile, oh_tile and rc_tile replaced by decisions sampled in `sch`: register tiles
+    that fit (with one output row; taller tiles may spill, the tuner measures it), and input-channel
+    steps that divide the group's channels."""
+    def sample(candidates):
+        return sch.sample_categorical(candidates, [1 / len(candidates)] * len(candidates))
+    widths = [c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, knobs.f_vectors, c)]
+    heights = [c for c in (1, 2, 4) if c <= wl.out_height]
+    cg = wl.group_in_channels
+    steps = sorted({cg} | {c for c in (4, 8, 16, 32, 64, 128) if c < cg and cg % c == 0})
+    return dataclasses.replace(knobs, ow_tile=sample(widths), oh_tile=sample(heights), rc_tile=sample(steps))
+
+
+def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
+    """Schedule the compute in `sch` with `knobs`; the tile sizes may be sampled decisions. Every
+    instruction's outputs are the same for any tile sizes, as MetaSchedule's trace replay requires (so
+    no `get_loops(...)[-1]` on loops that vanish when a tile is 1: LLVM vectorizes those by itself)."""
     conv = sch.get_sblock("conv")
     n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)
     oh_o, oh_i = sch.split(oh, factors=[None, knobs.oh_tile])
     ow_o, ow_i = sch.split(ow, factors=[None, knobs.ow_tile])
     f_o, f_r, f_v = sch.split(f, factors=[None, knobs.f_vectors, knobs.lanes])
-    rc_o, rc_i = sch.split(rc, factors=[None, knobs.rc_tile or wl.group_in_channels])
+    rc_step = wl.group_in_channels if isinstance(knobs.rc_tile, int) and knobs.rc_tile == 0 else knobs.rc_tile
+    rc_o, rc_i = sch.split(rc, factors=[None, rc_step])
     outer = (f_o, n, oh_o) if knobs.filters_first else (n, oh_o, f_o)
     sch.reorder(*outer, ow_o, rc_o, rh, rw, rc_i, oh_i, ow_i, f_r, f_v)
     # Threads split rows and filter blocks together: 7x7 layers have too few rows for many cores.
@@ -103,8 +143,6 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     # (With a last-axis activation, "epilogue" is the pre-activation tensor; the stages after it
     # need whole rows and stay outside.)
     sch.reverse_compute_at(sch.get_sblock("epilogue"), ow_o)
-    epilogue_inner = sch.get_loops(sch.get_sblock("epilogue"))[-1]
-    sch.vectorize(epilogue_inner)
     if knobs.unroll_window:
         sch.unroll(rh)
         sch.unroll(rw)
@@ -112,10 +150,9 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     sch.unroll(ow_i)
     sch.unroll(f_r)
     sch.vectorize(f_v)
-    init = sch.decompose_reduction(conv, rc_o)
-    sch.vectorize(sch.get_loops(init)[-1])
+    sch.decompose_reduction(conv, rc_o)
     if not wl.has_data_pad:
-        return sch
+        return
     pad = sch.get_sblock("data_pad")
     if knobs.pad_inline:
         sch.compute_inline(pad)
@@ -123,4 +160,3 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*loops[:2]))
         sch.vectorize(loops[-1])
-    return sch

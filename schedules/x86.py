@@ -6,13 +6,24 @@ from tvmconv.compute import ConvWorkload
 from tvmconv.targets import architecture, vector_bits
 
 from . import cpu
-from .cpu import Knobs, schedule  # the family's template is the CPU template, re-exported
+from .cpu import Knobs, apply, schedule  # noqa: F401  (the family's template is the CPU template)
 
 
 def applies(wl: ConvWorkload, target) -> bool:
     return target.kind.name == "llvm" and architecture(target) in ("x86_64", "i686")
 
 
+def registers(target) -> int:
+    return 32 if vector_bits(target) == 512 else 16
+
+
 def default_knobs(wl: ConvWorkload, target) -> Knobs:
-    registers = 32 if vector_bits(target) == 512 else 16
-    return cpu.register_tile_knobs(wl, target, registers)
+    return cpu.default_knobs(wl, target, registers(target))
+
+
+def tunable_knobs(wl: ConvWorkload, target) -> list[Knobs]:
+    return cpu.tunable_knobs(wl, target, registers(target))
+
+
+def sample_tiles(sch, wl: ConvWorkload, target, knobs: Knobs) -> Knobs:
+    return cpu.sample_tiles(sch, wl, target, knobs, registers(target))

@@ -49,6 +49,8 @@ import time
 
 import numpy as np
 
+from tvmconv.networks import Workload, all_workloads
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 REPEAT_SECONDS = 0.010      # each timed repeat runs the operation often enough to last this long
 RTOL = 1e-3                 # agreement required between tvmconv and torch
@@ -65,122 +67,6 @@ QUICK_WORKLOADS = (
 
 
 # ---------------------------------------------------------------- workloads
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvSpec:
-    """One convolution of a network, batch excluded; square kernels and strides as in these networks."""
-
-    height: int
-    width: int
-    in_channels: int
-    filters: int
-    kernel: int
-    stride: int = 1
-    groups: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    name: str       # e.g. "resnet50/conv3x3_56x56x64"
-    network: str    # "resnet50", "mobilenetv2", "resnext50" or "vgg16"
-    kind: str       # "conv", "pointwise", "depthwise" or "grouped"
-    spec: ConvSpec
-
-    @property
-    def padding(self) -> str:
-        # torchvision pads every k x k conv by k // 2, which is Keras "same" (up to where an odd total
-        # pad goes, see torch_padding); 1x1 convs have no padding.
-        return "same" if self.spec.kernel > 1 else "valid"
-
-
-def conv_kind(spec: ConvSpec) -> str:
-    if spec.groups == 1:
-        return "pointwise" if spec.kernel == 1 else "conv"
-    return "depthwise" if spec.groups == spec.in_channels == spec.filters else "grouped"
-
-
-def workload_name(network: str, spec: ConvSpec) -> str:
-    """network/conv{k}x{k}[s{stride}][g{groups}]_{H}x{W}x{C}[_to{filters}]; "dwconv" for depthwise."""
-    kind = conv_kind(spec)
-    op = "dwconv" if kind == "depthwise" else "conv"
-    stride = f"s{spec.stride}" if spec.stride > 1 else ""
-    groups = f"g{spec.groups}" if kind == "grouped" else ""
-    filters = f"_to{spec.filters}" if spec.filters != spec.in_channels else ""
-    return (f"{network}/{op}{spec.kernel}x{spec.kernel}{stride}{groups}_"
-            f"{spec.height}x{spec.width}x{spec.in_channels}{filters}")
-
-
-def distinct(specs) -> list[ConvSpec]:
-    """The specs in order of first appearance, each once."""
-    return list(dict.fromkeys(specs))
-
-
-def resnet_bottleneck_convs(width_per_stage, groups=1, width_factor=1) -> list[ConvSpec]:
-    """Every conv of a torchvision ResNet-50 style network (v1.5: the stride sits on the 3x3)."""
-    convs = [ConvSpec(224, 224, 3, 64, 7, stride=2)]
-    size, in_channels = 56, 64  # after the stem and its 3x3/2 max-pool
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), width_per_stage, strict=True)):
-        width, out_channels = planes * width_factor, planes * 4
-        for block in range(blocks):
-            stride = 2 if stage > 0 and block == 0 else 1
-            out_size = size // stride
-            convs.append(ConvSpec(size, size, in_channels, width, 1))
-            convs.append(ConvSpec(size, size, width, width, 3, stride, groups))
-            convs.append(ConvSpec(out_size, out_size, width, out_channels, 1))
-            if block == 0:  # projection shortcut: 1x1, stride 2 from stage 2 on
-                convs.append(ConvSpec(size, size, in_channels, out_channels, 1, stride))
-            size, in_channels = out_size, out_channels
-    return convs
-
-
-def resnet50_workloads() -> list[Workload]:
-    specs = distinct(resnet_bottleneck_convs((3, 4, 6, 3)))
-    assert len(specs) == 23, f"ResNet-50 has 23 distinct convolutions, enumerated {len(specs)}"
-    return [Workload(workload_name("resnet50", s), "resnet50", conv_kind(s), s) for s in specs]
-
-
-def resnext50_workloads() -> list[Workload]:
-    # ResNeXt-50 32x4d: bottleneck width = planes * 4/64 * 32 = 2 * planes, 3x3 in 32 groups.
-    specs = distinct(s for s in resnet_bottleneck_convs((3, 4, 6, 3), groups=32, width_factor=2) if s.groups == 32)
-    return [Workload(workload_name("resnext50", s), "resnext50", "grouped", s) for s in specs]
-
-
-def mobilenetv2_workloads() -> list[Workload]:
-    """Depthwise 3x3 and pointwise 1x1 layers of torchvision's MobileNetV2 (the 3x3 stem excluded)."""
-    # (expansion t, output channels c, repeats n, first stride s), as in the paper and torchvision.
-    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                (6, 320, 1, 1)]
-    specs, size, in_channels = [], 112, 32
-    for expansion, out_channels, repeats, first_stride in settings:
-        for i in range(repeats):
-            stride = first_stride if i == 0 else 1
-            hidden = in_channels * expansion
-            if expansion != 1:
-                specs.append(ConvSpec(size, size, in_channels, hidden, 1))
-            specs.append(ConvSpec(size, size, hidden, hidden, 3, stride, groups=hidden))
-            size //= stride
-            specs.append(ConvSpec(size, size, hidden, out_channels, 1))
-            in_channels = out_channels
-    specs.append(ConvSpec(size, size, in_channels, 1280, 1))
-    return [Workload(workload_name("mobilenetv2", s), "mobilenetv2", conv_kind(s), s) for s in distinct(specs)]
-
-
-def vgg16_workloads() -> list[Workload]:
-    specs, size, in_channels = [], 224, 3
-    for out_channels, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
-        for _ in range(convs):
-            specs.append(ConvSpec(size, size, in_channels, out_channels, 3))
-            in_channels = out_channels
-        size //= 2  # max-pool
-    return [Workload(workload_name("vgg16", s), "vgg16", "conv", s) for s in distinct(specs)]
-
-
-def all_workloads() -> list[Workload]:
-    workloads = resnet50_workloads() + mobilenetv2_workloads() + resnext50_workloads() + vgg16_workloads()
-    names = [w.name for w in workloads]
-    assert len(set(names)) == len(names), "workload names must be unique"
-    return workloads
 
 
 def select_workloads(quick: bool, filters: list[str] | None) -> list[Workload]:
@@ -406,8 +292,18 @@ def describe_knobs(knobs) -> str:
 
 
 def describe_tuning(compiled) -> str:
-    tuning = getattr(compiled, "tuning", None)  # a tuned-record attribute a later issue adds
-    return "untuned" if tuning is None else str(tuning)
+    return "untuned" if compiled.tuning is None else str(compiled.tuning)
+
+
+def untuned_kernel(env, layer, compiled, x):
+    """The template's defaults for the same workload, and its arguments: the peer of a tuned kernel."""
+    tvmconv = env["tvmconv"]
+    wl, target = compiled.workload, layer.target
+    knobs = tvmconv.schedules.find_rule(wl, target).default_knobs(wl, target)
+    untuned = tvmconv.build.get_kernel(wl, target, knobs=knobs)
+    packed = tvmconv.compute.pack_kernel(layer.get_weights()[0], untuned.kernel_block)
+    out = tvmconv.runtime.aligned_empty(wl.output_shape, np.float32)
+    return untuned, [tvmconv.runtime.input_tensor(x), *untuned.kernel.weights([packed]), tvmconv.runtime.to_tensor(out)]
 
 
 @dataclasses.dataclass
@@ -452,6 +348,9 @@ def bench_workload(env, workload: Workload, batch: int, repeat: int, peak_gflops
 
     load = OtherLoad()
     kernel_timing = time_tvm_kernel(compiled, layer.kernel_arguments(x), repeat)
+    untuned_timing = kernel_timing
+    if compiled.tuning is not None:
+        untuned_timing = time_tvm_kernel(*untuned_kernel(env, layer, compiled, x), repeat)
     call_timing = time_call(lambda: layer(x), repeat)
     time.sleep(PAUSE_BETWEEN_FRAMEWORKS)
     with torch.inference_mode():
@@ -461,7 +360,8 @@ def bench_workload(env, workload: Workload, batch: int, repeat: int, peak_gflops
 
     flops = compiled.workload.flops
     gflops = {key: flops / t.median / 1e9 for key, t in
-              (("tvm_kernel", kernel_timing), ("tvm_call", call_timing), ("torch", torch_timing))}
+              (("tvm_kernel", kernel_timing), ("tvm_call", call_timing), ("torch", torch_timing),
+               ("tvm_untuned", untuned_timing))}
     return {
         "name": workload.name, "network": workload.network, "kind": workload.kind, "batch": batch,
         "spec": dataclasses.asdict(workload.spec), "padding": workload.padding,
@@ -469,10 +369,11 @@ def bench_workload(env, workload: Workload, batch: int, repeat: int, peak_gflops
         "flops": flops,
         "gflops": gflops,
         "ratio": gflops["tvm_kernel"] / gflops["torch"],
+        "untuned_ratio": gflops["tvm_untuned"] / gflops["torch"],
         "pct_peak": {key: 100.0 * value / peak_gflops for key, value in gflops.items()},
         "call_overhead_pct": 100.0 * (call_timing.median / kernel_timing.median - 1.0),
         "timings": {"tvm_kernel": kernel_timing.as_json(), "tvm_call": call_timing.as_json(),
-                    "torch": torch_timing.as_json()},
+                    "torch": torch_timing.as_json(), "tvm_untuned": untuned_timing.as_json()},
         "schedule": str(compiled.schedule), "knobs": describe_knobs(compiled.knobs),
         "tuning": describe_tuning(compiled), "kernel_origin": compiled.origin,
         "kernel_ready_s": prepared.kernel_ready_s, "other_load_pct": other_load_pct,
@@ -490,12 +391,16 @@ def geomean(values) -> float | None:
 
 def summarize(results: list[dict], overhead: dict) -> dict:
     resnet_b1 = [r["ratio"] for r in results if r["network"] == "resnet50" and r["batch"] == 1]
+    resnet_b1_untuned = [r["untuned_ratio"] for r in results if r["network"] == "resnet50" and r["batch"] == 1]
     depthwise = [r["ratio"] for r in results if r["kind"] == "depthwise"]
     worst = min(results, key=lambda r: r["ratio"]) if results else None
     per_batch = {str(b): geomean(r["ratio"] for r in results if r["batch"] == b)
                  for b in sorted({r["batch"] for r in results})}
     return {
         "resnet50_batch1_geomean_ratio": geomean(resnet_b1), "resnet50_batch1_count": len(resnet_b1),
+        "resnet50_batch1_untuned_geomean_ratio": geomean(resnet_b1_untuned),
+        "resnet50_batch1_min_ratio": min(resnet_b1) if resnet_b1 else None,
+        "tuned_count": sum(r["tuning"] != "untuned" for r in results),
         "min_ratio": worst["ratio"] if worst else None,
         "min_ratio_workload": f"{worst['name']} batch {worst['batch']}" if worst else None,
         "depthwise_geomean_ratio": geomean(depthwise), "depthwise_count": len(depthwise),
@@ -514,7 +419,9 @@ def format_ratio(value) -> str:
 def summary_lines(summary: dict) -> list[str]:
     lines = [
         (f"ResNet-50 batch 1 geomean ratio tvmconv/torch: {format_ratio(summary['resnet50_batch1_geomean_ratio'])} "
-         f"({summary['resnet50_batch1_count']} of 23 workloads)"),
+         f"({summary['resnet50_batch1_count']} of 23 workloads; min {format_ratio(summary['resnet50_batch1_min_ratio'])}"
+         f"; template defaults: {format_ratio(summary['resnet50_batch1_untuned_geomean_ratio'])})"),
+        f"workloads with a tuning record: {summary['tuned_count']}",
         f"min ratio: {format_ratio(summary['min_ratio'])} ({summary['min_ratio_workload']})",
         (f"depthwise geomean ratio: {format_ratio(summary['depthwise_geomean_ratio'])} "
          f"({summary['depthwise_count']} workloads)"),
@@ -542,11 +449,12 @@ TABLE_COLUMNS = [  # header, width, value
     ("call GF/s", 9, lambda r: f"{r['gflops']['tvm_call']:.1f}"),
     ("torch GF/s", 10, lambda r: f"{r['gflops']['torch']:.1f}"),
     ("ratio", 6, lambda r: f"{r['ratio']:.3f}"),
+    ("untuned ratio", 13, lambda r: f"{r['untuned_ratio']:.3f}"),
     ("kernel %peak", 12, lambda r: f"{r['pct_peak']['tvm_kernel']:.1f}"),
     ("torch %peak", 11, lambda r: f"{r['pct_peak']['torch']:.1f}"),
     ("others %cpu", 11, lambda r: "?" if r["other_load_pct"] is None else f"{r['other_load_pct']:.0f}"),
     ("check", 8, lambda r: "ok" if r["ok"] else "MISMATCH"),
-    ("tuning", 8, lambda r: r["tuning"]),
+    ("tuning", 40, lambda r: r["tuning"]),
     ("schedule", 12, lambda r: r["schedule"]),
     ("knobs", 0, lambda r: r["knobs"]),  # last: its width varies with the schedule
 ]

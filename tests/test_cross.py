@@ -3,26 +3,19 @@
 Tests marked `arm` run kernels on the board that `scripts/arm_board.sh start` serves; without one
 they skip, saying so. $TVMCONV_BOARD names another board (default 127.0.0.1:9095).
 """
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import tvm
+from farm import board_address, free_port, tracker_with_server
 from paths import PATHS
 from tvmconv.schedules import arm, cuda, find_rule
 
 import tvmconv
-from tvmconv import build, reference, targets
+from tvmconv import build, reference, runtime, targets
 from tvmconv.compute import ConvWorkload
-
-BOARD = os.environ.get("TVMCONV_BOARD", "127.0.0.1:9095")
 
 
 def _compiled_source(wl, target, kind="asm"):
@@ -60,7 +53,7 @@ def test_foreign_layer_without_remote_says_how_to_run_it():
 
 
 def test_unreachable_remote_names_the_argument():
-    layer = tvmconv.Conv2D(4, 3, remote=f"127.0.0.1:{_free_port()}")
+    layer = tvmconv.Conv2D(4, 3, remote=f"127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionError, match="`remote`.*arm_board.sh"):
         layer(np.ones((1, 5, 5, 2), np.float32))
 
@@ -73,14 +66,8 @@ def test_bad_remote_is_refused(remote):
 
 @pytest.fixture(scope="module")
 def board() -> str:
-    """The board's address, checked once: the layers then share one session with it (TVM's RPC server
-    serves one session at a time, so later probes would wait)."""
-    host, port = BOARD.rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError:
-        pytest.skip(f"no aarch64 board at {BOARD}: start one with scripts/arm_board.sh start")
-    return BOARD
+    """The board's address, checked once per module."""
+    return board_address()
 
 
 @pytest.mark.arm
@@ -117,43 +104,10 @@ def test_cuda_sources_build(preset, wl):
     assert f"sm_{(int.from_bytes(header[48:52], 'little') >> 8) & 0xFF}" == preset.split("-")[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for_port(port: int, process, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{process.args} exited with status {process.returncode}"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
 def test_remote_through_a_tracker_on_localhost(tmp_path):
     """A device farm in miniature: a tracker, a (host CPU) server registered under a key, and a layer
     that asks the tracker for a device by that key."""
-    tracker_port, server_port, key = _free_port(), _free_port(), "tvmconv-test-cpu"
-    # Own process groups: the server forks workers that outlive a plain terminate().
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
-                               start_new_session=True, cwd=tmp_path)
-    server = None
-    try:
-        _wait_for_port(tracker_port, tracker)
-        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
-                                   f"127.0.0.1:{tracker_port}", "--key", key, "--host", "127.0.0.1",
-                                   "--port", str(server_port), "--port-end", str(server_port + 1)], start_new_session=True, cwd=tmp_path)
-        remote = {"tracker": f"127.0.0.1:{tracker_port}", "key": key}
-        deadline = time.monotonic() + 60
-        while tvm.rpc.connect_tracker("127.0.0.1", tracker_port).text_summary().count(key) < 2:
-            assert time.monotonic() < deadline, "the server never registered with the tracker"
-            time.sleep(0.5)
+    with tracker_with_server(tmp_path, "tvmconv-test-cpu") as remote:
         layer = tvmconv.Conv2D(8, 3, padding="same", activation="relu", remote=remote)
         x = np.random.default_rng(0).standard_normal((1, 6, 6, 4)).astype(np.float32)
         layer.build(x.shape)
@@ -161,11 +115,7 @@ def test_remote_through_a_tracker_on_localhost(tmp_path):
         expected = np.maximum(reference.conv2d(x, kernel, bias, padding="same"), 0)
         np.testing.assert_allclose(layer(x), expected, rtol=1e-4, atol=1e-5)
         assert layer.get_config()["remote"] == remote
-    finally:
-        for proc in (server, tracker):
-            if proc is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        runtime.disconnect(remote)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

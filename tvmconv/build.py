@@ -17,7 +17,7 @@ import warnings
 
 import tvm
 
-from . import runtime, schedules, targets
+from . import records, runtime, schedules, targets
 from .compute import ConvWorkload, conv2d_forward
 
 
@@ -25,17 +25,18 @@ from .compute import ConvWorkload, conv2d_forward
 class CompiledKernel:
     workload: ConvWorkload
     target_key: str
-    schedule: str   # the schedules/ rule that produced it
-    knobs: object   # its knob values
+    schedule: str   # the schedules/ rule that produced it, or "tuning record"
+    knobs: object   # the rule's knob values (None when a tuning record scheduled it)
     origin: str     # "compiled", "disk cache" or "memory cache"
     library: str    # the shared library in the kernel cache
     kernel: runtime.Kernel | None  # loaded here, when this host can run the target's code
     cubin: str | None = None  # GPU targets: the device code nvcc built, beside the library
+    tuning: records.Tuned | None = None  # the tuning record it was built from (None: the template's defaults)
 
     @property
     def kernel_block(self) -> int:
         """Filters per block of the packed kernel this kernel reads (0: Keras's layout)."""
-        return self.knobs.kernel_block
+        return self.tuning.kernel_block if self.tuning else self.knobs.kernel_block
 
     def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
         """TVM's time evaluator for this kernel on this host's CPU: call it with `Conv2D.kernel_arguments(x)`."""
@@ -112,15 +113,33 @@ def scheduled(rule, wl: ConvWorkload, target: tvm.target.Target, knobs):
     return rule.schedule(conv2d_forward(wl, knobs.kernel_block), wl, target, knobs).mod["main"]
 
 
-def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None) -> CompiledKernel:
+def _tuned_function(wl: ConvWorkload, target: tvm.target.Target, log_roots):
+    """The best tuning record for `wl` and its schedule replayed on our compute, or (None, None)."""
+    tuned = records.best(wl, target, log_roots)
+    if tuned is None:
+        return None, None
+    try:
+        return tuned, records.apply(tuned, conv2d_forward(wl, tuned.kernel_block)).mod["main"]
+    except Exception as err:  # e.g. a batch-1 trace whose tile sizes do not fit this batch
+        warnings.warn(f"tvmconv: the tuning record in {tuned.folder} does not apply to this workload ({err}); "
+                      "using the template's defaults", RuntimeWarning)
+        return None, None
+
+
+def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None) -> CompiledKernel:
+    """The kernel for `wl` on `target`: with `knobs` if given, else from the best tuning record in
+    `log_roots` (default: records.search_roots()), else with the rule's default knobs."""
     key = targets.target_key(target)
     with _lock:
         rule = schedules.find_rule(wl, target)
-        knobs = knobs or rule.default_knobs(wl, target)
-        cached = _memory.get((wl.key, key, knobs))
+        tuned, func = _tuned_function(wl, target, log_roots) if knobs is None else (None, None)
+        if tuned is None:
+            knobs = knobs or rule.default_knobs(wl, target)
+        memory_key = (wl.key, key, knobs if tuned is None else str(tuned.trace))
+        cached = _memory.get(memory_key)
         if cached is not None:
             return dataclasses.replace(cached, origin="memory cache")
-        func = scheduled(rule, wl, target, knobs)
+        func = func or scheduled(rule, wl, target, knobs)
         # The file name covers the exact scheduled program, so a change to compute or schedule
         # never picks up a stale library.
         fingerprint = hashlib.sha256((tvm.__version__ + str(target.export()) + func.script()).encode()).hexdigest()[:16]
@@ -139,10 +158,12 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None) -> Compi
                 device_code = _cubin(module, target)
                 _atomic_write(cubin, lambda path: pathlib.Path(path).write_bytes(device_code))
             meta = {"sha256": _sha256(library), "workload": dataclasses.asdict(wl), "target": str(target.export()),
-                    "schedule": rule.__name__, "knobs": repr(knobs), "tvm": tvm.__version__}
+                    "schedule": str(tuned) if tuned else rule.__name__, "knobs": repr(knobs), "tvm": tvm.__version__}
             _atomic_write(sidecar, lambda path: _write_json(path, meta))
         # Loaded from the library in both cases: what runs is what the cache holds.
         kernel = runtime.Kernel(runtime.load_module(library)) if targets.runnable_here(target) else None
-        compiled = CompiledKernel(wl, key, rule.__name__.rsplit(".", 1)[-1], knobs, origin, library, kernel, cubin)
-        _memory[(wl.key, key, knobs)] = compiled
+        schedule = "tuning record" if tuned else rule.__name__.rsplit(".", 1)[-1]
+        compiled = CompiledKernel(wl, key, schedule, knobs if tuned is None else None, origin, library, kernel,
+                                  cubin, tuned)
+        _memory[memory_key] = compiled
         return compiled

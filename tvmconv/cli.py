@@ -1,5 +1,6 @@
 """The `tvmconv` command line."""
 import argparse
+import os
 import sys
 import time
 
@@ -50,6 +51,115 @@ def demo(args) -> int:
     return 0
 
 
+def parse_workload(text: str, batch: int):
+    """`HxWxC:FILTERS:KHxKW[:name=value...]`, names being Conv2D arguments (strides, padding, dilation_rate,
+    groups, data_format, use_bias, activation) or batch; e.g. 56x56x64:64:3x3:padding=same."""
+    import tvmconv
+    from tvmconv import tuning
+    parts = text.split(":")
+    try:
+        spatial = [int(v) for v in parts[0].split("x")]
+        filters = int(parts[1])
+        kernel = tuple(int(v) for v in parts[2].split("x"))
+        options = dict(part.split("=", 1) for part in parts[3:])
+    except (IndexError, ValueError):
+        raise ValueError(f"not a workload, a named set or a model file: {text!r} (workloads look like "
+                         "56x56x64:64:3x3:padding=same)") from None
+    if len(spatial) != 3:
+        raise ValueError(f"the input of {text!r} must be HxWxC (or CxHxW with data_format=channels_first)")
+    batch = int(options.pop("batch", batch))
+    for name in ("strides", "dilation_rate"):
+        if name in options:
+            options[name] = tuple(int(v) for v in options[name].split("x"))
+    if "groups" in options:
+        options["groups"] = int(options["groups"])
+    if "use_bias" in options:
+        options["use_bias"] = options["use_bias"].lower() in ("1", "true", "yes")
+    layer = tvmconv.Conv2D(filters, kernel, **options)
+    return tuning.conv_workloads(layer, (batch, *spatial))
+
+
+def model_workloads(path: str, batch: int):
+    """The conv workloads of a saved Keras model (.keras, .h5): its Conv2D layers at their input shapes."""
+    try:
+        import keras
+    except ImportError:
+        raise ValueError(f"reading {path} needs Keras: pip install keras") from None
+    from tvmconv.compute import ConvWorkload
+    model = keras.models.load_model(path, compile=False)
+    found = []
+    for layer in model.layers:
+        if type(layer).__name__ != "Conv2D":
+            continue
+        shape = tuple(layer.input.shape)
+        channels_last = layer.data_format == "channels_last"
+        h, w, c = shape[1:] if channels_last else (*shape[2:], shape[1])
+        activation = getattr(layer.activation, "__name__", "linear")
+        wl = ConvWorkload(batch, h, w, c, layer.filters, tuple(layer.kernel_size), tuple(layer.strides),
+                          tuple(layer.dilation_rate), layer.padding, layer.groups, layer.data_format,
+                          layer.compute_dtype, layer.use_bias, activation)
+        if wl not in found:
+            found.append(wl)
+    if not found:
+        raise ValueError(f"{path} has no Conv2D layers to tune")
+    return found
+
+
+def tune(args) -> int:
+    """Tune convolutions for a target; records go to the log dir under the target's key."""
+    from tvmconv import networks, tuning
+    workloads = []
+    for item in args.workloads:
+        if item in networks.NETWORKS:
+            workloads += [networks.conv_workload(w, args.batch) for w in networks.NETWORKS[item]()]
+        elif item.endswith((".keras", ".h5")):
+            workloads += model_workloads(item, args.batch)
+        else:
+            workloads += parse_workload(item, args.batch)
+    workloads = list(dict.fromkeys(workloads))
+    rpc = None
+    if args.rpc_tracker or args.rpc_key:
+        if not (args.rpc_tracker and args.rpc_key):
+            raise ValueError("--rpc-tracker and --rpc-key go together")
+        rpc = {"tracker": args.rpc_tracker, "key": args.rpc_key}
+    elif args.rpc:
+        rpc = args.rpc
+    results = tuning.tune_workloads(workloads, args.trials, args.target, args.log_dir, args.space, rpc,
+                                    args.time_budget, min_trials=args.min_trials)
+    print(f"{'workload':44} {'trials':>6} {'errors':>6} {'default':>9} {'tuned':>9} {'tuner':>9}  GFLOP/s")
+    for r in results:
+        cells = [f"{v:9.1f}" if v else f"{'-':>9}" for v in (r.default_gflops, r.gflops, r.tuner_gflops)]
+        print(f"{r.workload.label:44} {r.trials:6d} {r.errors:6d} {' '.join(cells)}" + (f"  ({r.stopped})" if r.stopped else ""))
+    print(f"records: {results[0].folder}" if results else "nothing to tune")
+    return 0
+
+
+def logs(args) -> int:
+    """Inspect and maintain tuning logs."""
+    from tvmconv import records
+    root = args.log_dir or records.user_root()
+    if args.logs_command == "list":
+        for folder in records.target_folders(root):
+            print(f"{folder}")
+            print(f"  {'workload':48} {'trials':>6} {'records':>7} {'tuner GF/s':>10} {'re-timed':>9}  date")
+            for row in records.summarize(folder):
+                tuner = f"{row['tuner_gflops']:10.1f}" if row["tuner_gflops"] else f"{'-':>10}"
+                retimed = f"{row['retimed_gflops']:9.1f}" if row["retimed_gflops"] else f"{'-':>9}"
+                print(f"  {row['workload'].label:48} {row['trials']:6d} {row['records']:7d} {tuner} {retimed}  {row['date'] or '-'}")
+        return 0
+    if args.logs_command == "merge":
+        for source_root in args.sources:
+            for folder in records.target_folders(source_root):
+                destination = os.path.join(root, os.path.basename(folder))
+                added = records.merge([folder], destination)
+                print(f"{folder} -> {destination}: {added} new records")
+        return 0
+    for folder in records.target_folders(root):
+        before, after = records.prune(folder, args.keep)
+        print(f"{folder}: {before} records -> {after}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tvmconv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,10 +167,48 @@ def main(argv=None) -> int:
     demo_parser.add_argument("--size", type=int, default=56, help="input height and width (default 56)")
     demo_parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     demo_parser.set_defaults(run=demo)
+
+    tune_parser = commands.add_parser("tune", help=tune.__doc__, description=tune.__doc__)
+    tune_parser.add_argument("workloads", nargs="+", metavar="WORKLOAD",
+                             help="a named set (resnet50, mobilenet_v2, resnext50, vgg16), a Keras model file "
+                                  "(.keras/.h5) or a workload HxWxC:FILTERS:KHxKW[:name=value...]")
+    tune_parser.add_argument("--trials", type=int, default=64,
+                             help="records wanted per workload (several workloads: split by FLOP share)")
+    tune_parser.add_argument("--min-trials", type=int, default=64, help="floor of each workload's share")
+    tune_parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    tune_parser.add_argument("--target", default=None, help="a preset (x86-avx2, aarch64, ...); default: this host")
+    tune_parser.add_argument("--log-dir", default=None, help="default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs")
+    tune_parser.add_argument("--space", choices=("template", "auto", "both"), default="template")
+    tune_parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+    tune_parser.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on devices of this tracker")
+    tune_parser.add_argument("--rpc-key", default=None, help="the device key at the tracker")
+    tune_parser.add_argument("--rpc", default=None, metavar="HOST:PORT", help="measure on this RPC server (no tracker)")
+    tune_parser.set_defaults(run=tune)
+
+    logs_parser = commands.add_parser("logs", help=logs.__doc__)
+    logs_commands = logs_parser.add_subparsers(dest="logs_command", required=True)
+    for name, text in (("list", "per target and workload: trials, best GFLOP/s, date"),
+                       ("merge", "merge other log roots into this one"),
+                       ("prune", "keep only the fastest records per workload")):
+        sub = logs_commands.add_parser(name, help=text)
+        sub.add_argument("--log-dir", default=None, help="default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs")
+        if name == "merge":
+            sub.add_argument("sources", nargs="+", metavar="LOG_ROOT")
+        if name == "prune":
+            sub.add_argument("--keep", type=int, default=8, help="records kept per workload (default 8)")
+        sub.set_defaults(run=logs)
+
     args = parser.parse_args(argv)
-    if getattr(args, "size", 1) < 3 or getattr(args, "batch", 1) < 1:
+    if getattr(args, "size", 3) < 3 or getattr(args, "batch", 1) < 1:
         parser.error("--size must be at least 3 and --batch at least 1")
-    return args.run(args)
+    for name in ("trials", "min_trials", "keep"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        return args.run(args)
+    except (TypeError, ValueError) as err:  # invalid arguments and damaged logs: a message, not a traceback
+        print(f"tvmconv {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ activations (softmax, log_softmax, sparsemax, glu) add blocks after "epilogue".
 """
 import dataclasses
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -50,6 +51,14 @@ class ConvWorkload:
     dtype: str = "float32"
     use_bias: bool = True
     activation: str = "linear"
+
+    @property
+    def label(self) -> str:
+        """Short and readable, e.g. "(1, 56, 56, 64)->64 3x3 s2 g32 same"."""
+        kh, kw = self.kernel_size
+        extras = [f"s{self.strides[0]}" if self.strides != (1, 1) else "", f"d{self.dilation[0]}" if self.dilation != (1, 1)
+                  else "", f"g{self.groups}" if self.groups > 1 else "", self.padding]
+        return " ".join([f"{self.input_shape}->{self.filters} {kh}x{kw}", *filter(None, extras)])
 
     @property
     def channels_last(self) -> bool:
@@ -328,7 +337,10 @@ def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
         act = ELEMENTWISE_ACTIVATIONS[wl.activation]
         y = te.compute(out_shape, in_layout(lambda *i: act(biased(*i)).astype(wl.dtype)), name="epilogue")
     args = [x, w] + ([b] if b is not None else []) + [y]
-    return _input_read_unaligned(te.create_prim_func(args), wl)
+    # The workload and weight layout ride along as attributes: tuning logs name what they tuned.
+    func = te.create_prim_func(args).with_attr(
+        {"tvmconv.workload": json.dumps(dataclasses.asdict(wl)), "tvmconv.kernel_block": kernel_block})
+    return _input_read_unaligned(func, wl)
 
 
 def _input_read_unaligned(func, wl: ConvWorkload):

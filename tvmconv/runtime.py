@@ -158,6 +158,16 @@ def connect(remote):
         return _sessions[address]
 
 
+def disconnect(remote) -> None:
+    """Close this process's session with `remote` (as `connect` takes it), so that another process (a
+    tuner's measuring workers) can have the device; layers using it reconnect on their next call."""
+    address = remote if isinstance(remote, str) else f"{remote['tracker']}/{remote['key']}"
+    with _remote_lock:
+        session = _sessions.pop(address, None)
+        for key in [k for k in _remote_kernels if k[0] == id(session)]:
+            del _remote_kernels[key]
+
+
 def remote_kernel(session, library: str) -> "RemoteKernel":
     """The library loaded on the session's device, once: uploading a library again over one that is
     loaded crashes the server."""
@@ -172,17 +182,17 @@ class RemoteKernel:
     """A compiled library run on an RPC server's CPU (a board): uploaded once, weights uploaded once
     per change, the input and output copied per call."""
 
-    device = "rpc"
-
     def __init__(self, session, library: str, entry: str = "main"):
+        self.device = ("rpc", id(session))  # weights uploaded over one session are not seen by another
         session.upload(library)
-        self.function = session.load_module(os.path.basename(library))[entry]
-        self._device = session.cpu()
+        self.module, self.entry = session.load_module(os.path.basename(library)), entry
+        self.function = self.module[entry]
+        self.remote_device = session.cpu()
 
     def weights(self, arrays) -> list:
-        return [tvm.runtime.tensor(np.ascontiguousarray(a), device=self._device) for a in arrays]
+        return [tvm.runtime.tensor(np.ascontiguousarray(a), device=self.remote_device) for a in arrays]
 
     def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
-        result = tvm.runtime.empty(out.shape, str(out.dtype), self._device)
-        self.function(tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device), *weights, result)
+        result = tvm.runtime.empty(out.shape, str(out.dtype), self.remote_device)
+        self.function(tvm.runtime.tensor(np.ascontiguousarray(x), device=self.remote_device), *weights, result)
         out[...] = result.numpy()

@@ -66,7 +66,7 @@ def _address(value: str) -> bool:
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
-def remote(value):
+def remote(value, argument: str = "remote"):
     """None, "HOST:PORT" (an RPC server), {"tracker": "HOST:PORT", "key": KEY} or an RPC session."""
     if value is None or (isinstance(value, str) and _address(value)):
         return value
@@ -75,6 +75,6 @@ def remote(value):
         return dict(value)
     if isinstance(value, rpc.RPCSession):
         return value
-    raise ValueError("The `remote` argument must be None, 'HOST:PORT' of a TVM RPC server, "
+    raise ValueError(f"The `{argument}` argument must be None, 'HOST:PORT' of a TVM RPC server, "
                      "{'tracker': 'HOST:PORT', 'key': KEY} for a device from an RPC tracker, or a "
-                     f"tvm.rpc session. Received: remote={value!r}")
+                     f"tvm.rpc session. Received: {argument}={value!r}")

@@ -1,0 +1,193 @@
+"""Autotuning end to end on tiny workloads: records per target key, applied at the next build, resumed,
+never crossing targets; the RPC paths; the logs commands; damaged logs."""
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from farm import board_address, tracker_with_server
+
+import tvmconv
+from tvmconv import build, cli, records, reference, runtime, targets, tuning
+from tvmconv.compute import ConvWorkload
+
+HOST = targets.resolve(None)
+WL = ConvWorkload(1, 8, 8, 8, 16, (3, 3), padding="same")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """WL tuned with 4 trials (one round) into a fresh log root."""
+    root = str(tmp_path_factory.mktemp("logs"))
+    (result,) = tuning.tune_workloads([WL], trials=4, log_dir=root, progress=False)
+    return root, result
+
+
+def test_tuning_writes_records_under_the_target_key(tuned):
+    root, result = tuned
+    assert result.folder == os.path.join(root, targets.target_key(HOST))
+    assert set(os.listdir(result.folder)) == {records.WORKLOADS_FILE, records.RECORDS_FILE, records.SUMMARY_FILE}
+    assert result.measured == 4 and result.errors == 0 and result.trials == 4 and result.stopped is None
+    # Honest numbers: the best record re-timed here, and the defaults timed the same way.
+    assert result.gflops > 0 and result.default_gflops > 0 and result.tuner_gflops > 0
+
+
+def test_next_build_uses_the_record_and_stays_correct(tuned, monkeypatch, rng):
+    root, _ = tuned
+    monkeypatch.setenv("TVMCONV_TUNING_LOGS", root)
+    layer = tvmconv.Conv2D(16, 3, padding="same")
+    x = rng.standard_normal(WL.input_shape).astype(np.float32)
+    layer.build(x.shape)
+    compiled = layer.compiled_kernel(x.shape)
+    assert compiled.tuning is not None and compiled.tuning.trials == 4 and compiled.schedule == "tuning record"
+    assert compiled.tuning.folder == os.path.join(root, targets.target_key(HOST))
+    kernel, bias = layer.get_weights()
+    np.testing.assert_allclose(layer(x), reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
+
+
+def test_larger_batch_reuses_the_batch_1_record(tuned, rng):
+    root, _ = tuned
+    wl = dataclasses.replace(WL, batch=3)
+    compiled = build.get_kernel(wl, HOST, log_roots=[root])
+    assert compiled.tuning is not None and compiled.tuning.from_batch == 1
+    layer = tvmconv.Conv2D(16, 3, padding="same")
+    x = rng.standard_normal(wl.input_shape).astype(np.float32)
+    layer.build(x.shape)
+    kernel, bias = layer.get_weights()
+    y = runtime.aligned_empty(wl.output_shape, np.float32)
+    packed = tvmconv.compute.pack_kernel(kernel, compiled.kernel_block)
+    compiled.kernel(x, compiled.kernel.weights([packed, bias]), y)
+    np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
+
+
+def test_records_never_apply_to_another_target(tuned):
+    root, _ = tuned
+    assert records.best(WL, HOST, [root]) is not None
+    for other in ("x86-avx2", "x86-avx512", "aarch64"):
+        target = targets.resolve(other)
+        if targets.target_key(target) != targets.target_key(HOST):
+            assert records.best(WL, target, [root]) is None
+            assert build.get_kernel(WL, target, log_roots=[root]).tuning is None
+    # Another workload (one more filter) has no record either.
+    assert records.best(dataclasses.replace(WL, filters=17), HOST, [root]) is None
+
+
+def test_rerun_resumes_and_adds_only_missing_trials(tuned, tmp_path):
+    root, _ = tuned
+    copy = str(tmp_path / "logs")
+    shutil.copytree(root, copy)
+    (more,) = tuning.tune_workloads([WL], trials=8, log_dir=copy, progress=False)
+    assert more.measured == 4 and more.trials == 8
+    (again,) = tuning.tune_workloads([WL], trials=8, log_dir=copy, progress=False)
+    assert again.measured == 0 and again.trials == 8
+    # logs prune keeps the fastest records, and the trial count survives it.
+    folder = more.folder
+    assert records.prune(folder, keep=2) == (8, 2)
+    (row,) = records.summarize(folder)
+    assert row["records"] == 2 and row["trials"] == 8 and row["tuner_gflops"] > 0
+    assert build.get_kernel(WL, HOST, log_roots=[copy]).tuning is not None
+
+
+def test_time_budget_stops_after_a_round_and_keeps_its_records(tmp_path):
+    wl = dataclasses.replace(WL, filters=8)
+    (result,) = tuning.tune_workloads([wl], trials=64, log_dir=str(tmp_path), time_budget=0.01, progress=False)
+    assert result.stopped == "time budget"
+    assert 0 < result.trials < 64 and result.trials == result.measured
+    assert result.gflops > 0
+
+
+def test_auto_space_records_apply(tmp_path, rng):
+    wl = ConvWorkload(1, 6, 6, 4, 8, (3, 3), padding="valid", use_bias=False)
+    (result,) = tuning.tune_workloads([wl], trials=2, log_dir=str(tmp_path), space="auto", progress=False)
+    assert result.measured == 2 and result.gflops > 0
+    compiled = build.get_kernel(wl, HOST, log_roots=[str(tmp_path)])
+    assert compiled.tuning is not None
+    x = rng.standard_normal(wl.input_shape).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
+    y = runtime.aligned_empty(wl.output_shape, np.float32)
+    packed = tvmconv.compute.pack_kernel(kernel, compiled.kernel_block)
+    compiled.kernel(x, compiled.kernel.weights([packed]), y)
+    np.testing.assert_allclose(y, reference.conv2d(x, kernel, None), rtol=1e-4, atol=1e-4)
+
+
+def test_model_workloads_and_budget_split_by_flops():
+    model = tvmconv.Sequential()
+    tvmconv.layer_conv_2d(model, 8, 3, padding="same", input_shape=(16, 16, 3))
+    for _ in range(3):
+        tvmconv.layer_conv_2d(model, 64, 3, padding="same")
+    workloads = tuning.conv_workloads(model, None)  # the last two layers share one workload: tuned once
+    assert [(wl.in_channels, wl.filters) for wl in workloads] == [(3, 8), (8, 64), (64, 64)]
+    budgets = tuning.trial_budgets(workloads, 1000)
+    assert min(budgets) == tuning.MIN_TRIALS_PER_WORKLOAD and budgets[2] > budgets[1] > budgets[0]
+    assert tuning.trial_budgets(workloads[:1], 5) == [5]
+
+
+def test_corrupt_log_names_the_file(tuned, tmp_path):
+    root, _ = tuned
+    copy = tmp_path / "logs"
+    shutil.copytree(root, copy)
+    log = copy / targets.target_key(HOST) / records.RECORDS_FILE
+    with open(log, "a") as f:
+        f.write('[0, ["truncated"\n')
+    records._indexes.clear()
+    with pytest.raises(ValueError, match=f"corrupt tuning log {log}, line 5"):
+        build.get_kernel(WL, HOST, log_roots=[str(copy)])
+    summary = copy / targets.target_key(HOST) / records.SUMMARY_FILE
+    summary.write_text("{not json")
+    with pytest.raises(ValueError, match=f"corrupt tuning log {summary}"):
+        records.read_summary(str(summary.parent))
+
+
+def test_tuning_through_a_tracker_on_localhost(tmp_path):
+    with tracker_with_server(tmp_path, "tvmconv-tune-cpu") as rpc:
+        (result,) = tuning.tune_workloads([WL], trials=2, log_dir=str(tmp_path / "logs"), rpc=rpc, progress=False)
+    assert result.measured == 2 and result.errors == 0 and result.gflops > 0
+    assert records.best(WL, HOST, [str(tmp_path / "logs")]) is not None
+
+
+@pytest.mark.arm
+def test_tuning_on_the_board_makes_aarch64_records(tmp_path):
+    board = board_address()
+    target = targets.resolve("aarch64")
+    wl = ConvWorkload(1, 6, 6, 4, 8, (3, 3), padding="same")
+    (result,) = tuning.tune_workloads([wl], trials=2, target="aarch64", log_dir=str(tmp_path), rpc=board,
+                                      progress=False)
+    assert result.measured == 2 and result.errors == 0 and result.gflops > 0
+    assert os.path.basename(result.folder) == targets.target_key(target)
+    compiled = build.get_kernel(wl, target, log_roots=[str(tmp_path)])
+    assert compiled.tuning is not None and compiled.kernel is None  # aarch64 code: built here, not run here
+    with open(compiled.library, "rb") as f:
+        assert f.read(20)[18] == 183  # ELF e_machine EM_AARCH64
+
+
+def test_cli_tune_list_merge_prune(tmp_path, capsys):
+    root, other = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main(["tune", "6x6x4:8:3x3:padding=same", "--trials", "2", "--log-dir", root]) == 0
+    assert cli.main(["tune", "6x6x4:8:1x1", "--trials", "2", "--log-dir", other]) == 0
+    capsys.readouterr()
+    assert cli.main(["logs", "merge", other, "--log-dir", root]) == 0
+    assert "2 new records" in capsys.readouterr().out
+    assert cli.main(["logs", "list", "--log-dir", root]) == 0
+    listing = capsys.readouterr().out
+    assert "(1, 6, 6, 4)->8 3x3 same" in listing and "(1, 6, 6, 4)->8 1x1 valid" in listing
+    assert cli.main(["logs", "prune", "--keep", "1", "--log-dir", root]) == 0
+    assert "4 records -> 2" in capsys.readouterr().out
+    assert cli.main(["tune", "6x6:8:3x3", "--log-dir", root]) == 2
+    assert "HxWxC" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="`space`"):
+        tuning.tune_workloads([WL], space="fast")
+    with pytest.raises(ValueError, match="`trials`"):
+        tuning.tune_workloads([WL], trials=0)
+    with pytest.raises(ValueError, match="`time_budget`"):
+        tuning.tune_workloads([WL], time_budget=-1)
+    with pytest.raises(ValueError, match="`rpc`"):
+        tuning.tune_workloads([WL], rpc="no-port")
+    with pytest.raises(TypeError, match="Conv2D"):
+        tuning.tune(object(), (1, 8, 8, 8))
+    with pytest.raises(ValueError, match="input_shape"):
+        tuning.tune(tvmconv.Conv2D(4, 3), (8, 8))

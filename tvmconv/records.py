@@ -1,0 +1,292 @@
+"""Tuning records: MetaSchedule JSON databases, one folder per target key, and the best record per workload.
+
+A log root holds `<target key>/database_workload.json` and `database_tuning_record.json`, the
+two files of `ms.database.JSONDatabase`, plus `summary.json`: per workload, when it was tuned
+and the re-timed speed of its best record (MetaSchedule keeps neither). MetaSchedule matches
+records by the workload's structural hash only, not by target (apache/tvm#15549), so the
+folder per target key is what keeps records from crossing targets.
+
+Searched at build time, in order: the user's root ($TVMCONV_TUNING_LOGS, default
+~/.cache/tvmconv/tuning_logs), then the records shipped in the package's tuning_logs/. The
+record with the lowest measured time wins. A workload without records of its own uses the
+record of the same workload at batch 1 (its trace replayed on the larger batch).
+"""
+import dataclasses
+import datetime
+import json
+import os
+import threading
+
+import tvm
+import tvm_ffi
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+from . import targets, tuning_logs  # tuning_logs: the shipped records (package data)
+from .compute import ConvWorkload, conv2d_forward
+
+WORKLOADS_FILE = "database_workload.json"
+RECORDS_FILE = "database_tuning_record.json"
+SUMMARY_FILE = "summary.json"
+
+
+def user_root() -> str:
+    return os.environ.get("TVMCONV_TUNING_LOGS") or os.path.join(os.path.expanduser("~"), ".cache", "tvmconv",
+                                                                   "tuning_logs")
+
+
+def shipped_root() -> str:
+    return os.path.dirname(tuning_logs.__file__)
+
+
+def search_roots() -> list[str]:
+    return [user_root(), shipped_root()]
+
+
+def folder(root: str, target: tvm.target.Target) -> str:
+    return os.path.join(root, targets.target_key(target))
+
+
+def _check_lines(path: str) -> None:
+    """MetaSchedule aborts on a malformed line without naming the file: check every line first."""
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"corrupt tuning log {path}, line {number}: {err.msg}") from None
+            if not isinstance(entry, list):
+                raise ValueError(f"corrupt tuning log {path}, line {number}: expected a JSON list, got "
+                                 f"{type(entry).__name__}")
+
+
+def open_database(path: str, create: bool = False) -> ms.database.JSONDatabase:
+    """The JSON database in folder `path`; a damaged file raises ValueError naming it."""
+    if create:
+        os.makedirs(path, exist_ok=True)
+    files = [os.path.join(path, name) for name in (WORKLOADS_FILE, RECORDS_FILE)]
+    for file in files:
+        if os.path.exists(file):
+            _check_lines(file)
+    try:
+        return ms.database.JSONDatabase(*files, allow_missing=True)
+    except Exception as err:  # valid JSON that MetaSchedule cannot read back (wrong fields, foreign IR)
+        raise ValueError(f"corrupt tuning log in {path} ({files[0]} / {files[1]}): {err}") from None
+
+
+def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload, int] | None:
+    """The conv workload and packed kernel block a record tuned (None: not a tvmconv workload)."""
+    attrs = record.workload.mod["main"].attrs
+    if attrs is None or "tvmconv.workload" not in attrs:
+        return None
+    fields = json.loads(str(attrs["tvmconv.workload"]))
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return ConvWorkload(**fields), int(attrs["tvmconv.kernel_block"])
+
+
+def seconds(record: ms.database.TuningRecord) -> float | None:
+    """The record's mean measured time; None for a failed build or run."""
+    if record.run_secs is None or len(record.run_secs) == 0:
+        return None
+    values = [float(s) for s in record.run_secs]
+    mean = sum(values) / len(values)
+    return None if mean >= 1e9 else mean  # MetaSchedule stores 1e10 for failed runs
+
+
+def read_summary(path: str) -> dict:
+    file = os.path.join(path, SUMMARY_FILE)
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt tuning log {file}: {err.msg}") from None
+
+
+def write_summary(path: str, summary: dict) -> None:
+    tmp = os.path.join(path, f".{SUMMARY_FILE}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(path, SUMMARY_FILE))
+
+
+def note_tuned(path: str, wl: ConvWorkload, trials: int, gflops: float | None) -> None:
+    """Record when `wl` was last tuned here, its trial count and the re-timed speed of its best record."""
+    summary = read_summary(path)
+    summary[wl.key] = {"workload": dataclasses.asdict(wl), "trials": trials, "retimed_gflops": gflops,
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_summary(path, summary)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuned:
+    """The record a kernel was built from."""
+    folder: str          # the log folder (root/target key) it came from
+    kernel_block: int    # the packed weight layout of the tuned PrimFunc
+    trace: object        # the schedule, as a MetaSchedule trace
+    seconds: float       # its time as the tuner measured it
+    trials: int          # records for this workload in that folder
+    from_batch: int | None  # set when the record was tuned at another batch size (1) and is replayed here
+
+    def __str__(self) -> str:
+        reused = f", batch-{self.from_batch} record" if self.from_batch else ""
+        return f"tuned ({self.trials} trials{reused}, {os.path.basename(self.folder)})"
+
+
+class _Index:
+    """Per log folder: its database and, per workload key, the kernel blocks and trial count on record.
+    Re-read when a file changes (a tuning run in another process appends to it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stamp = self._stamp()
+        self.database = open_database(path)
+        self.entries: dict[str, dict] = {}
+        for record in self.database.get_all_tuning_records():
+            found = workload_of(record)
+            if found is None:
+                continue
+            wl, block = found
+            entry = self.entries.setdefault(wl.key, {"blocks": set(), "trials": 0})
+            entry["blocks"].add(block)
+            entry["trials"] += 1
+
+    def _stamp(self):
+        files = [os.path.join(self.path, name) for name in (WORKLOADS_FILE, RECORDS_FILE)]
+        return tuple((os.path.getmtime(f), os.path.getsize(f)) if os.path.exists(f) else None for f in files)
+
+    def stale(self) -> bool:
+        return self._stamp() != self.stamp
+
+
+_indexes: dict[str, _Index] = {}
+_lock = threading.Lock()
+
+
+def index(path: str) -> _Index | None:
+    if not os.path.exists(os.path.join(path, RECORDS_FILE)):
+        return None
+    with _lock:
+        found = _indexes.get(path)
+        if found is None or found.stale():
+            found = _indexes[path] = _Index(path)
+        return found
+
+
+def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = None) -> Tuned | None:
+    """The fastest valid record for `wl` on `target` in the log roots (default: `search_roots()`);
+    failing that, the fastest for the same workload at batch 1."""
+    for candidate in ([wl, dataclasses.replace(wl, batch=1)] if wl.batch > 1 else [wl]):
+        found = []
+        for root in roots or search_roots():
+            path = folder(root, target)
+            idx = index(path)
+            entry = idx and idx.entries.get(candidate.key)
+            if not entry:
+                continue
+            for block in entry["blocks"]:
+                mod = tvm.IRModule({"main": conv2d_forward(candidate, block)})
+                # Structural match: a record of an older compute (or of another workload) never applies.
+                record = idx.database.query_tuning_record(mod, target, "main")
+                time = record and seconds(record)
+                if time is not None:
+                    found.append(Tuned(path, block, record.trace, time, entry["trials"],
+                                       candidate.batch if candidate is not wl else None))
+        if found:
+            return min(found, key=lambda t: t.seconds)
+    return None
+
+
+def apply(tuned: Tuned, func) -> s_tir.Schedule:
+    """The tuned schedule replayed on `func` (the same workload, or the same one at a larger batch)."""
+    sch = s_tir.Schedule(func)
+    tuned.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
+# ---------------------------------------------------------------- logs list / merge / prune
+
+
+def target_folders(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, name) for name in os.listdir(root)
+                  if os.path.exists(os.path.join(root, name, RECORDS_FILE)))
+
+
+def summarize(path: str) -> list[dict]:
+    """Per tuned workload in a log folder: the workload, records, trials, best GFLOP/s and date."""
+    rows: dict[str, dict] = {}
+    for record in open_database(path).get_all_tuning_records():
+        found = workload_of(record)
+        if found is None:
+            continue
+        wl = found[0]
+        row = rows.setdefault(wl.key, {"workload": wl, "records": 0, "best_seconds": None})
+        row["records"] += 1
+        time = seconds(record)
+        if time is not None and (row["best_seconds"] is None or time < row["best_seconds"]):
+            row["best_seconds"] = time
+    summary = read_summary(path)
+    for key, row in rows.items():
+        noted = summary.get(key, {})
+        row["trials"] = max(noted.get("trials", 0), row["records"])
+        row["tuner_gflops"] = row["workload"].flops / row["best_seconds"] / 1e9 if row["best_seconds"] else None
+        row["retimed_gflops"] = noted.get("retimed_gflops")
+        row["date"] = noted.get("date")
+    return list(rows.values())
+
+
+def _record_identity(record) -> tuple:
+    return (tvm_ffi.structural_hash(record.workload.mod), json.dumps(record.as_json(), sort_keys=True, default=str))
+
+
+def merge(sources: list[str], destination: str) -> int:
+    """Commit every record of the source folders into the destination folder; returns how many were new."""
+    target_db = open_database(destination, create=True)
+    seen = {_record_identity(r) for r in target_db.get_all_tuning_records()}
+    added = 0
+    for source in sources:
+        for record in open_database(source).get_all_tuning_records():
+            identity = _record_identity(record)
+            if identity in seen:
+                continue
+            seen.add(identity)
+            workload = target_db.commit_workload(record.workload.mod)
+            target_db.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, workload, record.run_secs, record.target, record.args_info))
+            added += 1
+    summary = read_summary(destination)
+    for source in sources:
+        for key, noted in read_summary(source).items():
+            if key not in summary or (noted.get("date") or "") > (summary[key].get("date") or ""):
+                summary[key] = noted
+    write_summary(destination, summary)
+    return added
+
+
+def prune(path: str, keep: int) -> tuple[int, int]:
+    """Keep the `keep` fastest valid records per workload, dropping failed ones; returns (before, after)."""
+    records_by_workload: dict[int, list] = {}
+    everything = open_database(path).get_all_tuning_records()
+    for record in everything:
+        if seconds(record) is not None:
+            records_by_workload.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
+    kept = [r for group in records_by_workload.values() for r in sorted(group, key=seconds)[:keep]]
+    staging = os.path.join(path, ".prune")
+    os.makedirs(staging, exist_ok=True)
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        if os.path.exists(os.path.join(staging, name)):
+            os.remove(os.path.join(staging, name))
+    fresh = open_database(staging)
+    for record in kept:
+        workload = fresh.commit_workload(record.workload.mod)
+        fresh.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target,
+                                                            record.args_info))
+    for name in (WORKLOADS_FILE, RECORDS_FILE):
+        os.replace(os.path.join(staging, name), os.path.join(path, name))
+    os.rmdir(staging)
+    return len(everything), len(kept)

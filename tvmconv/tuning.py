@@ -1,0 +1,362 @@
+"""Autotuning: MetaSchedule's evolutionary search, guided by its XGBoost cost model, per target.
+
+Design spaces ("space"):
+  template — our schedules/ template: one MetaSchedule task per packed weight layout, each with
+             one design space per structural variant (loop order, padding, window unrolling),
+             the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`);
+  auto     — MetaSchedule's own generated space ("post-order-apply") over our compute;
+  both     — the two together: the best record wins at build time, whichever space made it.
+Records go to `<log_dir>/<target key>/` (see records.py); tuning again resumes there, and
+`trials` is the number of records a workload should have, so an interrupted run continues
+where it stopped. The best record is rebuilt and re-timed with TVM's time evaluator after
+tuning: that, not the tuner's figure, is the reported speed.
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+
+import numpy as np
+import tvm
+from tqdm.auto import tqdm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from . import build, records, runtime, schedules, targets, validation
+from .compute import ConvWorkload, conv2d_forward, packed_kernel_shape
+
+SPACES = ("template", "auto", "both")
+MIN_TRIALS_PER_WORKLOAD = 64  # a model's budget is split by FLOP share, but never below this per workload
+TRIALS_PER_ROUND = 16         # candidates built and measured per search round
+BUILD_TIMEOUT_S = 300         # MetaSchedule's 30 s default kills builds on a slow 2-core CPU
+RUN_TIMEOUT_S = 120
+
+
+@dataclasses.dataclass
+class TuneResult:
+    workload: ConvWorkload
+    folder: str                 # the log folder: <log_dir>/<target key>
+    trials: int                 # records for this workload there, after this run
+    measured: int               # candidates measured in this run
+    errors: int                 # of those, how many failed to build or run
+    tuner_gflops: float | None  # the best record, as the tuner measured it
+    gflops: float | None        # the best record rebuilt and re-timed (None: no valid record)
+    default_gflops: float | None  # the template's defaults, timed the same way
+    stopped: str | None = None  # "time budget" or "interrupted" when the run ended early
+
+
+# ---------------------------------------------------------------- what to tune
+
+
+def conv_workloads(layer_or_model, input_shape=None) -> list[ConvWorkload]:
+    """The distinct conv workloads of a Conv2D layer, a Sequential or a functional Model, in call order,
+    for this input shape (batch included; 3D means batch 1; None: the model's declared input)."""
+    from .layer import Conv2D  # the API sits above tuning: imported here only to walk a model's layers
+    # (layer, the id of the tensor it reads, the id of the tensor it writes)
+    if isinstance(layer_or_model, Conv2D):
+        calls = [(layer_or_model, 0, 1)]
+    elif hasattr(layer_or_model, "_nodes"):  # a functional Model: each call reads its parent node's output
+        calls = [(node.producer, id(node.parent), id(node)) for node in layer_or_model._nodes]
+        calls = [(layer, 0 if parent == id(layer_or_model.input) else parent, node) for layer, parent, node in calls]
+    elif hasattr(layer_or_model, "layers") and hasattr(layer_or_model, "batch_input_shape"):  # Sequential
+        calls = [(layer, i, i + 1) for i, layer in enumerate(layer_or_model.layers)]
+    else:
+        raise TypeError("tune() takes a tvmconv Conv2D layer, Sequential or Model, got "
+                        f"{type(layer_or_model).__name__}")
+    if input_shape is None:
+        declared = getattr(layer_or_model, "batch_input_shape", None) or getattr(
+            getattr(layer_or_model, "input", None), "shape", None)
+        if declared is None or any(d is None for d in declared[1:]):
+            raise ValueError("tune() needs `input_shape`, e.g. (1, 224, 224, 3): the model does not declare one")
+        input_shape = (declared[0] or 1, *declared[1:])
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"`input_shape` must be 4D (batch, then the data format's three axes) or 3D without the "
+                         f"batch, got {input_shape!r}")
+    shapes, found = {0: shape}, []
+    for layer, source, result in calls:
+        if not layer.built:
+            layer.build(shapes[source])
+        wl = layer.workload(shapes[source])
+        if wl not in found:
+            found.append(wl)
+        shapes[result] = wl.output_shape
+    return found
+
+
+def trial_budgets(workloads: list[ConvWorkload], trials: int, min_trials: int = MIN_TRIALS_PER_WORKLOAD) -> list[int]:
+    """`trials` split by FLOP share, at least `min_trials` each (a lone workload gets all of them)."""
+    if len(workloads) == 1:
+        return [trials]
+    total = sum(wl.flops for wl in workloads)
+    return [max(min_trials, round(trials * wl.flops / total)) for wl in workloads]
+
+
+# ---------------------------------------------------------------- design spaces
+
+
+def _template_space(rule, wl: ConvWorkload, target, variants):
+    def design_spaces(sch):
+        spaces = []
+        for knobs in variants:
+            space = sch.copy()
+            rule.apply(space, wl, rule.sample_tiles(space, wl, target, knobs))
+            spaces.append(space)
+        return spaces
+    return ms.space_generator.ScheduleFn(design_spaces)
+
+
+def tasks(wl: ConvWorkload, target, space: str) -> list[ms.TuneContext]:
+    """The MetaSchedule tasks that tune `wl` in this design space."""
+    rule = schedules.find_rule(wl, target)
+    by_block: dict[int, list] = {}
+    if space in ("template", "both"):
+        if not hasattr(rule, "tunable_knobs"):
+            raise NotImplementedError(f"the {rule.__name__} schedule has no tunable template yet: use space='auto'")
+        for knobs in rule.tunable_knobs(wl, target):
+            by_block.setdefault(knobs.kernel_block, []).append(knobs)
+    contexts = [ms.TuneContext(tvm.IRModule({"main": conv2d_forward(wl, block)}), target=target,
+                               space_generator=_template_space(rule, wl, target, variants),
+                               search_strategy=ms.search_strategy.EvolutionarySearch(),
+                               task_name=f"{wl.key}-b{block}-template")
+                for block, variants in by_block.items()]
+    if space in ("auto", "both"):
+        block = rule.default_knobs(wl, target).kernel_block
+        contexts.append(ms.TuneContext(tvm.IRModule({"main": conv2d_forward(wl, block)}), target=target,
+                                       space_generator="post-order-apply",
+                                       search_strategy=ms.search_strategy.EvolutionarySearch(),
+                                       task_name=f"{wl.key}-b{block}-auto"))
+    return contexts
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _build(mod, target, _params):
+    """LocalBuilder's build step: MetaSchedule's default without its `import tvm.s_tir.tensor_intrin`,
+    which takes 24 s in every fresh builder process (and the builder starts fresh ones every round);
+    float convolutions use no tensor intrinsics."""
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target).mod
+
+
+def _export_for(target_dict: dict):
+    """LocalBuilder's export step: a shared library linked by the target's (cross) compiler, which an
+    RPC server without a compiler can load (MetaSchedule's default writes a .tar)."""
+    def export(module) -> str:
+        path = os.path.join(tempfile.mkdtemp(prefix="tvmconv-tune-"), "kernel.so")
+        module.export_library(path, fcompile=targets.cross_compiler(tvm.target.Target(target_dict)))
+        return path
+    return export
+
+
+def _evaluator() -> ms.runner.EvaluatorConfig:
+    return ms.runner.EvaluatorConfig(number=1, repeat=3, min_repeat_ms=40, enable_cpu_cache_flush=False)
+
+
+def _runner(rpc, target):
+    """LocalRunner on this host, else an RPCRunner to the board(s) `rpc` names (as Conv2D's `remote`)."""
+    if rpc is None:
+        targets.check_runnable_here(target)
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=_evaluator())
+    if isinstance(rpc, dict):
+        host, port = rpc["tracker"].rsplit(":", 1)
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc["key"],
+                                     session_timeout_sec=RUN_TIMEOUT_S)
+        return ms.runner.RPCRunner(config, _evaluator(), max_workers=1)
+    host, port = rpc.rsplit(":", 1)
+
+    def connect(_config):  # a board served directly, without a tracker
+        return tvm.rpc.connect(host, int(port), session_timeout=RUN_TIMEOUT_S)
+    # RPCConfig insists on tracker fields; `connect` replaces the tracker, so they only name the server.
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key="direct",
+                                 session_timeout_sec=RUN_TIMEOUT_S)
+    return ms.runner.RPCRunner(config, _evaluator(), f_create_session=connect, max_workers=1)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    def __init__(self, bar, flops: float, should_stop):
+        self.bar, self.flops, self.should_stop = bar, flops, should_stop
+        self.measured = self.errors = 0
+        self.best_s = math.inf
+        self.stop_reason = None
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        for built, ran in zip(builder_results, runner_results, strict=True):
+            self.measured += 1
+            times = [float(s) for s in (ran.run_secs or [])]
+            if built.error_msg or ran.error_msg or not times:
+                self.errors += 1
+            else:
+                self.best_s = min(self.best_s, sum(times) / len(times))
+        self.bar.update(len(runner_results))
+        self.bar.set_postfix(best=f"{self.flops / self.best_s / 1e9:.1f} GFLOP/s" if self.best_s < math.inf else "-",
+                             errors=self.errors, refresh=False)
+        # Raising is the only way to end MetaSchedule's loop early; the round's records are saved already.
+        self.stop_reason = self.should_stop()
+        if self.stop_reason:
+            raise RuntimeError(self.stop_reason)
+
+
+@contextlib.contextmanager
+def _measurement_threads(threads: int):
+    """MetaSchedule's runner processes read TVM_NUM_THREADS (TVM's default is half the cores on x86)."""
+    saved = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = saved
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """The first Ctrl-C ends the run after the current round (its records kept); a second one aborts."""
+    state = {"interrupted": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if state["interrupted"]:
+            previous(signum, frame) if callable(previous) else signal.default_int_handler(signum, frame)
+        state["interrupted"] = True
+        tqdm.write("tvmconv tune: stopping after this round (Ctrl-C again to abort)")
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _random_arguments(wl: ConvWorkload, kernel_block: int, device) -> list:
+    rng = np.random.default_rng(0)
+    shapes = [wl.input_shape, packed_kernel_shape(wl, kernel_block)] + ([(wl.filters,)] if wl.use_bias else [])
+    arrays = [rng.standard_normal(shape).astype(wl.dtype) for shape in shapes]
+    arrays.append(np.zeros(wl.output_shape, wl.dtype))
+    return [tvm.runtime.tensor(a, device) for a in arrays]
+
+
+def _gflops(compiled: build.CompiledKernel, rpc) -> float:
+    """The kernel re-timed by TVM's time evaluator, here or on the RPC device."""
+    if rpc is None:
+        kernel, device = compiled.kernel, tvm.cpu()
+    else:
+        kernel = runtime.remote_kernel(runtime.connect(rpc), compiled.library)
+        device = kernel.remote_device
+    try:
+        evaluator = kernel.module.time_evaluator(kernel.entry, device, number=1, repeat=15, min_repeat_ms=40)
+        arguments = _random_arguments(compiled.workload, compiled.kernel_block, device)
+        seconds = float(np.median(evaluator(*arguments).results))
+    finally:
+        if rpc is not None:  # the device serves one session at a time: free it for the next round of tuning
+            runtime.disconnect(rpc)
+    return compiled.workload.flops / seconds / 1e9
+
+
+# ---------------------------------------------------------------- tuning
+
+
+def _trials_on_record(folder: str, wl: ConvWorkload) -> int:
+    """Trials run for `wl` in this folder: its records, or more when `logs prune` dropped some."""
+    idx = records.index(folder)
+    entry = idx and idx.entries.get(wl.key)
+    noted = records.read_summary(folder).get(wl.key, {}).get("trials", 0)
+    return max(entry["trials"] if entry else 0, noted)
+
+
+def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None, log_dir: str | None = None,
+                   space: str = "template", rpc=None, time_budget: float | None = None,
+                   threads: int | None = None, progress: bool = True,
+                   min_trials: int = MIN_TRIALS_PER_WORKLOAD) -> list[TuneResult]:
+    """Tune each workload until its log holds its share of `trials` records (see `tune`)."""
+    if space not in SPACES:
+        raise ValueError(f"Invalid `space` {space!r}: expected one of {', '.join(SPACES)}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"`trials` must be a positive integer, got {trials!r}")
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+                                    or time_budget <= 0):
+        raise ValueError(f"`time_budget` must be a positive number of seconds, got {time_budget!r}")
+    target = targets.resolve(target)
+    rpc = validation.remote(rpc, argument="rpc")
+    if rpc is not None and not isinstance(rpc, (str, dict)):
+        raise TypeError("`rpc` must be 'HOST:PORT' or {'tracker': 'HOST:PORT', 'key': KEY}: MetaSchedule's runner "
+                        "opens its own sessions")
+    if rpc is not None:  # a layer's session in this process would keep the runner's workers waiting
+        runtime.disconnect(rpc)
+    folder = records.folder(log_dir or records.user_root(), target)
+    database = records.open_database(folder, create=True)
+    threads = threads or runtime.default_threads()
+    deadline = time.monotonic() + time_budget if time_budget else None
+    results = []
+    with _measurement_threads(threads), _interruptible() as state:
+        for wl, budget in zip(workloads, trial_budgets(workloads, trials, min_trials), strict=True):
+            stopped = "interrupted" if state["interrupted"] else None
+            if deadline and time.monotonic() >= deadline:
+                stopped = "time budget"
+            remaining = budget - _trials_on_record(folder, wl)
+            callback = None
+            if remaining > 0 and not stopped:
+                def should_stop():
+                    if state["interrupted"]:
+                        return "interrupted"
+                    return "time budget" if deadline and time.monotonic() >= deadline else None
+                with tqdm(total=remaining, desc=wl.label, unit="trial", disable=not progress, dynamic_ncols=True) as bar:
+                    callback = _Progress(bar, wl.flops, should_stop)
+                    contexts = tasks(wl, target, space)
+                    try:
+                        ms.tune_tasks(
+                            tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=folder,
+                            max_trials_global=remaining, max_trials_per_task=remaining,
+                            num_trials_per_iter=min(TRIALS_PER_ROUND, remaining),
+                            builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=_build,
+                                                            f_export=_export_for(target.export())),
+                            runner=_runner(rpc, target), database=database,
+                            cost_model=ms.cost_model.XGBModel(num_warmup_samples=min(32, remaining)),
+                            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+                            task_scheduler="gradient")
+                    except RuntimeError:  # TVM's FFI hands the callback's exception back as a RuntimeError
+                        if not callback.stop_reason:
+                            raise
+                        stopped = callback.stop_reason
+            results.append(_result(wl, target, folder, rpc, callback, stopped))
+            if callback is not None:
+                records.note_tuned(folder, wl, results[-1].trials, results[-1].gflops)
+    return results
+
+
+def _result(wl, target, folder, rpc, callback, stopped) -> TuneResult:
+    compiled = build.get_kernel(wl, target, log_roots=[os.path.dirname(folder)])
+    tuned = compiled.tuning
+    default = build.get_kernel(wl, target, knobs=schedules.find_rule(wl, target).default_knobs(wl, target))
+    return TuneResult(wl, folder, _trials_on_record(folder, wl), callback.measured if callback else 0,
+                      callback.errors if callback else 0,
+                      wl.flops / tuned.seconds / 1e9 if tuned else None,
+                      _gflops(compiled, rpc) if tuned else None, _gflops(default, rpc), stopped)
+
+
+def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: str | None = None,
+         space: str = "template", rpc=None, time_budget: float | None = None) -> list[TuneResult]:
+    """Tune the convolutions of a Conv2D layer or a model for `target` (default: this host's CPU).
+
+    `input_shape` is the first layer's input (batch included, or 3D for batch 1). A model's
+    distinct workloads share `trials` by FLOP share, at least 64 each; a workload whose log
+    already has its share is not tuned again (re-running resumes). Records are written to
+    `log_dir` (default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs) under the
+    target's key. `rpc` measures on remote devices: {"tracker": "HOST:PORT", "key": KEY} or
+    "HOST:PORT" of an RPC server; kernels are built (cross-compiled) here. `time_budget`
+    (seconds) ends the run at the first round boundary past it; so does Ctrl-C.
+    """
+    return tune_workloads(conv_workloads(layer_or_model, input_shape), trials, target, log_dir, space, rpc,
+                          time_budget)
