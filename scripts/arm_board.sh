@@ -22,6 +22,10 @@ Commands:
   stop    Kill the board's process group and any process it left behind.
   status  Say whether the board runs, with its port, pid and log; exit 0 if it runs, 3 if not.
   setup   Only set the board up (what start does on first use).
+  python DIR [ARGS...]
+          Run the board's Python (TVM's aarch64 wheels and numpy; no tvmconv, no compiler) with
+          the host folder DIR mounted at /mnt/host as its working directory, e.g. to load an
+          exported bundle with tvmconv's runtime alone. Needs a set-up board, not a running one.
   -h, --help  This text.
 
 Environment:
@@ -395,6 +399,15 @@ cmd_start() {
   say "ready in $((SECONDS - t0)) s: $(describe "$pid" "$port" "$tracker" "$key")"
 }
 
+cmd_python() {
+  (($#)) || die "python needs a host folder"
+  local dir
+  dir=$(cd "$1" 2>/dev/null && pwd) || die "no folder '$1'"
+  shift
+  [[ -x $ROOTFS$VENV/bin/python ]] || die "the board is not set up: run scripts/arm_board.sh setup"
+  board_run -b "$dir:/mnt/host" -b /dev -b /proc -w /mnt/host -- "$VENV/bin/python" "$@"
+}
+
 cmd_stop() {
   take_lock
   local pid
@@ -415,6 +428,7 @@ main() {
     stop) cmd_stop ;;
     status) cmd_status || exit $? ;;
     setup) take_lock; setup_board ;;
+    python) cmd_python "$@" ;;
     -h | --help | help) usage ;;
     "") usage >&2; exit 2 ;;
     *) usage >&2; die "unknown command '$cmd'" ;;

@@ -419,7 +419,8 @@ def format_ratio(value) -> str:
 def summary_lines(summary: dict) -> list[str]:
     lines = [
         (f"ResNet-50 batch 1 geomean ratio tvmconv/torch: {format_ratio(summary['resnet50_batch1_geomean_ratio'])} "
-         f"({summary['resnet50_batch1_count']} of 23 workloads; min {format_ratio(summary['resnet50_batch1_min_ratio'])}"
+         f"({summary['resnet50_batch1_count']} of 23 workloads; "
+         f"min {format_ratio(summary['resnet50_batch1_min_ratio'])}"
          f"; template defaults: {format_ratio(summary['resnet50_batch1_untuned_geomean_ratio'])})"),
         f"workloads with a tuning record: {summary['tuned_count']}",
         f"min ratio: {format_ratio(summary['min_ratio'])} ({summary['min_ratio_workload']})",

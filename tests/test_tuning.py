@@ -1,7 +1,6 @@
 """Autotuning end to end on tiny workloads: records per target key, applied at the next build, resumed,
 never crossing targets; the RPC paths; the logs commands; damaged logs."""
 import dataclasses
-import json
 import os
 import shutil
 

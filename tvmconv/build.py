@@ -32,6 +32,7 @@ class CompiledKernel:
     kernel: runtime.Kernel | None  # loaded here, when this host can run the target's code
     cubin: str | None = None  # GPU targets: the device code nvcc built, beside the library
     tuning: records.Tuned | None = None  # the tuning record it was built from (None: the template's defaults)
+    function: tvm.tirx.PrimFunc | None = None  # the scheduled program (export links several into one library)
 
     @property
     def kernel_block(self) -> int:
@@ -164,6 +165,6 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
         kernel = runtime.Kernel(runtime.load_module(library)) if targets.runnable_here(target) else None
         schedule = "tuning record" if tuned else rule.__name__.rsplit(".", 1)[-1]
         compiled = CompiledKernel(wl, key, schedule, knobs if tuned is None else None, origin, library, kernel,
-                                  cubin, tuned)
+                                  cubin, tuned, func)
         _memory[memory_key] = compiled
         return compiled

@@ -1,5 +1,6 @@
 """The `tvmconv` command line."""
 import argparse
+import json
 import os
 import sys
 import time
@@ -51,6 +52,11 @@ def demo(args) -> int:
     return 0
 
 
+def target_argument(text: str):
+    """--target: a preset name, or a TVM target dict as JSON."""
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
 def parse_workload(text: str, batch: int):
     """`HxWxC:FILTERS:KHxKW[:name=value...]`, names being Conv2D arguments (strides, padding, dilation_rate,
     groups, data_format, use_bias, activation) or batch; e.g. 56x56x64:64:3x3:padding=same."""
@@ -79,30 +85,30 @@ def parse_workload(text: str, batch: int):
     return tuning.conv_workloads(layer, (batch, *spatial))
 
 
-def model_workloads(path: str, batch: int):
-    """The conv workloads of a saved Keras model (.keras, .h5): its Conv2D layers at their input shapes."""
+def keras_model(path: str):
+    """A saved Keras model (.keras, .h5) of Conv2D layers in a chain, as a tvmconv Sequential with its weights."""
     try:
         import keras
     except ImportError:
         raise ValueError(f"reading {path} needs Keras: pip install keras") from None
-    from tvmconv.compute import ConvWorkload
-    model = keras.models.load_model(path, compile=False)
-    found = []
-    for layer in model.layers:
-        if type(layer).__name__ != "Conv2D":
+    import tvmconv
+    source = keras.models.load_model(path, compile=False)
+    model = tvmconv.Sequential(name=source.name)
+    model.add(tvmconv.layer_input(tuple(source.inputs[0].shape[1:])))
+    for layer in source.layers:
+        kind = type(layer).__name__
+        if kind == "InputLayer":
             continue
-        shape = tuple(layer.input.shape)
-        channels_last = layer.data_format == "channels_last"
-        h, w, c = shape[1:] if channels_last else (*shape[2:], shape[1])
-        activation = getattr(layer.activation, "__name__", "linear")
-        wl = ConvWorkload(batch, h, w, c, layer.filters, tuple(layer.kernel_size), tuple(layer.strides),
-                          tuple(layer.dilation_rate), layer.padding, layer.groups, layer.data_format,
-                          layer.compute_dtype, layer.use_bias, activation)
-        if wl not in found:
-            found.append(wl)
-    if not found:
-        raise ValueError(f"{path} has no Conv2D layers to tune")
-    return found
+        if kind != "Conv2D":
+            raise ValueError(f"{path}: layer '{layer.name}' is a {kind}; tvmconv handles models of Conv2D layers")
+        activation = layer.activation.__name__
+        model.add(tvmconv.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides, padding=layer.padding,
+                                 data_format=layer.data_format, dilation_rate=layer.dilation_rate, groups=layer.groups,
+                                 activation=activation, use_bias=layer.use_bias, name=layer.name))
+        model.layers[-1].set_weights(layer.get_weights())
+    if not model.layers:
+        raise ValueError(f"{path} has no Conv2D layers")
+    return model
 
 
 def tune(args) -> int:
@@ -113,7 +119,8 @@ def tune(args) -> int:
         if item in networks.NETWORKS:
             workloads += [networks.conv_workload(w, args.batch) for w in networks.NETWORKS[item]()]
         elif item.endswith((".keras", ".h5")):
-            workloads += model_workloads(item, args.batch)
+            model = keras_model(item)
+            workloads += tuning.conv_workloads(model, (args.batch, *model.batch_input_shape[1:]))
         else:
             workloads += parse_workload(item, args.batch)
     workloads = list(dict.fromkeys(workloads))
@@ -129,8 +136,30 @@ def tune(args) -> int:
     print(f"{'workload':44} {'trials':>6} {'errors':>6} {'default':>9} {'tuned':>9} {'tuner':>9}  GFLOP/s")
     for r in results:
         cells = [f"{v:9.1f}" if v else f"{'-':>9}" for v in (r.default_gflops, r.gflops, r.tuner_gflops)]
-        print(f"{r.workload.label:44} {r.trials:6d} {r.errors:6d} {' '.join(cells)}" + (f"  ({r.stopped})" if r.stopped else ""))
+        stopped = f"  ({r.stopped})" if r.stopped else ""
+        print(f"{r.workload.label:44} {r.trials:6d} {r.errors:6d} {' '.join(cells)}{stopped}")
     print(f"records: {results[0].folder}" if results else "nothing to tune")
+    return 0
+
+
+def export(args) -> int:
+    """Compile a saved Keras model of Conv2D layers for a target into a bundle (tvmconv.runtime.load runs it)."""
+    import tvmconv
+    model = keras_model(args.model)
+    shape = (args.batch, *model.batch_input_shape[1:])
+    manifest = tvmconv.export(model, shape, args.output, target=args.target)
+    print(f"{args.output}: {len(manifest['layers'])} layers for {manifest['target_key']}, input {tuple(shape)}, "
+          f"outputs {[manifest['layers'][i]['output_shape'] for i in manifest['outputs']]}")
+    tuned = sum(layer["tuning"] is not None for layer in manifest["layers"])
+    print(f"{tuned} of {len(manifest['layers'])} layers from tuning records, the rest with the template's defaults")
+    return 0
+
+
+def serve(args) -> int:
+    """Serve a bundle over HTTP: /predict, /health, /metadata."""
+    from tvmconv import serving
+    serving.run(args.bundle, host=args.host, port=args.port, max_request_bytes=args.max_request_mb << 20,
+                threads=args.threads)
     return 0
 
 
@@ -145,7 +174,8 @@ def logs(args) -> int:
             for row in records.summarize(folder):
                 tuner = f"{row['tuner_gflops']:10.1f}" if row["tuner_gflops"] else f"{'-':>10}"
                 retimed = f"{row['retimed_gflops']:9.1f}" if row["retimed_gflops"] else f"{'-':>9}"
-                print(f"  {row['workload'].label:48} {row['trials']:6d} {row['records']:7d} {tuner} {retimed}  {row['date'] or '-'}")
+                print(f"  {row['workload'].label:48} {row['trials']:6d} {row['records']:7d} {tuner} {retimed}  "
+                      f"{row['date'] or '-'}")
         return 0
     if args.logs_command == "merge":
         for source_root in args.sources:
@@ -176,14 +206,33 @@ def main(argv=None) -> int:
                              help="records wanted per workload (several workloads: split by FLOP share)")
     tune_parser.add_argument("--min-trials", type=int, default=64, help="floor of each workload's share")
     tune_parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    tune_parser.add_argument("--target", default=None, help="a preset (x86-avx2, aarch64, ...); default: this host")
-    tune_parser.add_argument("--log-dir", default=None, help="default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs")
+    tune_parser.add_argument("--target", default=None, type=target_argument,
+                             help="a preset (x86-avx2, aarch64, ...) or a target dict as JSON; default: this host")
+    tune_parser.add_argument("--log-dir", default=None,
+                             help="default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs")
     tune_parser.add_argument("--space", choices=("template", "auto", "both"), default="template")
     tune_parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
-    tune_parser.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on devices of this tracker")
+    tune_parser.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                             help="measure on devices of this tracker")
     tune_parser.add_argument("--rpc-key", default=None, help="the device key at the tracker")
     tune_parser.add_argument("--rpc", default=None, metavar="HOST:PORT", help="measure on this RPC server (no tracker)")
     tune_parser.set_defaults(run=tune)
+
+    export_parser = commands.add_parser("export", help=export.__doc__, description=export.__doc__)
+    export_parser.add_argument("model", help="a saved Keras model (.keras or .h5) whose layers are Conv2D")
+    export_parser.add_argument("-o", "--output", required=True, help="the bundle folder to write")
+    export_parser.add_argument("--target", default="host", type=target_argument,
+                               help="host (default), a preset such as aarch64, or a target dict as JSON")
+    export_parser.add_argument("--batch", type=int, default=1, help="the batch size compiled for (default 1)")
+    export_parser.set_defaults(run=export)
+
+    serve_parser = commands.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
+    serve_parser.add_argument("bundle", help="a folder written by tvmconv export")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--max-request-mb", type=int, default=64, help="largest request body (default 64 MiB)")
+    serve_parser.add_argument("--threads", type=int, default=8, help="requests run at once (default 8)")
+    serve_parser.set_defaults(run=serve)
 
     logs_parser = commands.add_parser("logs", help=logs.__doc__)
     logs_commands = logs_parser.add_subparsers(dest="logs_command", required=True)

@@ -56,8 +56,9 @@ class ConvWorkload:
     def label(self) -> str:
         """Short and readable, e.g. "(1, 56, 56, 64)->64 3x3 s2 g32 same"."""
         kh, kw = self.kernel_size
-        extras = [f"s{self.strides[0]}" if self.strides != (1, 1) else "", f"d{self.dilation[0]}" if self.dilation != (1, 1)
-                  else "", f"g{self.groups}" if self.groups > 1 else "", self.padding]
+        extras = [f"s{self.strides[0]}" if self.strides != (1, 1) else "",
+                  f"d{self.dilation[0]}" if self.dilation != (1, 1) else "",
+                  f"g{self.groups}" if self.groups > 1 else "", self.padding]
         return " ".join([f"{self.input_shape}->{self.filters} {kh}x{kw}", *filter(None, extras)])
 
     @property

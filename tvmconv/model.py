@@ -1,4 +1,5 @@
 """Models of conv layers and R's composition rule: Sequential, functional Model, layer_input, layer_conv_2d."""
+import dataclasses
 import inspect
 import warnings
 
@@ -183,6 +184,49 @@ class Model(_Network):
             values[id(node)] = node.producer(values[id(node.parent)])
         results = [values[id(o)] for o in self.outputs]
         return results[0] if self._single_output else results
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """One call of a layer in a model's graph, at concrete shapes."""
+    layer: Conv2D
+    source: int    # the call whose output it reads; -1: the model's input
+    workload: object  # compute.ConvWorkload
+
+
+def layer_calls(layer_or_model, input_shape=None) -> list[LayerCall]:
+    """The layer calls of a Conv2D, Sequential or functional Model, in order, at this input shape
+    (batch included; 3D means batch 1; None: the model's declared input, batch 1 if unknown)."""
+    if isinstance(layer_or_model, Conv2D):
+        graph = [(layer_or_model, -1)]
+    elif isinstance(layer_or_model, Model):  # each call reads its parent node's output
+        index = {id(node): i for i, node in enumerate(layer_or_model._nodes)}
+        graph = [(node.producer, index.get(id(node.parent), -1)) for node in layer_or_model._nodes]
+    elif isinstance(layer_or_model, Sequential):
+        graph = [(layer, i - 1) for i, layer in enumerate(layer_or_model.layers)]
+    else:
+        raise TypeError(f"Expected a tvmconv Conv2D layer, Sequential or Model, got {type(layer_or_model).__name__}")
+    if not graph:
+        raise ValueError(f"Model '{layer_or_model.name}' has no layers")
+    if input_shape is None:
+        declared = (layer_or_model.input.shape if isinstance(layer_or_model, Model)
+                    else getattr(layer_or_model, "batch_input_shape", None))
+        if declared is None or any(d is None for d in declared[1:]):
+            raise ValueError("`input_shape` is needed, e.g. (1, 224, 224, 3): the model does not declare one")
+        input_shape = (declared[0] or 1, *declared[1:])
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"`input_shape` must be 4D (batch, then the data format's three axes) or 3D without the "
+                         f"batch, got {input_shape!r}")
+    calls: list[LayerCall] = []
+    for layer, source in graph:
+        in_shape = shape if source < 0 else calls[source].workload.output_shape
+        if not layer.built:
+            layer.build(in_shape)
+        calls.append(LayerCall(layer, source, layer.workload(in_shape)))
+    return calls
 
 
 def layer_conv_2d(object=None, filters=None, kernel_size=None, **kwargs):

@@ -2,8 +2,11 @@
 
 Nothing here compiles: an inference service loads and runs kernels with this module alone.
 """
+import hashlib
+import json
 import math
 import os
+import platform
 import sys
 import threading
 
@@ -196,3 +199,118 @@ class RemoteKernel:
         result = tvm.runtime.empty(out.shape, str(out.dtype), self.remote_device)
         self.function(tvm.runtime.tensor(np.ascontiguousarray(x), device=self.remote_device), *weights, result)
         out[...] = result.numpy()
+
+
+# ---------------------------------------------------------------- exported bundles (tvmconv.export)
+
+BUNDLE_FORMAT = "tvmconv-bundle-1"
+BUNDLE_FILES = {"library": "kernels.so", "weights": "weights.npz", "manifest": "manifest.json"}
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Predictor:
+    """An exported bundle, loaded: `pred(x)` runs its layers. Compiles nothing; safe to call from many
+    threads at once (each call has its own intermediate arrays; the weights are only read)."""
+
+    def __init__(self, path: str):
+        manifest_path = os.path.join(path, BUNDLE_FILES["manifest"])
+        try:
+            with open(manifest_path) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is not a tvmconv bundle: {manifest_path} is missing") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"damaged bundle manifest {manifest_path}: {err.msg}") from None
+        if manifest.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{manifest_path}: unknown bundle format {manifest.get('format')!r} "
+                             f"(this runtime reads {BUNDLE_FORMAT})")
+        for role in ("library", "weights"):
+            file = os.path.join(path, manifest["files"][role]["name"])
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"bundle file missing: {file}")
+            if _file_sha256(file) != manifest["files"][role]["sha256"]:
+                raise ValueError(f"bundle file {file} does not match its checksum in {manifest_path}: "
+                                 "it was modified or damaged; refusing to load it")
+        host = _host_architecture()
+        if manifest["architecture"] != host:
+            raise ValueError(f"the bundle at {path} is compiled for {manifest['architecture']}, this machine is {host}")
+        missing = sorted(set(manifest.get("cpu_flags", [])) - _cpu_flags())
+        if missing and host == "x86_64":  # its code would die with "Illegal instruction"
+            raise ValueError(f"the bundle at {path} is compiled for {manifest['target'].get('mcpu')}, whose "
+                             f"instructions this CPU lacks ({', '.join(missing)}): export it for this machine's target")
+        self.manifest = manifest
+        self.path = path
+        self.input_shape = tuple(manifest["input_shape"])
+        self.dtype = np.dtype(manifest["dtype"])
+        module = load_module(os.path.join(path, manifest["files"]["library"]["name"]))
+        with np.load(os.path.join(path, manifest["files"]["weights"]["name"])) as stored:
+            self._layers = [(module[layer["function"]], layer["reads"], tuple(layer["output_shape"]),
+                             [to_tensor(np.ascontiguousarray(stored[name])) for name in layer["weights"]])
+                            for layer in manifest["layers"]]
+        self._outputs = manifest["outputs"]
+
+    @property
+    def output_shapes(self) -> list[tuple]:
+        return [tuple(self.manifest["layers"][i]["output_shape"]) for i in self._outputs]
+
+    def _check(self, x) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"expected a numpy array of shape (N, {', '.join(map(str, self.input_shape[1:]))}) and "
+                            f"dtype {self.dtype}, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"expected input dtype {self.dtype}, got {x.dtype}")
+        if x.ndim != 4 or x.shape[1:] != self.input_shape[1:] or x.shape[0] < 1:
+            raise ValueError(f"expected input shape (N, {', '.join(map(str, self.input_shape[1:]))}) with N >= 1, "
+                             f"got {x.shape}")
+        return x
+
+    def _run(self, chunk: np.ndarray) -> list[np.ndarray]:
+        values = []
+        for function, reads, shape, weights in self._layers:
+            source = chunk if reads < 0 else values[reads]
+            out = aligned_empty(shape, self.dtype)
+            function(input_tensor(source), *weights, to_tensor(out))
+            values.append(out)
+        return [values[i] for i in self._outputs]
+
+    def __call__(self, x):
+        """Outputs for a batch of any size: the kernels run on chunks of the exported batch size."""
+        x = self._check(x)
+        batch = self.input_shape[0]
+        results = []
+        for start in range(0, x.shape[0], batch):
+            chunk = x[start:start + batch]
+            if chunk.shape[0] < batch:  # the last, short chunk: zero-padded, the padding's outputs dropped
+                padded = np.zeros(self.input_shape, self.dtype)
+                padded[:chunk.shape[0]] = chunk
+                outputs = [y[:chunk.shape[0]] for y in self._run(padded)]
+            else:
+                outputs = self._run(chunk)
+            results.append(outputs)
+        merged = [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*results)]
+        return merged[0] if self.manifest["single_output"] else merged
+
+
+def _host_architecture() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def load(path: str) -> Predictor:
+    """Load an exported bundle (tvmconv.export) for inference with TVM's runtime only."""
+    return Predictor(path)

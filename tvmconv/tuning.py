@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import build, records, runtime, schedules, targets, validation
+from . import build, model, records, runtime, schedules, targets, validation
 from .compute import ConvWorkload, conv2d_forward, packed_kernel_shape
 
 SPACES = ("template", "auto", "both")
@@ -55,38 +55,10 @@ class TuneResult:
 def conv_workloads(layer_or_model, input_shape=None) -> list[ConvWorkload]:
     """The distinct conv workloads of a Conv2D layer, a Sequential or a functional Model, in call order,
     for this input shape (batch included; 3D means batch 1; None: the model's declared input)."""
-    from .layer import Conv2D  # the API sits above tuning: imported here only to walk a model's layers
-    # (layer, the id of the tensor it reads, the id of the tensor it writes)
-    if isinstance(layer_or_model, Conv2D):
-        calls = [(layer_or_model, 0, 1)]
-    elif hasattr(layer_or_model, "_nodes"):  # a functional Model: each call reads its parent node's output
-        calls = [(node.producer, id(node.parent), id(node)) for node in layer_or_model._nodes]
-        calls = [(layer, 0 if parent == id(layer_or_model.input) else parent, node) for layer, parent, node in calls]
-    elif hasattr(layer_or_model, "layers") and hasattr(layer_or_model, "batch_input_shape"):  # Sequential
-        calls = [(layer, i, i + 1) for i, layer in enumerate(layer_or_model.layers)]
-    else:
-        raise TypeError("tune() takes a tvmconv Conv2D layer, Sequential or Model, got "
-                        f"{type(layer_or_model).__name__}")
-    if input_shape is None:
-        declared = getattr(layer_or_model, "batch_input_shape", None) or getattr(
-            getattr(layer_or_model, "input", None), "shape", None)
-        if declared is None or any(d is None for d in declared[1:]):
-            raise ValueError("tune() needs `input_shape`, e.g. (1, 224, 224, 3): the model does not declare one")
-        input_shape = (declared[0] or 1, *declared[1:])
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"`input_shape` must be 4D (batch, then the data format's three axes) or 3D without the "
-                         f"batch, got {input_shape!r}")
-    shapes, found = {0: shape}, []
-    for layer, source, result in calls:
-        if not layer.built:
-            layer.build(shapes[source])
-        wl = layer.workload(shapes[source])
-        if wl not in found:
-            found.append(wl)
-        shapes[result] = wl.output_shape
+    found = []
+    for call in model.layer_calls(layer_or_model, input_shape):
+        if call.workload not in found:
+            found.append(call.workload)
     return found
 
 
@@ -312,7 +284,8 @@ def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None,
                     if state["interrupted"]:
                         return "interrupted"
                     return "time budget" if deadline and time.monotonic() >= deadline else None
-                with tqdm(total=remaining, desc=wl.label, unit="trial", disable=not progress, dynamic_ncols=True) as bar:
+                bar = tqdm(total=remaining, desc=wl.label, unit="trial", disable=not progress, dynamic_ncols=True)
+                with bar:
                     callback = _Progress(bar, wl.flops, should_stop)
                     contexts = tasks(wl, target, space)
                     try:

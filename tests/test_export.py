@@ -1,0 +1,254 @@
+"""Export bundles and the runtime-only predictor: round trips, isolation from the compiler, tampering,
+aarch64 bundles (and on the board), and the HTTP service."""
+import io
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from farm import free_port
+
+import tvmconv
+from tvmconv import runtime
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def small_model():
+    model = tvmconv.Sequential()
+    init = tvmconv.initializers.GlorotUniform(seed=3)
+    tvmconv.layer_conv_2d(model, 16, 3, padding="same", activation="relu", input_shape=(10, 10, 3),
+                          kernel_initializer=init, bias_initializer="ones")
+    tvmconv.layer_conv_2d(model, 16, 3, strides=2, padding="same", groups=4, activation="tanh", kernel_initializer=init)
+    tvmconv.layer_conv_2d(model, 6, 1, activation="softmax", kernel_initializer=init)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    model = small_model()
+    path = tmp_path_factory.mktemp("bundle") / "model"
+    manifest = tvmconv.export(model, (2, 10, 10, 3), str(path))
+    return model, str(path), manifest
+
+
+def test_round_trip_matches_the_layers(bundle, rng):
+    model, path, manifest = bundle
+    predict = runtime.load(path)
+    for batch in (2, 1, 5):  # the compiled batch, then a smaller and a larger one (run in chunks)
+        x = rng.standard_normal((batch, 10, 10, 3)).astype(np.float32)
+        np.testing.assert_allclose(predict(x), model(x), rtol=1e-6, atol=1e-7)
+    assert manifest["input_shape"] == [2, 10, 10, 3] and predict.output_shapes == [(2, 5, 5, 6)]
+    assert manifest["target_key"] == tvmconv.targets.target_key(tvmconv.targets.resolve(None))
+    assert [layer["name"] for layer in manifest["layers"]] == [layer.name for layer in model.layers]
+    assert set(os.listdir(path)) == set(runtime.BUNDLE_FILES.values())
+
+
+def test_functional_model_with_two_outputs(tmp_path, rng):
+    inputs = tvmconv.layer_input((9, 9, 4))
+    a = tvmconv.layer_conv_2d(inputs, 8, 3, activation="relu")
+    b = tvmconv.layer_conv_2d(a, 5, 1, dilation_rate=1)
+    c = tvmconv.layer_conv_2d(inputs, 3, 5, padding="same", data_format="channels_last")
+    model = tvmconv.Model(inputs, [b, c])
+    tvmconv.export(model, None, str(tmp_path / "m"))
+    x = rng.standard_normal((1, 9, 9, 4)).astype(np.float32)
+    for got, want in zip(runtime.load(str(tmp_path / "m"))(x), model(x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_inputs_are_checked(bundle):
+    predict = runtime.load(bundle[1])
+    with pytest.raises(ValueError, match=r"dtype float32, got float64"):
+        predict(np.zeros((1, 10, 10, 3)))
+    with pytest.raises(ValueError, match=r"shape \(N, 10, 10, 3\).*got \(1, 10, 10, 4\)"):
+        predict(np.zeros((1, 10, 10, 4), np.float32))
+    with pytest.raises(ValueError, match="got \\(0, 10, 10, 3\\)"):
+        predict(np.zeros((0, 10, 10, 3), np.float32))
+    with pytest.raises(TypeError, match="numpy array"):
+        predict([[1.0]])
+
+
+@pytest.mark.parametrize("role", ["library", "weights"])
+def test_tampered_bundle_is_refused(bundle, tmp_path, role):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle[1], copy)
+    damaged = copy / runtime.BUNDLE_FILES[role]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{damaged} does not match its checksum"):
+        runtime.load(str(copy))
+    (copy / runtime.BUNDLE_FILES["manifest"]).unlink()
+    with pytest.raises(FileNotFoundError, match="not a tvmconv bundle"):
+        runtime.load(str(copy))
+
+
+def test_callable_activation_cannot_be_exported(tmp_path):
+    layer = tvmconv.Conv2D(4, 3, activation=lambda x: x * 2)
+    with pytest.raises(ValueError, match="callable as its activation"):
+        tvmconv.export(layer, (1, 6, 6, 2), str(tmp_path / "b"))
+
+
+def test_runtime_alone_loads_and_runs(bundle, tmp_path, rng):
+    """In a fresh process where tvmconv's compile modules cannot be imported and TVM's compiler entry
+    points raise, the bundle still loads and gives the layers' outputs."""
+    model, path, _ = bundle
+    x = rng.standard_normal((2, 10, 10, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        BLOCKED = ("tvmconv.compute", "tvmconv.schedules", "tvmconv.build", "tvmconv.tuning", "tvmconv.records",
+                   "tvmconv.layer", "tvmconv.model", "tvmconv.bundle")
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith(BLOCKED):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np, tvm, tvm.te
+        def refuse(*args, **kwargs):
+            raise AssertionError("a TVM compiler function was called")
+        # (import tvm itself loads TVM's compiler modules: their entry points are what must not run)
+        tvm.compile = tvm.te.compute = tvm.te.create_prim_func = tvm.s_tir.Schedule = refuse
+        tvm.s_tir.meta_schedule.tune_tir = tvm.s_tir.meta_schedule.tune_tasks = refuse
+        from tvmconv import runtime
+        y = runtime.load({path!r})(np.load({str(tmp_path / "x.npy")!r}))
+        np.save({str(tmp_path / "y.npy")!r}, y)
+        print(sorted(m for m in sys.modules if m.startswith("tvmconv")))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['tvmconv', 'tvmconv.runtime']"
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x), rtol=1e-6, atol=1e-7)
+
+
+def test_aarch64_bundle_is_an_arm_elf_and_refused_here(tmp_path):
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("no aarch64 cross compiler: apt-get install g++-aarch64-linux-gnu")
+    manifest = tvmconv.export(small_model(), (1, 10, 10, 3), str(tmp_path / "arm"), target="aarch64")
+    assert manifest["architecture"] == "aarch64" and manifest["target"]["mcpu"] == "cortex-a72"
+    elf = (tmp_path / "arm" / runtime.BUNDLE_FILES["library"]).read_bytes()
+    assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(ValueError, match="compiled for aarch64, this machine is x86_64"):
+        runtime.load(str(tmp_path / "arm"))
+
+
+@pytest.mark.arm
+def test_aarch64_bundle_runs_on_the_board_with_the_runtime_alone(tmp_path):
+    if not (pathlib.Path(os.environ.get("TVMCONV_BOARD_DIR", pathlib.Path.home() / ".cache/tvmconv/arm_board"))
+            / "rootfs/opt/tvm/bin/python").exists():
+        pytest.skip("the emulated board is not set up: scripts/arm_board.sh setup")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "board_bundle_check.py"), "--workdir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "board modules: ['tvmconv', 'tvmconv.runtime']" in result.stdout and "-> OK" in result.stdout
+
+
+def test_cli_exports_a_keras_model_and_keras_agrees(keras, tmp_path, rng):
+    source = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(6, 3, padding="same", activation="relu"),
+                               keras.layers.Conv2D(4, 3, strides=2, use_bias=False, activation="sigmoid")])
+    source.save(tmp_path / "m.keras")
+    from tvmconv import cli
+    assert cli.main(["export", str(tmp_path / "m.keras"), "-o", str(tmp_path / "bundle"), "--batch", "2"]) == 0
+    x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(runtime.load(str(tmp_path / "bundle"))(x), source.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- serving
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    pytest.importorskip("fastapi", reason="serving needs the serve extra: pip install .[serve]")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tvmconv.cli", "serve", bundle[1], "--port", str(port),
+                                "--max-request-mb", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               cwd=tmp_path_factory.mktemp("serve"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.stderr.read().decode()
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.3)
+    yield url, bundle[0]
+    process.terminate()
+    process.wait(10)
+
+
+def post(url: str, body: bytes, kind: str):
+    request = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_server_answers_concurrent_requests(server):
+    url, model = server
+    inputs = [np.random.default_rng(i).standard_normal((1 + i % 3, 10, 10, 3)).astype(np.float32) for i in range(16)]
+    answers = [None] * len(inputs)
+
+    def ask(i):
+        answers[i] = post(url, npy(inputs[i]), "application/x-npy")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for x, (status, body) in zip(inputs, answers, strict=True):
+        assert status == 200
+        np.testing.assert_allclose(np.load(io.BytesIO(body)), model(x), rtol=1e-6, atol=1e-7)
+    meta = json.load(urllib.request.urlopen(url + "/metadata"))
+    assert meta["input"] == {"shape": [None, 10, 10, 3], "dtype": "float32", "data_format": "channels_last",
+                             "compiled_batch": 2}
+
+
+def test_server_speaks_tf_serving_json(server):
+    url, model = server
+    x = np.random.default_rng(7).standard_normal((2, 10, 10, 3)).astype(np.float32)
+    status, body = post(url, json.dumps({"inputs": x.tolist()}).encode(), "application/json")
+    assert status == 200
+    np.testing.assert_allclose(np.asarray(json.loads(body)["outputs"]), model(x), rtol=1e-5, atol=1e-6)
+    status, body = post(url, json.dumps({"instances": x.tolist()}).encode(), "application/json")
+    assert status == 200
+    np.testing.assert_allclose(np.asarray(json.loads(body)["predictions"]), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("body", "kind", "status", "message"), [
+    (b"not npy", "application/x-npy", 400, "not a .npy array"),
+    (npy(np.zeros((1, 10, 10, 4), np.float32)), "application/octet-stream", 400, "expected input shape"),
+    (npy(np.zeros((1, 10, 10, 3), np.float64)), "application/x-npy", 400, "expected input dtype float32"),
+    (npy(np.zeros((1, 10, 10), np.float32)), "application/x-npy", 400, "expected input shape"),
+    (b"{not json", "application/json", 400, "not JSON"),
+    (b'{"inputs": [[1, 2], [3]]}', "application/json", 400, "not a numeric array"),
+    (b'{"rows": []}', "application/json", 400, "expected {"),
+    (b"x", "text/plain", 415, "unsupported Content-Type"),
+    (npy(np.zeros((2, 100, 100, 30), np.float32)), "application/x-npy", 413, "over the limit"),
+])
+def test_server_rejects_bad_requests_and_stays_up(server, body, kind, status, message):
+    url, _ = server
+    got, answer = post(url, body, kind)
+    assert got == status and message in json.loads(answer)["detail"]
+    assert json.load(urllib.request.urlopen(url + "/health")) == {"status": "ok"}

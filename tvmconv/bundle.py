@@ -1,0 +1,95 @@
+"""Export: a model's convolutions compiled for a target into a bundle that the runtime alone can run.
+
+A bundle is a folder (see runtime.BUNDLE_FILES):
+  kernels.so     every layer's kernel, linked into one shared library by the target's toolchain
+                 (a cross compiler for another CPU), each under the symbol "layer_<i>";
+  weights.npz    each layer's weights as its kernel reads them (packed, in the compute dtype);
+  manifest.json  tvmconv and TVM versions, target and target key, input and output shapes, data
+                 format, dtype, the layer graph, and the SHA-256 of the two files above.
+Kernels use the target's best tuning record when there is one (records.py), else the defaults.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+import tvm
+
+from . import __version__, build, runtime, targets
+from .compute import pack_kernel
+from .model import Model, layer_calls
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _x86_flags(target) -> list[str]:
+    if targets.architecture(target) != "x86_64":
+        return []
+    bits = targets.vector_bits(target)
+    return ["avx2", "fma"] + (["avx512f"] if bits >= 512 else []) if bits >= 256 else []
+
+
+def export(model_or_layer, input_shape, path: str, target="host") -> dict:
+    """Compile `model_or_layer` for `target` at `input_shape` (batch included, or 3D for batch 1) and
+    write a bundle folder at `path`; returns its manifest. `target`: "host", a preset such as
+    "aarch64", or a TVM target dict."""
+    target = targets.resolve(None if target == "host" else target)
+    calls = layer_calls(model_or_layer, input_shape)
+    for call in calls:
+        if not isinstance(call.layer.activation, str):
+            raise ValueError(f"Layer '{call.layer.name}' has a Python callable as its activation, which a compiled "
+                             "bundle cannot run: use one of Keras's named activations to export it")
+    if target.kind.name != "llvm":
+        raise NotImplementedError(f"export builds CPU bundles; {target.kind.name} kernels do not run in tvmconv yet")
+    os.makedirs(path, exist_ok=True)
+    functions, weights, layers = {}, {}, []
+    for i, call in enumerate(calls):
+        compiled = build.get_kernel(call.workload, target)
+        symbol = f"layer_{i}"
+        functions[symbol] = compiled.function.with_attr("global_symbol", symbol)
+        kernel, bias = call.layer.kernel, call.layer.bias
+        dtype = call.workload.dtype
+        names = [f"{symbol}.kernel"] + ([f"{symbol}.bias"] if bias is not None else [])
+        weights[names[0]] = pack_kernel(kernel.astype(dtype), compiled.kernel_block)
+        if bias is not None:
+            weights[names[1]] = bias.astype(dtype)
+        layers.append({"name": call.layer.name, "function": symbol, "reads": call.source, "weights": names,
+                       "input_shape": list(call.workload.input_shape), "output_shape": list(call.workload.output_shape),
+                       "workload": dataclasses.asdict(call.workload),
+                       "tuning": str(compiled.tuning) if compiled.tuning else None})
+
+    library = os.path.join(path, runtime.BUNDLE_FILES["library"])
+    module = tvm.compile(tvm.IRModule(functions), target=target).mod
+    module.export_library(library, fcompile=targets.cross_compiler(target))
+    weights_file = os.path.join(path, runtime.BUNDLE_FILES["weights"])
+    np.savez(weights_file, **weights)
+
+    first = calls[0].workload
+    if isinstance(model_or_layer, Model):
+        outputs = [model_or_layer._nodes.index(next(n for n in model_or_layer._nodes if n is o))
+                   for o in model_or_layer.outputs]
+        single_output = model_or_layer._single_output
+    else:
+        outputs, single_output = [len(calls) - 1], True
+    manifest = {
+        "format": runtime.BUNDLE_FORMAT, "tvmconv": __version__, "tvm": tvm.__version__,
+        "target": {k: v if isinstance(v, (str, int, float, bool)) else [str(e) for e in v]
+                   for k, v in target.export().items()},
+        "target_key": targets.target_key(target),
+        "architecture": targets.architecture(target),
+        # The ISA extensions its code uses, as /proc/cpuinfo names them: the runtime checks them.
+        "cpu_flags": _x86_flags(target),
+        "data_format": first.data_format, "dtype": first.dtype,
+        "input_shape": list(first.input_shape),
+        "outputs": outputs, "single_output": single_output,
+        "layers": layers,
+        "files": {role: {"name": runtime.BUNDLE_FILES[role], "sha256": _sha256(os.path.join(path, name))}
+                  for role, name in runtime.BUNDLE_FILES.items() if role != "manifest"},
+    }
+    with open(os.path.join(path, runtime.BUNDLE_FILES["manifest"]), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
