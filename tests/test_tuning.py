@@ -3,6 +3,10 @@ never crossing targets; the RPC paths; the logs commands; damaged logs."""
 import dataclasses
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -190,3 +194,21 @@ def test_bad_arguments_are_refused():
         tuning.tune(object(), (1, 8, 8, 8))
     with pytest.raises(ValueError, match="input_shape"):
         tuning.tune(tvmconv.Conv2D(4, 3), (8, 8))
+
+
+def test_ctrl_c_ends_the_run_after_a_round_and_keeps_its_records(tmp_path):
+    """The CLI, interrupted once it has measured a round: it re-times what it has and exits normally."""
+    log = tmp_path / targets.target_key(HOST) / records.RECORDS_FILE
+    process = subprocess.Popen([sys.executable, "-m", "tvmconv.cli", "tune", "8x8x8:16:3x3:padding=same",
+                                "--trials", "64", "--log-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "(interrupted)" in out
+    trials = log.read_text().count("\n")
+    assert 0 < trials < 64 and records.best(WL, HOST, [str(tmp_path)]) is not None

@@ -55,14 +55,6 @@ def cache_dir() -> str:
     return os.environ.get("TVMCONV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tvmconv")
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.splitext(path)[1])
     os.close(fd)
@@ -86,7 +78,7 @@ def _verified(library: str, sidecar: str) -> bool:
     try:
         with open(sidecar) as f:
             expected = json.load(f)["sha256"]
-        if _sha256(library) != expected:
+        if runtime.file_sha256(library) != expected:
             raise ValueError("checksum mismatch")
         return True
     except Exception as err:  # any damage to either file means: rebuild
@@ -158,7 +150,7 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
             if cubin:
                 device_code = _cubin(module, target)
                 _atomic_write(cubin, lambda path: pathlib.Path(path).write_bytes(device_code))
-            meta = {"sha256": _sha256(library), "workload": dataclasses.asdict(wl), "target": str(target.export()),
+            meta = {"sha256": runtime.file_sha256(library), "workload": dataclasses.asdict(wl), "target": str(target.export()),
                     "schedule": str(tuned) if tuned else rule.__name__, "knobs": repr(knobs), "tvm": tvm.__version__}
             _atomic_write(sidecar, lambda path: _write_json(path, meta))
         # Loaded from the library in both cases: what runs is what the cache holds.

@@ -9,7 +9,6 @@ A bundle is a folder (see runtime.BUNDLE_FILES):
 Kernels use the target's best tuning record when there is one (records.py), else the defaults.
 """
 import dataclasses
-import hashlib
 import json
 import os
 
@@ -19,11 +18,6 @@ import tvm
 from . import __version__, build, runtime, targets
 from .compute import pack_kernel
 from .model import Model, layer_calls
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _x86_flags(target) -> list[str]:
@@ -87,7 +81,7 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
         "input_shape": list(first.input_shape),
         "outputs": outputs, "single_output": single_output,
         "layers": layers,
-        "files": {role: {"name": runtime.BUNDLE_FILES[role], "sha256": _sha256(os.path.join(path, name))}
+        "files": {role: {"name": runtime.BUNDLE_FILES[role], "sha256": runtime.file_sha256(os.path.join(path, name))}
                   for role, name in runtime.BUNDLE_FILES.items() if role != "manifest"},
     }
     with open(os.path.join(path, runtime.BUNDLE_FILES["manifest"]), "w") as f:

@@ -207,7 +207,7 @@ BUNDLE_FORMAT = "tvmconv-bundle-1"
 BUNDLE_FILES = {"library": "kernels.so", "weights": "weights.npz", "manifest": "manifest.json"}
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -235,7 +235,7 @@ class Predictor:
             file = os.path.join(path, manifest["files"][role]["name"])
             if not os.path.exists(file):
                 raise FileNotFoundError(f"bundle file missing: {file}")
-            if _file_sha256(file) != manifest["files"][role]["sha256"]:
+            if file_sha256(file) != manifest["files"][role]["sha256"]:
                 raise ValueError(f"bundle file {file} does not match its checksum in {manifest_path}: "
                                  "it was modified or damaged; refusing to load it")
         host = _host_architecture()
