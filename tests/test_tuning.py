@@ -54,7 +54,7 @@ def test_larger_batch_reuses_the_batch_1_record(tuned, rng):
     root, _ = tuned
     wl = dataclasses.replace(WL, batch=3)
     compiled = build.get_kernel(wl, HOST, log_roots=[root])
-    assert compiled.tuning is not None and compiled.tuning.from_batch == 1
+    assert compiled.tuning is not None and compiled.tuning.reused == "batch=1"
     layer = tvmconv.Conv2D(16, 3, padding="same")
     x = rng.standard_normal(wl.input_shape).astype(np.float32)
     layer.build(x.shape)
@@ -63,6 +63,18 @@ def test_larger_batch_reuses_the_batch_1_record(tuned, rng):
     packed = tvmconv.compute.pack_kernel(kernel, compiled.kernel_block)
     compiled.kernel(x, compiled.kernel.weights([packed, bias]), y)
     np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
+
+
+def test_same_conv_with_another_epilogue_reuses_the_record(tuned, monkeypatch, rng):
+    root, _ = tuned
+    monkeypatch.setenv("TVMCONV_TUNING_LOGS", root)
+    layer = tvmconv.Conv2D(16, 3, padding="same", use_bias=False, activation="elu")
+    x = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
+    layer.build(x.shape)
+    tuning_used = layer.compiled_kernel(x.shape).tuning
+    assert tuning_used is not None and tuning_used.reused == "batch=1, use_bias=True, activation=linear"
+    z = reference.conv2d(x, layer.get_weights()[0], None, padding="same")
+    np.testing.assert_allclose(layer(x), np.where(z > 0, z, np.expm1(z)), rtol=1e-4, atol=1e-4)
 
 
 def test_records_never_apply_to_another_target(tuned):

@@ -9,7 +9,8 @@ folder per target key is what keeps records from crossing targets.
 Searched at build time, in order: the user's root ($TVMCONV_TUNING_LOGS, default
 ~/.cache/tvmconv/tuning_logs), then the records shipped in the package's tuning_logs/. The
 record with the lowest measured time wins. A workload without records of its own uses the
-record of the same workload at batch 1 (its trace replayed on the larger batch).
+record of the same convolution at batch 1, or with another epilogue (bias, activation): the
+record's trace is replayed on it.
 """
 import dataclasses
 import datetime
@@ -129,10 +130,10 @@ class Tuned:
     trace: object        # the schedule, as a MetaSchedule trace
     seconds: float       # its time as the tuner measured it
     trials: int          # records for this workload in that folder
-    from_batch: int | None  # set when the record was tuned at another batch size (1) and is replayed here
+    reused: str | None   # how the tuned workload differs from this one, when it stands in (see best)
 
     def __str__(self) -> str:
-        reused = f", batch-{self.from_batch} record" if self.from_batch else ""
+        reused = f", the record of the same conv with {self.reused}" if self.reused else ""
         return f"tuned ({self.trials} trials{reused}, {os.path.basename(self.folder)})"
 
 
@@ -176,10 +177,26 @@ def index(path: str) -> _Index | None:
         return found
 
 
+def _stand_ins(wl: ConvWorkload) -> list[tuple[ConvWorkload, str | None]]:
+    """`wl`, then the workloads whose records may stand in for it, closest first: the same convolution
+    at batch 1, then with a plain epilogue (with or without bias, linear), which is what tuning logs of
+    network layers (tvmconv.networks) hold. A template's trace replays on any of them."""
+    options = [wl]
+    for batch in dict.fromkeys((wl.batch, 1)):
+        for use_bias, activation in dict.fromkeys(((wl.use_bias, wl.activation), (False, "linear"), (True, "linear"))):
+            options.append(dataclasses.replace(wl, batch=batch, use_bias=use_bias, activation=activation))
+    found = {}
+    for option in options:
+        differences = [f"{name}={getattr(option, name)}" for name in ("batch", "use_bias", "activation")
+                       if getattr(option, name) != getattr(wl, name)]
+        found.setdefault(option.key, (option, ", ".join(differences) or None))
+    return list(found.values())
+
+
 def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = None) -> Tuned | None:
     """The fastest valid record for `wl` on `target` in the log roots (default: `search_roots()`);
-    failing that, the fastest for the same workload at batch 1."""
-    for candidate in ([wl, dataclasses.replace(wl, batch=1)] if wl.batch > 1 else [wl]):
+    failing that, the fastest for its closest stand-in (`_stand_ins`)."""
+    for candidate, reused in _stand_ins(wl):
         found = []
         for root in roots or search_roots():
             path = folder(root, target)
@@ -193,8 +210,7 @@ def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = 
                 record = idx.database.query_tuning_record(mod, target, "main")
                 time = record and seconds(record)
                 if time is not None:
-                    found.append(Tuned(path, block, record.trace, time, entry["trials"],
-                                       candidate.batch if candidate is not wl else None))
+                    found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
         if found:
             return min(found, key=lambda t: t.seconds)
     return None
