@@ -25,7 +25,7 @@ from tvmconv import runtime
 predict = runtime.load("/mnt/host/bundle")
 x = np.load("/mnt/host/x.npy")
 np.save("/mnt/host/y_board.npy", predict(x))
-print("board modules:", sorted(m for m in sys.modules if m.startswith("tvmconv")))
+print("board modules:", sorted(m for m in sys.modules if m.startswith("tvmconv")), "tvm imported:", "tvm" in sys.modules)
 """
 
 

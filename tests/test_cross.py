@@ -14,7 +14,8 @@ from paths import PATHS
 from tvmconv.schedules import arm, cuda, find_rule
 
 import tvmconv
-from tvmconv import build, reference, runtime, targets
+from tvmconv import build, reference, targets
+from tvmconv import remote as remote_devices
 from tvmconv.compute import ConvWorkload
 
 
@@ -115,7 +116,7 @@ def test_remote_through_a_tracker_on_localhost(tmp_path):
         expected = np.maximum(reference.conv2d(x, kernel, bias, padding="same"), 0)
         np.testing.assert_allclose(layer(x), expected, rtol=1e-4, atol=1e-5)
         assert layer.get_config()["remote"] == remote
-        runtime.disconnect(remote)
+        remote_devices.disconnect(remote)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

@@ -20,6 +20,7 @@ from . import (
     validation,
 )
 from . import build as kernel_build
+from . import remote as remote_devices
 from .compute import ConvWorkload, conv_output_length, pack_kernel
 from .symbolic import KerasTensor
 
@@ -295,7 +296,7 @@ class Conv2D:
         """What runs `compiled`: its module in this process, or its library uploaded to the remote board."""
         if self.remote is None:
             return compiled.kernel
-        return runtime.remote_kernel(runtime.connect(self.remote), compiled.library)
+        return remote_devices.remote_kernel(remote_devices.connect(self.remote), compiled.library)
 
     def kernel_arguments(self, inputs) -> list:
         """The compiled kernel's arguments for one call (input, weights as the kernel reads them, a fresh

@@ -1,7 +1,10 @@
-"""Running compiled modules with TVM's runtime API only: loading, array hand-over, calls.
+"""Running compiled modules with TVM's runtime only: loading, array hand-over, calls, exported bundles.
 
-Nothing here compiles: an inference service loads and runs kernels with this module alone.
+Nothing here compiles, and nothing here imports the `tvm` Python package (TVM's compiler): the
+module needs `tvm_ffi` and TVM's runtime library (libtvm_runtime.so, 3 MB), which compiled kernels
+call into for their thread pool. An inference service loads bundles with this module alone.
 """
+import ctypes
 import hashlib
 import json
 import math
@@ -11,9 +14,7 @@ import sys
 import threading
 
 import numpy as np
-import tvm.runtime
 import tvm_ffi
-from tvm import rpc
 
 # TVM's generated code assumes 64-byte aligned buffers; DLPack hand-over checks it.
 ALIGNMENT = 64
@@ -36,7 +37,27 @@ def as_aligned(array: np.ndarray) -> np.ndarray:
     return copy
 
 
-def to_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
+def _load_tvm_runtime() -> None:
+    """Load libtvm_runtime.so once, before any kernel library: kernels call its thread pool
+    (TVMBackendParallelLaunch), and a kernel loaded without it crashes at its first parallel loop.
+    Found through $TVMCONV_TVM_RUNTIME, else in the installed apache-tvm package (without importing it)."""
+    global _tvm_runtime
+    if _tvm_runtime is not None:
+        return
+    path = os.environ.get("TVMCONV_TVM_RUNTIME")
+    if not path:  # the apache-tvm package's copy, looked up on sys.path without importing the package
+        candidates = [os.path.join(entry or ".", "tvm", "lib", "libtvm_runtime.so") for entry in sys.path]
+        path = next((c for c in candidates if os.path.exists(c)), None)
+        if path is None:
+            raise ImportError("TVM's runtime library was not found: install apache-tvm, or set TVMCONV_TVM_RUNTIME "
+                              "to the path of libtvm_runtime.so")
+    _tvm_runtime = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_tvm_runtime = None
+
+
+def to_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     """A CPU tensor sharing memory with `array` (copied only when misaligned or strided)."""
     return tvm_ffi.from_dlpack(as_aligned(array), require_alignment=ALIGNMENT)
 
@@ -64,7 +85,8 @@ def use_threads(count: int) -> None:
         previous = os.environ.get("TVM_NUM_THREADS")
         os.environ["TVM_NUM_THREADS"] = str(max(count, int(previous or 0)))
         try:
-            tvm.get_global_func("runtime.config_threadpool")(1, count)  # 1: every core, fastest first
+            _load_tvm_runtime()
+            tvm_ffi.get_global_func("runtime.config_threadpool")(1, count)  # 1: every core, fastest first
         finally:
             if previous is None:
                 del os.environ["TVM_NUM_THREADS"]
@@ -73,14 +95,15 @@ def use_threads(count: int) -> None:
         _threads_in_use.count = count
 
 
-def input_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
+def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     """A CPU tensor sharing memory with a caller's array, copied only when not C-contiguous.
     (The kernels declare their input with element alignment: see compute.conv2d_forward.)"""
     return tvm_ffi.from_dlpack(np.ascontiguousarray(array), require_alignment=0)
 
 
 def load_module(path: str):
-    return tvm.runtime.load_module(path)
+    _load_tvm_runtime()
+    return tvm_ffi.load_module(path)
 
 
 def _idle_reference_counts() -> tuple[int, int]:
@@ -134,73 +157,6 @@ class Kernel:
         self.function(input_tensor(x), *weights, to_tensor(out))
 
 
-_sessions: dict[str, rpc.RPCSession] = {}
-_remote_kernels: dict[tuple, "RemoteKernel"] = {}
-_remote_lock = threading.Lock()
-
-
-def connect(remote):
-    """An RPC session from "HOST:PORT" (a server), {"tracker": "HOST:PORT", "key": KEY} (a device
-    from a tracker's pool) or a session itself. One session per address and process: TVM's RPC
-    server serves one session at a time, so a second one would wait for the first to close."""
-    if isinstance(remote, rpc.RPCSession):
-        return remote
-    address = remote if isinstance(remote, str) else f"{remote['tracker']}/{remote['key']}"
-    with _remote_lock:
-        if address not in _sessions:
-            try:
-                if isinstance(remote, dict):
-                    host, port = remote["tracker"].rsplit(":", 1)
-                    _sessions[address] = rpc.connect_tracker(host, int(port)).request(remote["key"])
-                else:
-                    host, port = remote.rsplit(":", 1)
-                    _sessions[address] = rpc.connect(host, int(port))
-            except Exception as err:  # TVM reports a refused connection as its own InternalError
-                raise ConnectionError(f"Cannot reach the `remote` device {remote!r} ({err}). Is its RPC server "
-                                      "running? (An emulated aarch64 board: scripts/arm_board.sh start)") from None
-        return _sessions[address]
-
-
-def disconnect(remote) -> None:
-    """Close this process's session with `remote` (as `connect` takes it), so that another process (a
-    tuner's measuring workers) can have the device; layers using it reconnect on their next call."""
-    address = remote if isinstance(remote, str) else f"{remote['tracker']}/{remote['key']}"
-    with _remote_lock:
-        session = _sessions.pop(address, None)
-        for key in [k for k in _remote_kernels if k[0] == id(session)]:
-            del _remote_kernels[key]
-
-
-def remote_kernel(session, library: str) -> "RemoteKernel":
-    """The library loaded on the session's device, once: uploading a library again over one that is
-    loaded crashes the server."""
-    with _remote_lock:
-        key = (id(session), library)
-        if key not in _remote_kernels:
-            _remote_kernels[key] = RemoteKernel(session, library)
-        return _remote_kernels[key]
-
-
-class RemoteKernel:
-    """A compiled library run on an RPC server's CPU (a board): uploaded once, weights uploaded once
-    per change, the input and output copied per call."""
-
-    def __init__(self, session, library: str, entry: str = "main"):
-        self.device = ("rpc", id(session))  # weights uploaded over one session are not seen by another
-        session.upload(library)
-        self.module, self.entry = session.load_module(os.path.basename(library)), entry
-        self.function = self.module[entry]
-        self.remote_device = session.cpu()
-
-    def weights(self, arrays) -> list:
-        return [tvm.runtime.tensor(np.ascontiguousarray(a), device=self.remote_device) for a in arrays]
-
-    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
-        result = tvm.runtime.empty(out.shape, str(out.dtype), self.remote_device)
-        self.function(tvm.runtime.tensor(np.ascontiguousarray(x), device=self.remote_device), *weights, result)
-        out[...] = result.numpy()
-
-
 # ---------------------------------------------------------------- exported bundles (tvmconv.export)
 
 BUNDLE_FORMAT = "tvmconv-bundle-1"
@@ -219,7 +175,8 @@ class Predictor:
     """An exported bundle, loaded: `pred(x)` runs its layers. Compiles nothing; safe to call from many
     threads at once (each call has its own intermediate arrays; the weights are only read)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int | None = None):
+        self.threads = threads or default_threads()
         manifest_path = os.path.join(path, BUNDLE_FILES["manifest"])
         try:
             with open(manifest_path) as f:
@@ -272,6 +229,7 @@ class Predictor:
         return x
 
     def _run(self, chunk: np.ndarray) -> list[np.ndarray]:
+        use_threads(self.threads)  # TVM's own default is half the cores on x86
         values = []
         for function, reads, shape, weights in self._layers:
             source = chunk if reads < 0 else values[reads]
@@ -311,6 +269,7 @@ def _cpu_flags() -> set:
         return set()
 
 
-def load(path: str) -> Predictor:
-    """Load an exported bundle (tvmconv.export) for inference with TVM's runtime only."""
-    return Predictor(path)
+def load(path: str, threads: int | None = None) -> Predictor:
+    """Load an exported bundle (tvmconv.export) for inference with TVM's runtime only; its kernels run
+    on `threads` threads (default: TVM_NUM_THREADS, else every CPU this process may use)."""
+    return Predictor(path, threads)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import build, model, records, runtime, schedules, targets, validation
+from . import build, model, records, remote, runtime, schedules, targets, validation
 from .compute import ConvWorkload, conv2d_forward, packed_kernel_shape
 
 SPACES = ("template", "auto", "both")
@@ -225,7 +225,7 @@ def _gflops(compiled: build.CompiledKernel, rpc) -> float:
     if rpc is None:
         kernel, device = compiled.kernel, tvm.cpu()
     else:
-        kernel = runtime.remote_kernel(runtime.connect(rpc), compiled.library)
+        kernel = remote.remote_kernel(remote.connect(rpc), compiled.library)
         device = kernel.remote_device
     try:
         evaluator = kernel.module.time_evaluator(kernel.entry, device, number=1, repeat=15, min_repeat_ms=40)
@@ -233,7 +233,7 @@ def _gflops(compiled: build.CompiledKernel, rpc) -> float:
         seconds = float(np.median(evaluator(*arguments).results))
     finally:
         if rpc is not None:  # the device serves one session at a time: free it for the next round of tuning
-            runtime.disconnect(rpc)
+            remote.disconnect(rpc)
     return compiled.workload.flops / seconds / 1e9
 
 
@@ -266,7 +266,7 @@ def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None,
         raise TypeError("`rpc` must be 'HOST:PORT' or {'tracker': 'HOST:PORT', 'key': KEY}: MetaSchedule's runner "
                         "opens its own sessions")
     if rpc is not None:  # a layer's session in this process would keep the runner's workers waiting
-        runtime.disconnect(rpc)
+        remote.disconnect(rpc)
     folder = records.folder(log_dir or records.user_root(), target)
     database = records.open_database(folder, create=True)
     threads = threads or runtime.default_threads()
