@@ -159,7 +159,7 @@ def serve(args) -> int:
     """Serve a bundle over HTTP: /predict, /health, /metadata."""
     from tvmconv import serving
     serving.run(args.bundle, host=args.host, port=args.port, max_request_bytes=args.max_request_mb << 20,
-                threads=args.threads)
+                concurrency=args.concurrency, threads=args.threads)
     return 0
 
 
@@ -231,7 +231,9 @@ def main(argv=None) -> int:
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.add_argument("--max-request-mb", type=int, default=64, help="largest request body (default 64 MiB)")
-    serve_parser.add_argument("--threads", type=int, default=8, help="requests run at once (default 8)")
+    serve_parser.add_argument("--concurrency", type=int, default=4, help="requests run at once (default 4)")
+    serve_parser.add_argument("--threads", type=int, default=None,
+                              help="kernel threads per request (default: TVM_NUM_THREADS, else every CPU)")
     serve_parser.set_defaults(run=serve)
 
     logs_parser = commands.add_parser("logs", help=logs.__doc__)
@@ -250,8 +252,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "size", 3) < 3 or getattr(args, "batch", 1) < 1:
         parser.error("--size must be at least 3 and --batch at least 1")
-    for name in ("trials", "min_trials", "keep"):
-        if getattr(args, name, 1) < 1:
+    for name in ("trials", "min_trials", "keep", "concurrency", "threads", "max_request_mb"):
+        if (getattr(args, name, 1) or 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         return args.run(args)

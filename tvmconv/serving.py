@@ -6,7 +6,8 @@
                   out (npz for several outputs); or JSON as TF Serving takes it: {"inputs": batch}
                   → {"outputs": ...}, {"instances": [sample, ...]} → {"predictions": [...]}.
 Bad bodies, shapes and dtypes get a 4xx answer with a message; bodies over the size limit a 413.
-All requests share one loaded module; at most `threads` run at once, the rest wait their turn.
+All requests share one loaded module; at most `concurrency` run at once, the rest wait their turn;
+each runs its kernels on `threads` threads.
 """
 import io
 import json
@@ -40,10 +41,11 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def create_app(bundle: str, max_request_bytes: int = 64 << 20, threads: int = 8) -> FastAPI:
-    predictor = runtime.load(bundle)
+def create_app(bundle: str, max_request_bytes: int = 64 << 20, concurrency: int = 4,
+               threads: int | None = None) -> FastAPI:
+    predictor = runtime.load(bundle, threads)
     manifest = predictor.manifest
-    limiter = anyio.CapacityLimiter(threads)
+    limiter = anyio.CapacityLimiter(concurrency)
     output_names = [manifest["layers"][i]["name"] for i in manifest["outputs"]]
     app = FastAPI(title="tvmconv", version=__version__)
 
@@ -111,6 +113,6 @@ def create_app(bundle: str, max_request_bytes: int = 64 << 20, threads: int = 8)
 
 
 def run(bundle: str, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = 64 << 20,
-        threads: int = 8) -> None:
+        concurrency: int = 4, threads: int | None = None) -> None:
     import uvicorn
-    uvicorn.run(create_app(bundle, max_request_bytes, threads), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(bundle, max_request_bytes, concurrency, threads), host=host, port=port, log_level="info")
