@@ -129,7 +129,7 @@ class Tuned:
     kernel_block: int    # the packed weight layout of the tuned PrimFunc
     trace: object        # the schedule, as a MetaSchedule trace
     seconds: float       # its time as the tuner measured it
-    trials: int          # records for this workload in that folder
+    trials: int          # trials run for this workload in that folder
     reused: str | None   # how the tuned workload differs from this one, when it stands in (see best)
 
     def __str__(self) -> str:
@@ -138,7 +138,8 @@ class Tuned:
 
 
 class _Index:
-    """Per log folder: its database and, per workload key, the kernel blocks and trial count on record.
+    """Per log folder: its database and, per workload key, the kernel blocks on record and the trials
+    run (its records, or more when `logs prune` dropped some: summary.json keeps the count).
     Re-read when a file changes (a tuning run in another process appends to it)."""
 
     def __init__(self, path: str):
@@ -154,9 +155,12 @@ class _Index:
             entry = self.entries.setdefault(wl.key, {"blocks": set(), "trials": 0})
             entry["blocks"].add(block)
             entry["trials"] += 1
+        for key, noted in read_summary(path).items():
+            if key in self.entries:
+                self.entries[key]["trials"] = max(self.entries[key]["trials"], noted.get("trials", 0))
 
     def _stamp(self):
-        files = [os.path.join(self.path, name) for name in (WORKLOADS_FILE, RECORDS_FILE)]
+        files = [os.path.join(self.path, name) for name in (WORKLOADS_FILE, RECORDS_FILE, SUMMARY_FILE)]
         return tuple((os.path.getmtime(f), os.path.getsize(f)) if os.path.exists(f) else None for f in files)
 
     def stale(self) -> bool:

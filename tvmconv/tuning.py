@@ -241,11 +241,9 @@ def _gflops(compiled: build.CompiledKernel, rpc) -> float:
 
 
 def _trials_on_record(folder: str, wl: ConvWorkload) -> int:
-    """Trials run for `wl` in this folder: its records, or more when `logs prune` dropped some."""
     idx = records.index(folder)
     entry = idx and idx.entries.get(wl.key)
-    noted = records.read_summary(folder).get(wl.key, {}).get("trials", 0)
-    return max(entry["trials"] if entry else 0, noted)
+    return entry["trials"] if entry else 0
 
 
 def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None, log_dir: str | None = None,
