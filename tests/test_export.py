@@ -53,6 +53,25 @@ def test_round_trip_matches_the_layers(bundle, rng):
     assert set(os.listdir(path)) == set(runtime.BUNDLE_FILES.values())
 
 
+def test_predictor_is_safe_from_many_threads(bundle):
+    model, path, _ = bundle
+    predict = runtime.load(path)
+    inputs = [np.random.default_rng(i).standard_normal((1 + i % 4, 10, 10, 3)).astype(np.float32) for i in range(24)]
+    outputs = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(5):
+            outputs[i] = predict(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for x, y in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(y, model(x), rtol=1e-6, atol=1e-7)
+
+
 def test_functional_model_with_two_outputs(tmp_path, rng):
     inputs = tvmconv.layer_input((9, 9, 4))
     a = tvmconv.layer_conv_2d(inputs, 8, 3, activation="relu")
