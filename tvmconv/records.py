@@ -115,7 +115,7 @@ def write_summary(path: str, summary: dict) -> None:
 
 
 def note_tuned(path: str, wl: ConvWorkload, trials: int, gflops: float | None) -> None:
-    """Record when `wl` was last tuned here, its trial count and the re-timed speed of its best record."""
+    """Record when `wl` was last tuned or re-timed here, its trial count and its best record's re-timed speed."""
     summary = read_summary(path)
     summary[wl.key] = {"workload": dataclasses.asdict(wl), "trials": trials, "retimed_gflops": gflops,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -302,7 +302,7 @@ def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None,
                             raise
                         stopped = callback.stop_reason
             results.append(_result(wl, target, folder, rpc, callback, stopped))
-            if callback is not None:
+            if results[-1].trials:  # also when only re-timed: the latest figure, from a quiet machine or not
                 records.note_tuned(folder, wl, results[-1].trials, results[-1].gflops)
     return results
 
