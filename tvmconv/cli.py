@@ -203,8 +203,10 @@ def main(argv=None) -> int:
                              help="a named set (resnet50, mobilenet_v2, resnext50, vgg16), a Keras model file "
                                   "(.keras/.h5) or a workload HxWxC:FILTERS:KHxKW[:name=value...]")
     tune_parser.add_argument("--trials", type=int, default=64,
-                             help="records wanted per workload (several workloads: split by FLOP share)")
-    tune_parser.add_argument("--min-trials", type=int, default=64, help="floor of each workload's share")
+                             help="records wanted: a lone workload's count; for several, the total, split by "
+                                  "FLOP share (default 64)")
+    tune_parser.add_argument("--min-trials", type=int, default=64,
+                             help="the least records for each of several workloads (default 64)")
     tune_parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     tune_parser.add_argument("--target", default=None, type=target_argument,
                              help="a preset (x86-avx2, aarch64, ...) or a target dict as JSON; default: this host")
