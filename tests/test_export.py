@@ -84,6 +84,17 @@ def test_functional_model_with_two_outputs(tmp_path, rng):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_layers_of_different_dtypes(tmp_path, rng):
+    model = tvmconv.Sequential()
+    tvmconv.layer_conv_2d(model, 4, 3, input_shape=(7, 7, 2), dtype="float64", activation="tanh")
+    tvmconv.layer_conv_2d(model, 3, 1, dtype="float32")
+    tvmconv.export(model, (1, 7, 7, 2), str(tmp_path / "b"))
+    x = rng.standard_normal((2, 7, 7, 2))
+    y = runtime.load(str(tmp_path / "b"))(x)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, model(x), rtol=1e-6, atol=1e-7)
+
+
 def test_inputs_are_checked(bundle):
     predict = runtime.load(bundle[1])
     with pytest.raises(ValueError, match=r"dtype float32, got float64"):

@@ -52,6 +52,7 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
         if bias is not None:
             weights[names[1]] = bias.astype(dtype)
         layers.append({"name": call.layer.name, "function": symbol, "reads": call.source, "weights": names,
+                       "dtype": dtype,
                        "input_shape": list(call.workload.input_shape), "output_shape": list(call.workload.output_shape),
                        "workload": dataclasses.asdict(call.workload),
                        "tuning": str(compiled.tuning) if compiled.tuning else None})

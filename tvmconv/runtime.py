@@ -209,6 +209,7 @@ class Predictor:
         module = load_module(os.path.join(path, manifest["files"]["library"]["name"]))
         with np.load(os.path.join(path, manifest["files"]["weights"]["name"])) as stored:
             self._layers = [(module[layer["function"]], layer["reads"], tuple(layer["output_shape"]),
+                             np.dtype(layer["dtype"]),
                              [to_tensor(np.ascontiguousarray(stored[name])) for name in layer["weights"]])
                             for layer in manifest["layers"]]
         self._outputs = manifest["outputs"]
@@ -231,9 +232,10 @@ class Predictor:
     def _run(self, chunk: np.ndarray) -> list[np.ndarray]:
         use_threads(self.threads)  # TVM's own default is half the cores on x86
         values = []
-        for function, reads, shape, weights in self._layers:
+        for function, reads, shape, dtype, weights in self._layers:
             source = chunk if reads < 0 else values[reads]
-            out = aligned_empty(shape, self.dtype)
+            source = source.astype(dtype, copy=False)  # a layer computes in its own dtype, as Conv2D does
+            out = aligned_empty(shape, dtype)
             function(input_tensor(source), *weights, to_tensor(out))
             values.append(out)
         return [values[i] for i in self._outputs]
