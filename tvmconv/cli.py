@@ -87,10 +87,16 @@ def parse_workload(text: str, batch: int):
 
 def keras_model(path: str):
     """A saved Keras model (.keras, .h5) of Conv2D layers in a chain, as a tvmconv Sequential with its weights."""
+    if "KERAS_BACKEND" not in os.environ:  # Keras defaults to TensorFlow; use whichever backend is installed
+        import importlib.util
+        installed = [name for name in ("tensorflow", "jax", "torch") if importlib.util.find_spec(name)]
+        if installed:
+            os.environ["KERAS_BACKEND"] = installed[0]
     try:
         import keras
-    except ImportError:
-        raise ValueError(f"reading {path} needs Keras: pip install keras") from None
+    except ImportError as err:
+        raise ValueError(f"reading {path} needs Keras and one of its backends (tensorflow, jax or torch): "
+                         f"{err}") from None
     import tvmconv
     source = keras.models.load_model(path, compile=False)
     model = tvmconv.Sequential(name=source.name)
@@ -259,7 +265,7 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         return args.run(args)
-    except (TypeError, ValueError) as err:  # invalid arguments and damaged logs: a message, not a traceback
+    except (TypeError, ValueError, OSError) as err:  # bad arguments, damaged logs, missing files: a message
         print(f"tvmconv {args.command}: {err}", file=sys.stderr)
         return 2
 
