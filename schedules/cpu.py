@@ -171,3 +171,15 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*loops[:2]))
         sch.vectorize(loops[-1])
+
+
+def schedule_backward(func, wl: ConvWorkload, target) -> s_tir.Schedule:
+    """The gradient computes (tvmconv.backward), scheduled simply: each block's two outer data-parallel
+    loops fused and run in parallel. A starting point: MetaSchedule's auto space tunes them."""
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == 0)  # 0: data-parallel
+        outer = sch.get_loops(block)[:min(2, spatial)]
+        if outer:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    return sch

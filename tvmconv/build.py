@@ -17,7 +17,7 @@ import warnings
 
 import tvm
 
-from . import records, runtime, schedules, targets
+from . import backward, records, runtime, schedules, targets
 from .compute import ConvWorkload, conv2d_forward
 
 
@@ -119,6 +119,30 @@ def _tuned_function(wl: ConvWorkload, target: tvm.target.Target, log_roots):
         return None, None
 
 
+def _library(func, target: tvm.target.Target, key: str, name: str, meta: dict) -> tuple:
+    """The shared library of a scheduled PrimFunc in the disk cache, compiled when absent or damaged:
+    (library path, cubin path or None, "compiled" or "disk cache")."""
+    # The file name covers the exact scheduled program, so a change to compute or schedule
+    # never picks up a stale library.
+    fingerprint = hashlib.sha256((tvm.__version__ + str(target.export()) + func.script()).encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir(), "kernels", key)
+    os.makedirs(folder, exist_ok=True)
+    library = os.path.join(folder, f"{name}-{fingerprint}.so")
+    sidecar = library[:-3] + ".json"
+    cubin = library[:-3] + ".cubin" if target.kind.name == "cuda" else None
+    if _verified(library, sidecar) and (cubin is None or os.path.exists(cubin)):
+        return library, cubin, "disk cache"
+    module = tvm.compile(func, target=target).mod
+    fcompile = targets.cross_compiler(target)
+    _atomic_write(library, lambda path: module.export_library(path, fcompile=fcompile))
+    if cubin:
+        device_code = _cubin(module, target)
+        _atomic_write(cubin, lambda path: pathlib.Path(path).write_bytes(device_code))
+    meta = {"sha256": runtime.file_sha256(library), "target": str(target.export()), "tvm": tvm.__version__, **meta}
+    _atomic_write(sidecar, lambda path: _write_json(path, meta))
+    return library, cubin, "compiled"
+
+
 def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None) -> CompiledKernel:
     """The kernel for `wl` on `target`: with `knobs` if given, else from the best tuning record in
     `log_roots` (default: records.search_roots()), else with the rule's default knobs."""
@@ -133,26 +157,9 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
         if cached is not None:
             return dataclasses.replace(cached, origin="memory cache")
         func = func or scheduled(rule, wl, target, knobs)
-        # The file name covers the exact scheduled program, so a change to compute or schedule
-        # never picks up a stale library.
-        fingerprint = hashlib.sha256((tvm.__version__ + str(target.export()) + func.script()).encode()).hexdigest()[:16]
-        folder = os.path.join(cache_dir(), "kernels", key)
-        os.makedirs(folder, exist_ok=True)
-        library = os.path.join(folder, f"{wl.key}-{fingerprint}.so")
-        sidecar = library[:-3] + ".json"
-        cubin = library[:-3] + ".cubin" if target.kind.name == "cuda" else None
-        if _verified(library, sidecar) and (cubin is None or os.path.exists(cubin)):
-            origin = "disk cache"
-        else:
-            module, origin = tvm.compile(func, target=target).mod, "compiled"
-            fcompile = targets.cross_compiler(target)
-            _atomic_write(library, lambda path: module.export_library(path, fcompile=fcompile))
-            if cubin:
-                device_code = _cubin(module, target)
-                _atomic_write(cubin, lambda path: pathlib.Path(path).write_bytes(device_code))
-            meta = {"sha256": runtime.file_sha256(library), "workload": dataclasses.asdict(wl), "target": str(target.export()),
-                    "schedule": str(tuned) if tuned else rule.__name__, "knobs": repr(knobs), "tvm": tvm.__version__}
-            _atomic_write(sidecar, lambda path: _write_json(path, meta))
+        library, cubin, origin = _library(func, target, key, wl.key, {
+            "workload": dataclasses.asdict(wl), "schedule": str(tuned) if tuned else rule.__name__,
+            "knobs": repr(knobs)})
         # Loaded from the library in both cases: what runs is what the cache holds.
         kernel = runtime.Kernel(runtime.load_module(library)) if targets.runnable_here(target) else None
         schedule = "tuning record" if tuned else rule.__name__.rsplit(".", 1)[-1]
@@ -160,3 +167,24 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
                                   cubin, tuned, func)
         _memory[memory_key] = compiled
         return compiled
+
+
+BACKWARD_COMPUTES = {"activation": backward.activation_backward, "input": backward.input_backward,
+                     "weight": backward.weight_backward}
+
+
+def get_backward_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target) -> runtime.Kernel:
+    """A gradient kernel of `wl` (see tvmconv.backward: "activation", "input" or "weight") for this host."""
+    key = targets.target_key(target)
+    with _lock:
+        cached = _memory.get((part, wl.key, key))
+        if cached is not None:
+            return cached
+        rule = schedules.find_rule(wl, target)
+        if not hasattr(rule, "schedule_backward"):
+            raise NotImplementedError(f"the {rule.__name__} schedules have no gradient kernels yet")
+        func = rule.schedule_backward(BACKWARD_COMPUTES[part](wl), wl, target).mod["main"]
+        library, _, _ = _library(func, target, key, f"{wl.key}-grad-{part}",
+                                 {"workload": dataclasses.asdict(wl), "gradient": part})
+        kernel = _memory[(part, wl.key, key)] = runtime.Kernel(runtime.load_module(library))
+        return kernel

@@ -4,6 +4,7 @@ Arguments are validated once, here, with Keras's wording; nothing after the cons
 them. `build` creates the weights from the input's channel count; a call turns the input shape into
 a `ConvWorkload`, fetches the compiled kernel for it (memory, then disk, then compile) and runs it.
 """
+import dataclasses
 import itertools
 import threading
 
@@ -356,6 +357,52 @@ class Conv2D:
             # Keras divides the activity penalty by the batch size.
             self._activity_losses = [float(self.activity_regularizer(y)) / x.shape[0]]
         return y
+
+    def gradients(self, inputs, output_gradient) -> dict:
+        """Gradients of a loss through this layer, given `output_gradient` = dL/dy for y = layer(inputs):
+        {"input": dL/dx, "kernel": dL/dW (Keras's layout), "bias": dL/db or None}, computed by TVM
+        kernels (tvmconv.backward) in the compute dtype. Regularizer terms are not included."""
+        x = to_array(inputs)
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"Input 0 of layer '{self.name}' must be a real numeric array. Received dtype={x.dtype}")
+        output_shape = self.compute_output_shape(x.shape)
+        dy = to_array(output_gradient)
+        if dy.shape != tuple(output_shape):
+            raise ValueError(f"`output_gradient` must have the layer's output shape {tuple(output_shape)} for an "
+                             f"input of shape {x.shape}. Received shape {dy.shape}")
+        if callable(self.activation) or self.activation in activations.UNCALLABLE:
+            raise NotImplementedError(f"gradients need a named activation compiled into the kernel; layer "
+                                      f"'{self.name}' has {activations.serialize(self.activation)!r}")
+        if self.remote is not None or self.target.kind.name != "llvm":
+            raise NotImplementedError("gradients run on this host's CPU only for now: layer "
+                                      f"'{self.name}' has target={self.target.kind.name!r}, remote={self.remote!r}")
+        targets.check_runnable_here(self.target)
+        if not self.built:
+            self.build(x.shape)
+        dtype = self.compute_dtype
+        x = np.ascontiguousarray(x, dtype=dtype)
+        dy = np.ascontiguousarray(dy, dtype=dtype)
+        wl = self.workload(x.shape)
+        runtime.use_threads(self.threads or runtime.default_threads())
+        # z = conv(x) + b, the pre-activation: the forward kernel with a linear epilogue.
+        linear = kernel_build.get_kernel(dataclasses.replace(wl, activation="linear"), self.target)
+        z = runtime.aligned_empty(linear.workload.output_shape, dtype)
+        linear.kernel(x, self._weights_on_device(linear, linear.kernel), z)
+
+        def run(part, *arrays):
+            kernel_build.get_backward_kernel(part, wl, self.target).function(
+                *[runtime.to_tensor(runtime.as_aligned(a)) for a in arrays])
+
+        dz = dy
+        if wl.activation != "linear":
+            dz = runtime.aligned_empty(z.shape, dtype)
+            run("activation", z, dy, dz)
+        dx = runtime.aligned_empty(x.shape, dtype)
+        run("input", dz, self._kernel.astype(dtype), dx)
+        dw = runtime.aligned_empty(wl.kernel_shape, dtype)
+        db = runtime.aligned_empty((wl.filters,), dtype) if wl.use_bias else None
+        run("weight", x, dz, dw, *([db] if db is not None else []))
+        return {"input": dx, "kernel": dw, "bias": db}
 
     def _symbolic_call(self, inputs: KerasTensor) -> KerasTensor:
         self._check_input_shape(inputs.shape)

@@ -1,0 +1,100 @@
+"""Conv2D.gradients: TVM's gradient kernels against central finite differences in float64 and against
+Keras (JAX backend) through every activation with a derivative."""
+import itertools
+
+import numpy as np
+import pytest
+
+import tvmconv
+from tvmconv import activations
+
+CONFIGS = {
+    "same": dict(filters=6, kernel_size=3, padding="same", activation="tanh"),
+    "stride2-same-groups": dict(filters=4, kernel_size=3, strides=2, padding="same", groups=2, activation="gelu"),
+    "dilation-softmax": dict(filters=4, kernel_size=(3, 2), dilation_rate=2, activation="softmax"),
+    "nchw-stride-glu": dict(filters=4, kernel_size=3, strides=2, data_format="channels_first", activation="glu"),
+    "depthwise-log_softmax": dict(filters=4, kernel_size=3, padding="same", groups=4, activation="log_softmax"),
+    "uneven-stride-sparsemax": dict(filters=5, kernel_size=2, strides=(2, 1), activation="sparsemax",
+                                    use_bias=False),
+    "stride3-valid-uncovered": dict(filters=3, kernel_size=2, strides=3, activation="relu"),
+}
+
+
+def _input_shape(config):
+    return (2, 4, 7, 9) if config.get("data_format") == "channels_first" else (2, 7, 8, 4)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradients_match_finite_differences(name, rng):
+    config = CONFIGS[name]
+    layer = tvmconv.Conv2D(dtype="float64", **config)
+    x = rng.standard_normal(_input_shape(config))
+    layer.build(x.shape)
+    dy = rng.standard_normal(layer(x).shape)
+    grads = layer.gradients(x, dy)
+    weights = layer.get_weights()
+    eps = 1e-6
+
+    def loss():
+        return float(np.sum(layer(x) * dy))
+
+    def numeric(array, index, restore):
+        old = array[index]
+        array[index] = old + eps
+        restore()
+        plus = loss()
+        array[index] = old - eps
+        restore()
+        minus = loss()
+        array[index] = old
+        restore()
+        return (plus - minus) / (2 * eps)
+
+    for index in itertools.islice(np.ndindex(x.shape), 0, None, 7):
+        assert grads["input"][index] == pytest.approx(numeric(x, index, lambda: None), abs=1e-7)
+    for position, name_ in enumerate(["kernel", "bias"][:len(weights)]):
+        for index in itertools.islice(np.ndindex(weights[position].shape), 0, None, 5):
+            expected = numeric(weights[position], index, lambda: layer.set_weights(weights))
+            assert grads[name_][index] == pytest.approx(expected, abs=1e-7), (name_, index)
+    assert grads["bias"] is None if not layer.use_bias else grads["bias"].shape == (layer.filters,)
+
+
+# Keras's own sparsemax is not sparsemax (README: known differences): the finite-difference test covers it.
+DIFFERENTIABLE = sorted(activations.NAMES - set(activations.ALIASES) - activations.UNCALLABLE - {"sparsemax"})
+
+
+@pytest.mark.parametrize("activation", DIFFERENTIABLE)
+def test_gradients_match_keras(keras, activation, rng):
+    import jax
+    import jax.numpy as jnp
+    config = dict(filters=8, kernel_size=3, strides=2, padding="same", groups=2, activation=activation)
+    x = rng.standard_normal((2, 9, 8, 4)).astype(np.float32)
+    layer = tvmconv.Conv2D(**config)
+    layer.build(x.shape)
+    kernel, bias = layer.get_weights()
+    reference = keras.layers.Conv2D(**config)
+    reference.build(x.shape)
+    reference.set_weights([kernel, bias])
+    # (Keras's compute_output_shape ignores that glu halves the last axis: take ours.)
+    dy = rng.standard_normal(layer.compute_output_shape(x.shape)).astype(np.float32)
+
+    def loss(x_, kernel_, bias_):
+        y, _ = reference.stateless_call([kernel_, bias_], [], x_)
+        return jnp.sum(y * dy)
+
+    expected = jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)
+    grads = layer.gradients(x, dy)
+    for got, want, name in zip((grads["input"], grads["kernel"], grads["bias"]), expected,
+                               ("input", "kernel", "bias"), strict=True):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+def test_gradients_refuse_what_they_cannot_do(rng):
+    layer = tvmconv.Conv2D(4, 3)
+    x = rng.standard_normal((1, 6, 6, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"output shape \(1, 4, 4, 4\).*Received shape \(1, 4, 4, 3\)"):
+        layer.gradients(x, np.zeros((1, 4, 4, 3), np.float32))
+    with pytest.raises(NotImplementedError, match="named activation"):
+        tvmconv.Conv2D(4, 3, activation=lambda v: v).gradients(x, np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.raises(NotImplementedError, match="this host's CPU only"):
+        tvmconv.Conv2D(4, 3, target="aarch64", remote="127.0.0.1:1").gradients(x, np.zeros((1, 4, 4, 4), np.float32))
