@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from . import validation
+from . import training, validation
 from .layer import Conv2D, to_array, unique_name
 from .symbolic import KerasTensor, _input_names
 
@@ -38,6 +38,61 @@ class _Network:
         if isinstance(chunks[0], list):  # a functional model with several outputs
             return [np.concatenate(parts) for parts in zip(*chunks)]
         return np.concatenate(chunks)
+
+    # ------------------------------------------------------------ training (tvmconv.training)
+
+    def compile(self, optimizer="rmsprop", loss=None):
+        """As Keras: `optimizer` "sgd", "adam", "rmsprop" or an optimizer object (tvmconv.training.SGD,
+        Adam, RMSprop with their learning rates and momentum options); `loss` "mse", "mae", "huber" or
+        a callable loss(y_true, y_pred) (differentiated with JAX)."""
+        if loss is None:
+            raise ValueError("compile() needs a `loss`: 'mse', 'mae', 'huber' or a callable loss(y_true, y_pred)")
+        self.optimizer = training.get_optimizer(optimizer)
+        self._loss = training.get_loss(loss)
+
+    def _training_graph(self):
+        if getattr(self, "_loss", None) is None:
+            raise RuntimeError(f"You must call `compile()` before training or evaluating model '{self.name}'.")
+        graph = _graph(self)
+        outputs = getattr(self, "outputs", None)
+        if outputs is not None and len(outputs) != 1:
+            raise NotImplementedError("training handles models with one output")
+        output = len(graph) - 1 if outputs is None else self._nodes.index(next(n for n in self._nodes
+                                                                               if n is outputs[0]))
+        return graph, output
+
+    def _xy(self, x, y):
+        x, y = to_array(x), to_array(y)
+        if len(x) != len(y):
+            raise ValueError(f"`x` and `y` must have the same number of samples. Received: {len(x)} and {len(y)}")
+        return x, y
+
+    def train_on_batch(self, x, y) -> float:
+        graph, output = self._training_graph()
+        x, y = self._xy(x, y)
+        return training.step(graph, output, x, y, self._loss, self.optimizer)
+
+    def evaluate(self, x, y, batch_size=None, verbose=0) -> float:
+        graph, output = self._training_graph()
+        x, y = self._xy(x, y)
+        batch_size = 32 if batch_size is None else validation.positive_int(batch_size, "batch_size")
+        total = sum(training.step(graph, output, x[i:i + batch_size], y[i:i + batch_size], self._loss, None)
+                    * len(x[i:i + batch_size]) for i in range(0, len(x), batch_size))
+        return total / len(x)
+
+    def fit(self, x, y, epochs=1, batch_size=None, validation_data=None, shuffle=True, verbose="auto"):
+        """Keras's fit: returns a History whose `history` has "loss" (and "val_loss") per epoch."""
+        graph, output = self._training_graph()
+        x, y = self._xy(x, y)
+        epochs = validation.positive_int(epochs, "epochs")
+        batch_size = 32 if batch_size is None else validation.positive_int(batch_size, "batch_size")
+        if validation_data is not None and (not isinstance(validation_data, (tuple, list))
+                                            or len(validation_data) != 2):
+            raise ValueError("`validation_data` must be a tuple (x_val, y_val)")
+        verbose = 1 if verbose == "auto" else verbose
+        return training.fit(graph, output, x, y, self._loss, self.optimizer, epochs, batch_size, validation_data,
+                            validation.as_bool(shuffle, "shuffle"), bool(verbose),
+                            lambda vx, vy: self.evaluate(vx, vy, batch_size))
 
     def get_weights(self) -> list:
         return [w for layer in self.layers for w in layer.get_weights()]
@@ -194,18 +249,22 @@ class LayerCall:
     workload: object  # compute.ConvWorkload
 
 
+def _graph(layer_or_model) -> list[tuple[Conv2D, int]]:
+    """(layer, the index of the call whose output it reads; -1: the input), in call order."""
+    if isinstance(layer_or_model, Conv2D):
+        return [(layer_or_model, -1)]
+    if isinstance(layer_or_model, Model):  # each call reads its parent node's output
+        index = {id(node): i for i, node in enumerate(layer_or_model._nodes)}
+        return [(node.producer, index.get(id(node.parent), -1)) for node in layer_or_model._nodes]
+    if isinstance(layer_or_model, Sequential):
+        return [(layer, i - 1) for i, layer in enumerate(layer_or_model.layers)]
+    raise TypeError(f"Expected a tvmconv Conv2D layer, Sequential or Model, got {type(layer_or_model).__name__}")
+
+
 def layer_calls(layer_or_model, input_shape=None) -> list[LayerCall]:
     """The layer calls of a Conv2D, Sequential or functional Model, in order, at this input shape
     (batch included; 3D means batch 1; None: the model's declared input, batch 1 if unknown)."""
-    if isinstance(layer_or_model, Conv2D):
-        graph = [(layer_or_model, -1)]
-    elif isinstance(layer_or_model, Model):  # each call reads its parent node's output
-        index = {id(node): i for i, node in enumerate(layer_or_model._nodes)}
-        graph = [(node.producer, index.get(id(node.parent), -1)) for node in layer_or_model._nodes]
-    elif isinstance(layer_or_model, Sequential):
-        graph = [(layer, i - 1) for i, layer in enumerate(layer_or_model.layers)]
-    else:
-        raise TypeError(f"Expected a tvmconv Conv2D layer, Sequential or Model, got {type(layer_or_model).__name__}")
+    graph = _graph(layer_or_model)
     if not graph:
         raise ValueError(f"Model '{layer_or_model.name}' has no layers")
     if input_shape is None:

@@ -13,7 +13,9 @@ def _non_negative(value, name):
 
 
 class Regularizer(serialization.Serializable):
-    pass
+    def gradient(self, x):
+        """d(penalty)/dx, for training."""
+        raise NotImplementedError(f"training with the {type(self).__name__} regularizer is not supported yet")
 
 
 class L1(Regularizer):
@@ -23,6 +25,9 @@ class L1(Regularizer):
     def __call__(self, x):
         return self.l1 * np.sum(np.abs(np.asarray(x, np.float64)))
 
+    def gradient(self, x):
+        return self.l1 * np.sign(x)
+
 
 class L2(Regularizer):
     def __init__(self, l2=0.01):
@@ -30,6 +35,9 @@ class L2(Regularizer):
 
     def __call__(self, x):
         return self.l2 * np.sum(np.square(np.asarray(x, np.float64)))  # no factor 1/2, as Keras
+
+    def gradient(self, x):
+        return 2 * self.l2 * np.asarray(x)
 
 
 class L1L2(Regularizer):
@@ -39,6 +47,9 @@ class L1L2(Regularizer):
     def __call__(self, x):
         x = np.asarray(x, np.float64)
         return self.l1 * np.sum(np.abs(x)) + self.l2 * np.sum(np.square(x))
+
+    def gradient(self, x):
+        return self.l1 * np.sign(x) + 2 * self.l2 * np.asarray(x)
 
 
 class OrthogonalRegularizer(Regularizer):

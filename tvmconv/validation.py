@@ -1,4 +1,5 @@
 """Argument standardization at the API edge, with Keras's wording: what was given, what is allowed."""
+import math
 import numbers
 
 import numpy as np
@@ -53,6 +54,19 @@ def standardize_data_format(value) -> str:
         raise ValueError("The `data_format` argument must be one of {'channels_first', 'channels_last'}. "
                          f"Received: data_format={value!r}")
     return data_format
+
+
+def positive_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Argument `{name}` must be a positive number. Received: {name}={value!r}")
+    return float(value)
+
+
+def fraction(value, name: str) -> float:
+    """A number in [0, 1): momentum and decay rates."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"Argument `{name}` must be a number in [0, 1). Received: {name}={value!r}")
+    return float(value)
 
 
 def as_bool(value, name: str) -> bool:
