@@ -11,12 +11,12 @@ import pytest
 import tvm
 from farm import board_address, free_port, tracker_with_server
 from paths import PATHS
-from tvmconv.schedules import arm, cuda, find_rule
 
 import tvmconv
 from tvmconv import build, reference, targets
 from tvmconv import remote as remote_devices
 from tvmconv.compute import ConvWorkload
+from tvmconv.schedules import arm, cuda, find_rule
 
 
 def _compiled_source(wl, target, kind="asm"):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tvm
 from paths import PATHS
-from tvmconv.schedules import cpu, find_rule, x86
 
 from tvmconv import build, reference, runtime, targets
 from tvmconv.compute import ConvWorkload, pack_kernel
+from tvmconv.schedules import cpu, find_rule, x86
 
 HOST = targets.resolve(None)
 

@@ -60,7 +60,7 @@ def test_callable_loss_is_differentiated_with_jax(keras, rng):
     ours, _, x, y = _pair(keras, rng, OPTIMIZERS["sgd"], "mse")
     twin, _, _, _ = _pair(keras, np.random.default_rng(1234), OPTIMIZERS["sgd"], "mse")
     twin.compile(optimizer=training.SGD(learning_rate=0.05), loss=lambda t, p: jnp.square(p - t))
-    for w_ours, layer in zip([l.get_weights() for l in ours.layers], twin.layers, strict=True):
+    for w_ours, layer in zip([mine.get_weights() for mine in ours.layers], twin.layers, strict=True):
         layer.set_weights(w_ours)
     assert twin.train_on_batch(x, y) == pytest.approx(ours.train_on_batch(x, y), rel=1e-5)
     for got, want in zip(twin.get_weights(), ours.get_weights(), strict=True):
