@@ -67,6 +67,13 @@ def _shape_tuple(value, name: str, length: int, allow_none: bool = True):
     return tuple(None if v is None else int(v) for v in value)
 
 
+def _is_forward_shaped(wl: ConvWorkload) -> bool:
+    """Whether dx is itself a forward convolution of dz: stride 1, and padding that keeps the size with
+    the same amount on both sides (odd effective kernel extents, or 1x1)."""
+    extents = [d * (k - 1) + 1 for k, d in zip(wl.kernel_size, wl.dilation)]
+    return wl.strides == (1, 1) and (wl.padding == "same" or extents == [1, 1]) and all(e % 2 for e in extents)
+
+
 def to_array(x) -> np.ndarray:
     """numpy arrays as they are; DLPack producers (torch, jax, ...) without a copy where possible."""
     if isinstance(x, np.ndarray):
@@ -385,7 +392,10 @@ class Conv2D:
         wl = self.workload(x.shape)
         runtime.use_threads(self.threads or runtime.default_threads())
         # z = conv(x) + b, the pre-activation: the forward kernel with a linear epilogue.
-        linear = kernel_build.get_kernel(dataclasses.replace(wl, activation="linear"), self.target)
+        linear = self._kernels.get(("pre-activation", x.shape))
+        if linear is None:
+            linear = self._kernels[("pre-activation", x.shape)] = kernel_build.get_kernel(
+                dataclasses.replace(wl, activation="linear"), self.target)
         z = runtime.aligned_empty(linear.workload.output_shape, dtype)
         linear.kernel(x, self._weights_on_device(linear, linear.kernel), z)
 
@@ -397,12 +407,70 @@ class Conv2D:
         if wl.activation != "linear":
             dz = runtime.aligned_empty(z.shape, dtype)
             run("activation", z, dy, dz)
-        dx = runtime.aligned_empty(x.shape, dtype)
-        run("input", dz, self._kernel.astype(dtype), dx)
-        dw = runtime.aligned_empty(wl.kernel_shape, dtype)
-        db = runtime.aligned_empty((wl.filters,), dtype) if wl.use_bias else None
-        run("weight", x, dz, dw, *([db] if db is not None else []))
+        dx = self._input_gradient(wl, dz) if _is_forward_shaped(wl) else None
+        if dx is None:
+            dx = runtime.aligned_empty(x.shape, dtype)
+            run("input", dz, self._kernel.astype(dtype), dx)
+        if wl.groups == 1:
+            dw = self._kernel_gradient(wl, x, dz)
+            db = dz.sum(axis=(0, 1, 2) if wl.channels_last else (0, 2, 3)) if wl.use_bias else None
+        else:
+            dw = runtime.aligned_empty(wl.kernel_shape, dtype)
+            db = runtime.aligned_empty((wl.filters,), dtype) if wl.use_bias else None
+            run("weight", x, dz, dw, *([db] if db is not None else []))
         return {"input": dx, "kernel": dw, "bias": db}
+
+    def _input_gradient(self, wl: ConvWorkload, dz: np.ndarray) -> np.ndarray:
+        """dx for a stride-1 convolution whose padding keeps the size: the forward kernel (tuned like any
+        forward workload) run on dz with the kernel flipped in space and transposed per group."""
+        kh, kw, cg, filters = wl.kernel_shape
+        shape = (wl.batch, wl.out_height, wl.out_width, filters)
+        if not wl.channels_last:
+            shape = (wl.batch, filters, wl.out_height, wl.out_width)
+        compiled = self._kernels.get(("input gradient", shape))
+        if compiled is None:  # the same layer's settings: padding, dilation, groups, data format
+            backward_wl = dataclasses.replace(self.workload(shape), filters=wl.in_channels, use_bias=False,
+                                              activation="linear")
+            compiled = self._kernels[("input gradient", shape)] = kernel_build.get_kernel(backward_wl, self.target)
+        backward_wl = compiled.workload
+        # Made once per weight change, like the forward weights (the cache is emptied on assignment).
+        cache, kernel = self._device_weights, self._kernel
+        key = ("transposed", compiled.kernel_block)
+        if key not in cache:
+            fg = filters // wl.groups
+            flipped = kernel.astype(wl.dtype)[::-1, ::-1].reshape(kh, kw, cg, wl.groups, fg)
+            transposed = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, fg, wl.groups * cg)
+            cache[key] = compiled.kernel.weights([pack_kernel(np.ascontiguousarray(transposed), compiled.kernel_block)])
+        dx = runtime.aligned_empty(backward_wl.output_shape, wl.dtype)
+        compiled.kernel(np.ascontiguousarray(dz), cache[key], dx)
+        return dx
+
+    def _kernel_gradient(self, wl: ConvWorkload, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
+        """dW without groups as one matrix product, run by the forward kernel of a 1x1 convolution:
+        dW[(i, j, c), f] = Σ_p tap_ij(x)[c, p] · dz[p, f], p over every output pixel of the batch, where
+        row (i, j, c) holds input channel c as tap (i, j) of the window reads it (gathered here)."""
+        kh, kw = wl.kernel_size
+        (sh, sw), (dh, dw) = wl.strides, wl.dilation
+        top, left, bottom, right = wl.pads
+        oh, ow, channels = wl.out_height, wl.out_width, wl.in_channels
+        pixels = wl.batch * oh * ow
+        x_cnhw = x.transpose(3, 0, 1, 2) if wl.channels_last else x.transpose(1, 0, 2, 3)
+        padded = np.pad(x_cnhw, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        taps = runtime.aligned_empty((1, 1, kh * kw * channels, pixels), wl.dtype)
+        rows = taps.reshape(kh, kw, channels, wl.batch, oh, ow)
+        for i in range(kh):
+            for j in range(kw):
+                rows[i, j] = padded[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+        dz_pixels = (dz if wl.channels_last else dz.transpose(0, 2, 3, 1)).reshape(1, 1, pixels, wl.filters)
+        compiled = self._kernels.get(("kernel gradient", x.shape))
+        if compiled is None:
+            product = ConvWorkload(1, 1, kh * kw * channels, pixels, wl.filters, (1, 1), use_bias=False,
+                                   dtype=wl.dtype)
+            compiled = self._kernels[("kernel gradient", x.shape)] = kernel_build.get_kernel(product, self.target)
+        out = runtime.aligned_empty((1, 1, kh * kw * channels, wl.filters), wl.dtype)
+        compiled.kernel(taps, compiled.kernel.weights([pack_kernel(np.ascontiguousarray(dz_pixels),
+                                                                   compiled.kernel_block)]), out)
+        return out.reshape(kh, kw, channels, wl.filters)
 
     def _symbolic_call(self, inputs: KerasTensor) -> KerasTensor:
         self._check_input_shape(inputs.shape)
