@@ -29,8 +29,8 @@ def torch_layout(torch, array):
 
 def bench_layer(env, workload, batch, repeat, rng):
     torch, tvm, tvmconv = env["torch"], env["tvm"], env["tvmconv"]
-    import tvmconv.layer
     from tvmconv import build, runtime, targets
+    from tvmconv import layer as layer_module
     wl = conv_workload(workload, batch)
     target = targets.resolve(None)
     x = rng.standard_normal(wl.input_shape).astype(np.float32)
@@ -53,7 +53,7 @@ def bench_layer(env, workload, batch, repeat, rng):
     # dx and dW each timed as layer.gradients runs them: dx through the forward kernel when the conv's
     # transpose is one (stride 1, size-keeping padding), dW (without groups) as a 1x1 forward kernel on the
     # gathered windows, else the gradient kernels.
-    dx_part = layer._input_gradient if tvmconv.layer._is_forward_shaped(wl) else None
+    dx_part = layer._input_gradient if layer_module._is_forward_shaped(wl) else None
     input_kernel = build.get_backward_kernel("input", wl, target)
     weight_kernel = build.get_backward_kernel("weight", wl, target)
     w_aligned = runtime.as_aligned(kernel)
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
           f"{peak:.1f} GFLOP/s; torch {env['torch'].__version__}, batch {args.batch}")
     rng = np.random.default_rng(0)
     workloads = {w.name: w for w in resnet50_workloads()}
-    print(f"| workload | grad | tvmconv GF/s | torch GF/s | ratio | tvmconv %peak | max abs error |")
+    print("| workload | grad | tvmconv GF/s | torch GF/s | ratio | tvmconv %peak | max abs error |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in LAYERS:
         result = bench_layer(env, workloads[name], args.batch, args.repeat, rng)
