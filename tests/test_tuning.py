@@ -224,3 +224,14 @@ def test_ctrl_c_ends_the_run_after_a_round_and_keeps_its_records(tmp_path):
     assert "(interrupted)" in out
     trials = log.read_text().count("\n")
     assert 0 < trials < 64 and records.best(WL, HOST, [str(tmp_path)]) is not None
+
+
+def test_shipped_logs_are_readable_and_apply_where_they_match():
+    folders = records.target_folders(records.shipped_root())
+    for folder in folders:
+        rows = records.summarize(folder)
+        assert rows and all(row["records"] >= 1 and row["trials"] >= row["records"] for row in rows)
+    host_folder = records.folder(records.shipped_root(), HOST)
+    if host_folder in folders:  # on the CPU they were made for, the first one's record is used
+        wl = records.summarize(host_folder)[0]["workload"]
+        assert build.get_kernel(wl, HOST).tuning is not None

@@ -296,6 +296,16 @@ def prune(path: str, keep: int) -> tuple[int, int]:
         if seconds(record) is not None:
             records_by_workload.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
     kept = [r for group in records_by_workload.values() for r in sorted(group, key=seconds)[:keep]]
+    # The trial counts go to summary.json first: they are the records' count until now.
+    summary, counts = read_summary(path), {}
+    for record in everything:
+        found = workload_of(record)
+        if found is not None:
+            counts[found[0]] = counts.get(found[0], 0) + 1
+    for wl, count in counts.items():
+        noted = summary.setdefault(wl.key, {"workload": dataclasses.asdict(wl), "retimed_gflops": None, "date": None})
+        noted["trials"] = max(noted.get("trials", 0), count)
+    write_summary(path, summary)
     staging = os.path.join(path, ".prune")
     os.makedirs(staging, exist_ok=True)
     for name in (WORKLOADS_FILE, RECORDS_FILE):
