@@ -50,9 +50,8 @@ def bench_layer(env, workload, batch, repeat, rng):
     error_dx = float(np.abs(t_dx.permute(0, 2, 3, 1).numpy() - dx).max())
     error_dw = float(np.abs(t_dw.permute(2, 3, 1, 0).numpy() - dw).max())
 
-    # dx and dW each timed as layer.gradients runs them: dx through the forward kernel when the conv's
-    # transpose is one (stride 1, size-keeping padding), dW (without groups) as a 1x1 forward kernel on the
-    # gathered windows, else the gradient kernels.
+    # dx and dW each timed as layer.gradients runs them: through forward kernels where the gradient is a
+    # forward convolution (Conv2D._input_gradient, _kernel_gradient), else the gradient kernels.
     dx_part = layer._input_gradient if layer_module._is_forward_shaped(wl) else None
     input_kernel = build.get_backward_kernel("input", wl, target)
     weight_kernel = build.get_backward_kernel("weight", wl, target)
@@ -79,7 +78,8 @@ def bench_layer(env, workload, batch, repeat, rng):
             "dx": {"tvm_s": dx_seconds, "torch_s": torch_dx, "max_abs_error": error_dx,
                    "path": "forward kernel" if dx_part else "gradient kernel"},
             "dw": {"tvm_s": dw_seconds, "torch_s": torch_dw, "max_abs_error": error_dw,
-                   "path": "window gather + 1x1 forward kernel" if dw_part else "gradient kernel"}}
+                   "path": ("forward kernel, matrix product" if wl.kernel_size == (1, 1) else
+                            "forward kernel, samples as channels") if dw_part else "gradient kernel"}}
 
 
 def bench_training_step(env, batch, repeat, rng):

@@ -446,31 +446,39 @@ class Conv2D:
         return dx
 
     def _kernel_gradient(self, wl: ConvWorkload, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        """dW without groups as one matrix product, run by the forward kernel of a 1x1 convolution:
-        dW[(i, j, c), f] = Σ_p tap_ij(x)[c, p] · dz[p, f], p over every output pixel of the batch, where
-        row (i, j, c) holds input channel c as tap (i, j) of the window reads it (gathered here)."""
+        """dW without groups, run by a forward kernel (tuned like any forward workload):
+        dW[i, j, c, f] = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, c] · dz[n, oh, ow, f].
+
+        A k x k kernel reads it as a convolution: the batch is the input channels, the channels are the
+        samples, dz is the (OH x OW) kernel, the stride is the dilation and the dilation the stride.
+        A 1x1 kernel is a matrix product instead (that convolution's output would be one pixel wide):
+        a 1x1 convolution of x's channels as pixels, with dz's pixels as input channels."""
         kh, kw = wl.kernel_size
         (sh, sw), (dh, dw) = wl.strides, wl.dilation
         top, left, bottom, right = wl.pads
-        oh, ow, channels = wl.out_height, wl.out_width, wl.in_channels
-        pixels = wl.batch * oh * ow
-        x_cnhw = x.transpose(3, 0, 1, 2) if wl.channels_last else x.transpose(1, 0, 2, 3)
-        padded = np.pad(x_cnhw, ((0, 0), (0, 0), (top, bottom), (left, right)))
-        taps = runtime.aligned_empty((1, 1, kh * kw * channels, pixels), wl.dtype)
-        rows = taps.reshape(kh, kw, channels, wl.batch, oh, ow)
-        for i in range(kh):
-            for j in range(kw):
-                rows[i, j] = padded[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
-        dz_pixels = (dz if wl.channels_last else dz.transpose(0, 2, 3, 1)).reshape(1, 1, pixels, wl.filters)
+        x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
+        dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
+        if (kh, kw) == (1, 1):
+            pixels = wl.batch * wl.out_height * wl.out_width
+            image = x_nhwc[:, ::sh, ::sw, :][:, :wl.out_height, :wl.out_width].reshape(pixels, wl.in_channels).T
+            image = image.reshape(1, 1, wl.in_channels, pixels)
+            weights = dz_nhwc.reshape(1, 1, pixels, wl.filters)
+            product = ConvWorkload(1, 1, wl.in_channels, pixels, wl.filters, (1, 1), use_bias=False, dtype=wl.dtype)
+        else:
+            padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
+            image = padded.transpose(3, 1, 2, 0)  # (channels, rows, columns, samples)
+            weights = dz_nhwc.transpose(1, 2, 0, 3)  # (OH, OW, samples, filters)
+            product = ConvWorkload(wl.in_channels, padded.shape[1], padded.shape[2], wl.batch, wl.filters,
+                                   (wl.out_height, wl.out_width), (dh, dw), (sh, sw), use_bias=False, dtype=wl.dtype)
         compiled = self._kernels.get(("kernel gradient", x.shape))
         if compiled is None:
-            product = ConvWorkload(1, 1, kh * kw * channels, pixels, wl.filters, (1, 1), use_bias=False,
-                                   dtype=wl.dtype)
             compiled = self._kernels[("kernel gradient", x.shape)] = kernel_build.get_kernel(product, self.target)
-        out = runtime.aligned_empty((1, 1, kh * kw * channels, wl.filters), wl.dtype)
-        compiled.kernel(taps, compiled.kernel.weights([pack_kernel(np.ascontiguousarray(dz_pixels),
-                                                                   compiled.kernel_block)]), out)
-        return out.reshape(kh, kw, channels, wl.filters)
+        out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
+        packed = pack_kernel(np.ascontiguousarray(weights), compiled.kernel_block)
+        compiled.kernel(runtime.as_aligned(np.ascontiguousarray(image)), compiled.kernel.weights([packed]), out)
+        if (kh, kw) == (1, 1):
+            return out.reshape(1, 1, wl.in_channels, wl.filters)
+        return np.ascontiguousarray(out[:, :kh, :kw, :].transpose(1, 2, 0, 3))
 
     def _symbolic_call(self, inputs: KerasTensor) -> KerasTensor:
         self._check_input_shape(inputs.shape)
