@@ -29,8 +29,7 @@ def torch_layout(torch, array):
 
 def bench_layer(env, workload, batch, repeat, rng):
     torch, tvm, tvmconv = env["torch"], env["tvm"], env["tvmconv"]
-    from tvmconv import build, runtime, targets
-    from tvmconv import layer as layer_module
+    from tvmconv import backward, build, runtime, targets
     wl = conv_workload(workload, batch)
     target = targets.resolve(None)
     x = rng.standard_normal(wl.input_shape).astype(np.float32)
@@ -52,7 +51,7 @@ def bench_layer(env, workload, batch, repeat, rng):
 
     # dx and dW each timed as layer.gradients runs them: through forward kernels where the gradient is a
     # forward convolution (Conv2D._input_gradient, _kernel_gradient), else the gradient kernels.
-    dx_part = layer._input_gradient if layer_module._is_forward_shaped(wl) else None
+    dx_part = layer._input_gradient if backward.input_gradient_workload(wl) else None
     input_kernel = build.get_backward_kernel("input", wl, target)
     weight_kernel = build.get_backward_kernel("weight", wl, target)
     w_aligned = runtime.as_aligned(kernel)
@@ -66,7 +65,7 @@ def bench_layer(env, workload, batch, repeat, rng):
         return median(evaluator(*args).results)
 
     dx_seconds = (time_call(lambda: dx_part(wl, dz), repeat).median if dx_part else tvm_time(input_kernel, args_dx))
-    dw_part = layer._kernel_gradient if wl.groups == 1 else None
+    dw_part = layer._kernel_gradient if backward.kernel_gradient_workload(wl) else None
     dw_seconds = (time_call(lambda: dw_part(wl, x, dz), repeat).median if dw_part else tvm_time(weight_kernel, args_dw))
     with torch.no_grad():
         torch_dx = time_call(lambda: torch.nn.grad.conv2d_input(tx.shape, tw, tdz, stride=stride, padding=pad),

@@ -13,7 +13,7 @@ import pytest
 from farm import board_address, tracker_with_server
 
 import tvmconv
-from tvmconv import build, cli, records, reference, runtime, targets, tuning
+from tvmconv import backward, build, cli, records, reference, runtime, targets, tuning
 from tvmconv.compute import ConvWorkload
 
 HOST = targets.resolve(None)
@@ -137,6 +137,11 @@ def test_model_workloads_and_budget_split_by_flops():
     budgets = tuning.trial_budgets(workloads, 1000)
     assert min(budgets) == tuning.MIN_TRIALS_PER_WORKLOAD and budgets[2] > budgets[1] > budgets[0]
     assert tuning.trial_budgets(workloads[:1], 5) == [5]
+    # Training's forward workloads: the pre-activation (when the layer has an activation), dx (stride 1,
+    # "same") and dW, each once.
+    training = tuning.conv_workloads(model, None, gradients=True)
+    assert training[:2] == [workloads[0], backward.input_gradient_workload(workloads[0])]
+    assert len(training) == len(set(training)) and backward.kernel_gradient_workload(workloads[2]) in training
 
 
 def test_corrupt_log_names_the_file(tuned, tmp_path):

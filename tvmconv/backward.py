@@ -9,6 +9,7 @@ With z = conv(x, W) + b, y = act(z) and dy = dL/dy:
 All arrays are in the workload's data format and compute dtype; z and dz have the conv's output
 shape (for glu: twice dy's last axis).
 """
+import dataclasses
 import math
 
 from tvm import te, tirx
@@ -184,3 +185,42 @@ def weight_backward(wl: ConvWorkload):
         outputs.append(te.compute((wl.filters,), lambda f: te.sum(dz_at(n2, oh2, ow2, f), axis=[n2, oh2, ow2]),
                                   name="db"))
     return _input_read_unaligned(te.create_prim_func([x, dz, *outputs]), wl)
+
+
+# ---------------------------------------------------------------- gradients that are forward convolutions
+
+
+def input_gradient_workload(wl: ConvWorkload) -> ConvWorkload | None:
+    """The forward workload whose output is dx, when there is one: for stride 1 and padding that keeps
+    the size on both sides alike (odd effective extents, or 1x1), dx is the forward convolution of dz
+    with the kernel flipped in space and transposed per group (`transposed_kernel`). Else None."""
+    extents = [d * (k - 1) + 1 for k, d in zip(wl.kernel_size, wl.dilation, strict=True)]
+    if wl.strides != (1, 1) or not (wl.padding == "same" or extents == [1, 1]) or not all(e % 2 for e in extents):
+        return None
+    return dataclasses.replace(wl, in_height=wl.out_height, in_width=wl.out_width, in_channels=wl.filters,
+                               filters=wl.in_channels, use_bias=False, activation="linear")
+
+
+def transposed_kernel(kernel, groups: int):
+    """Keras's (kh, kw, cin/groups, filters) kernel flipped in space, with (cin, filters) swapped per group."""
+    kh, kw, cg, filters = kernel.shape
+    fg = filters // groups
+    flipped = kernel[::-1, ::-1].reshape(kh, kw, cg, groups, fg)
+    return flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, fg, groups * cg)
+
+
+def kernel_gradient_workload(wl: ConvWorkload) -> ConvWorkload | None:
+    """The forward workload whose output holds dW (without groups; else None), as `Conv2D._kernel_gradient`
+    lays its arguments out:
+      1x1: a matrix product, x's channels as pixels and dz's pixels as input channels;
+      k x k: the padded input with its samples as channels and its channels as the batch, convolved
+             with dz as an (OH x OW) kernel, the stride and dilation swapped."""
+    if wl.groups != 1:
+        return None
+    if wl.kernel_size == (1, 1):
+        pixels = wl.batch * wl.out_height * wl.out_width
+        return ConvWorkload(1, 1, wl.in_channels, pixels, wl.filters, (1, 1), use_bias=False, dtype=wl.dtype)
+    top, left, bottom, right = wl.pads
+    return ConvWorkload(wl.in_channels, wl.in_height + top + bottom, wl.in_width + left + right, wl.batch,
+                        wl.filters, (wl.out_height, wl.out_width), wl.dilation, wl.strides, use_bias=False,
+                        dtype=wl.dtype)

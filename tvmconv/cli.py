@@ -126,7 +126,7 @@ def tune(args) -> int:
             workloads += [networks.conv_workload(w, args.batch) for w in networks.NETWORKS[item]()]
         elif item.endswith((".keras", ".h5")):
             model = keras_model(item)
-            workloads += tuning.conv_workloads(model, (args.batch, *model.batch_input_shape[1:]))
+            workloads += tuning.conv_workloads(model, (args.batch, *model.batch_input_shape[1:]), args.gradients)
         else:
             workloads += parse_workload(item, args.batch)
     workloads = list(dict.fromkeys(workloads))
@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     tune_parser.add_argument("--log-dir", default=None,
                              help="default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs")
     tune_parser.add_argument("--space", choices=("template", "auto", "both"), default="template")
+    tune_parser.add_argument("--gradients", action="store_true",
+                             help="with a model file: also the forward workloads that training runs")
     tune_parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
     tune_parser.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
                              help="measure on devices of this tracker")

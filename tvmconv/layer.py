@@ -12,6 +12,7 @@ import numpy as np
 
 from . import (
     activations,
+    backward,
     constraints,
     initializers,
     keras_config,
@@ -65,13 +66,6 @@ def _shape_tuple(value, name: str, length: int, allow_none: bool = True):
         raise ValueError(f"The `{name}` argument must be a tuple of {length} positive integers"
                          f"{' or None' if allow_none else ''}. Received: {name}={value!r}")
     return tuple(None if v is None else int(v) for v in value)
-
-
-def _is_forward_shaped(wl: ConvWorkload) -> bool:
-    """Whether dx is itself a forward convolution of dz: stride 1, and padding that keeps the size with
-    the same amount on both sides (odd effective kernel extents, or 1x1)."""
-    extents = [d * (k - 1) + 1 for k, d in zip(wl.kernel_size, wl.dilation)]
-    return wl.strides == (1, 1) and (wl.padding == "same" or extents == [1, 1]) and all(e % 2 for e in extents)
 
 
 def to_array(x) -> np.ndarray:
@@ -407,11 +401,11 @@ class Conv2D:
         if wl.activation != "linear":
             dz = runtime.aligned_empty(z.shape, dtype)
             run("activation", z, dy, dz)
-        dx = self._input_gradient(wl, dz) if _is_forward_shaped(wl) else None
+        dx = self._input_gradient(wl, dz) if backward.input_gradient_workload(wl) else None
         if dx is None:
             dx = runtime.aligned_empty(x.shape, dtype)
             run("input", dz, self._kernel.astype(dtype), dx)
-        if wl.groups == 1:
+        if backward.kernel_gradient_workload(wl):
             dw = self._kernel_gradient(wl, x, dz)
             db = dz.sum(axis=(0, 1, 2) if wl.channels_last else (0, 2, 3)) if wl.use_bias else None
         else:
@@ -421,32 +415,23 @@ class Conv2D:
         return {"input": dx, "kernel": dw, "bias": db}
 
     def _input_gradient(self, wl: ConvWorkload, dz: np.ndarray) -> np.ndarray:
-        """dx for a stride-1 convolution whose padding keeps the size: the forward kernel (tuned like any
-        forward workload) run on dz with the kernel flipped in space and transposed per group."""
-        kh, kw, cg, filters = wl.kernel_shape
-        shape = (wl.batch, wl.out_height, wl.out_width, filters)
-        if not wl.channels_last:
-            shape = (wl.batch, filters, wl.out_height, wl.out_width)
-        compiled = self._kernels.get(("input gradient", shape))
-        if compiled is None:  # the same layer's settings: padding, dilation, groups, data format
-            backward_wl = dataclasses.replace(self.workload(shape), filters=wl.in_channels, use_bias=False,
-                                              activation="linear")
-            compiled = self._kernels[("input gradient", shape)] = kernel_build.get_kernel(backward_wl, self.target)
-        backward_wl = compiled.workload
+        """dx by the forward kernel of `backward.input_gradient_workload` (tuned like any forward workload)."""
+        compiled = self._kernels.get(("input gradient", wl.input_shape))
+        if compiled is None:
+            compiled = self._kernels[("input gradient", wl.input_shape)] = kernel_build.get_kernel(
+                backward.input_gradient_workload(wl), self.target)
         # Made once per weight change, like the forward weights (the cache is emptied on assignment).
         cache, kernel = self._device_weights, self._kernel
         key = ("transposed", compiled.kernel_block)
         if key not in cache:
-            fg = filters // wl.groups
-            flipped = kernel.astype(wl.dtype)[::-1, ::-1].reshape(kh, kw, cg, wl.groups, fg)
-            transposed = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, fg, wl.groups * cg)
+            transposed = backward.transposed_kernel(kernel.astype(wl.dtype), wl.groups)
             cache[key] = compiled.kernel.weights([pack_kernel(np.ascontiguousarray(transposed), compiled.kernel_block)])
-        dx = runtime.aligned_empty(backward_wl.output_shape, wl.dtype)
+        dx = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
         compiled.kernel(np.ascontiguousarray(dz), cache[key], dx)
         return dx
 
     def _kernel_gradient(self, wl: ConvWorkload, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        """dW without groups, run by a forward kernel (tuned like any forward workload):
+        """dW without groups, run by the forward kernel of `backward.kernel_gradient_workload`:
         dW[i, j, c, f] = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, c] · dz[n, oh, ow, f].
 
         A k x k kernel reads it as a convolution: the batch is the input channels, the channels are the
@@ -454,7 +439,7 @@ class Conv2D:
         A 1x1 kernel is a matrix product instead (that convolution's output would be one pixel wide):
         a 1x1 convolution of x's channels as pixels, with dz's pixels as input channels."""
         kh, kw = wl.kernel_size
-        (sh, sw), (dh, dw) = wl.strides, wl.dilation
+        sh, sw = wl.strides
         top, left, bottom, right = wl.pads
         x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
         dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
@@ -463,16 +448,14 @@ class Conv2D:
             image = x_nhwc[:, ::sh, ::sw, :][:, :wl.out_height, :wl.out_width].reshape(pixels, wl.in_channels).T
             image = image.reshape(1, 1, wl.in_channels, pixels)
             weights = dz_nhwc.reshape(1, 1, pixels, wl.filters)
-            product = ConvWorkload(1, 1, wl.in_channels, pixels, wl.filters, (1, 1), use_bias=False, dtype=wl.dtype)
         else:
             padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
             image = padded.transpose(3, 1, 2, 0)  # (channels, rows, columns, samples)
             weights = dz_nhwc.transpose(1, 2, 0, 3)  # (OH, OW, samples, filters)
-            product = ConvWorkload(wl.in_channels, padded.shape[1], padded.shape[2], wl.batch, wl.filters,
-                                   (wl.out_height, wl.out_width), (dh, dw), (sh, sw), use_bias=False, dtype=wl.dtype)
         compiled = self._kernels.get(("kernel gradient", x.shape))
         if compiled is None:
-            compiled = self._kernels[("kernel gradient", x.shape)] = kernel_build.get_kernel(product, self.target)
+            compiled = self._kernels[("kernel gradient", x.shape)] = kernel_build.get_kernel(
+                backward.kernel_gradient_workload(wl), self.target)
         out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
         packed = pack_kernel(np.ascontiguousarray(weights), compiled.kernel_block)
         compiled.kernel(runtime.as_aligned(np.ascontiguousarray(image)), compiled.kernel.weights([packed]), out)

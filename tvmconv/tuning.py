@@ -26,7 +26,17 @@ from tqdm.auto import tqdm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import build, model, records, remote, runtime, schedules, targets, validation
+from . import (
+    backward,
+    build,
+    model,
+    records,
+    remote,
+    runtime,
+    schedules,
+    targets,
+    validation,
+)
 from .compute import ConvWorkload, conv2d_forward, packed_kernel_shape
 
 SPACES = ("template", "auto", "both")
@@ -52,13 +62,19 @@ class TuneResult:
 # ---------------------------------------------------------------- what to tune
 
 
-def conv_workloads(layer_or_model, input_shape=None) -> list[ConvWorkload]:
+def conv_workloads(layer_or_model, input_shape=None, gradients: bool = False) -> list[ConvWorkload]:
     """The distinct conv workloads of a Conv2D layer, a Sequential or a functional Model, in call order,
-    for this input shape (batch included; 3D means batch 1; None: the model's declared input)."""
+    for this input shape (batch included; 3D means batch 1; None: the model's declared input). With
+    `gradients`, also the forward workloads that training runs (Conv2D.gradients): the pre-activation,
+    and dx and dW where they are forward convolutions (tvmconv.backward)."""
     found = []
     for call in model.layer_calls(layer_or_model, input_shape):
-        if call.workload not in found:
-            found.append(call.workload)
+        wl = call.workload
+        extra = [dataclasses.replace(wl, activation="linear"), backward.input_gradient_workload(wl),
+                 backward.kernel_gradient_workload(wl)] if gradients else []
+        for workload in [wl, *extra]:
+            if workload is not None and workload not in found:
+                found.append(workload)
     return found
 
 
@@ -318,7 +334,8 @@ def _result(wl, target, folder, rpc, callback, stopped) -> TuneResult:
 
 
 def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: str | None = None,
-         space: str = "template", rpc=None, time_budget: float | None = None) -> list[TuneResult]:
+         space: str = "template", rpc=None, time_budget: float | None = None,
+         gradients: bool = False) -> list[TuneResult]:
     """Tune the convolutions of a Conv2D layer or a model for `target` (default: this host's CPU).
 
     `input_shape` is the first layer's input (batch included, or 3D for batch 1). A model's
@@ -327,7 +344,8 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     `log_dir` (default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs) under the
     target's key. `rpc` measures on remote devices: {"tracker": "HOST:PORT", "key": KEY} or
     "HOST:PORT" of an RPC server; kernels are built (cross-compiled) here. `time_budget`
-    (seconds) ends the run at the first round boundary past it; so does Ctrl-C.
+    (seconds) ends the run at the first round boundary past it; so does Ctrl-C. `gradients` also
+    tunes the forward workloads that training runs (see `conv_workloads`).
     """
-    return tune_workloads(conv_workloads(layer_or_model, input_shape), trials, target, log_dir, space, rpc,
-                          time_budget)
+    return tune_workloads(conv_workloads(layer_or_model, input_shape, gradients), trials, target, log_dir, space,
+                          rpc, time_budget)
