@@ -32,7 +32,6 @@ class CompiledKernel:
     kernel: runtime.Kernel | None  # loaded here, when this host can run the target's code
     cubin: str | None = None  # GPU targets: the device code nvcc built, beside the library
     tuning: records.Tuned | None = None  # the tuning record it was built from (None: the template's defaults)
-    function: tvm.tirx.PrimFunc | None = None  # the scheduled program (export links several into one library)
 
     @property
     def kernel_block(self) -> int:
@@ -106,17 +105,32 @@ def scheduled(rule, wl: ConvWorkload, target: tvm.target.Target, knobs):
     return rule.schedule(conv2d_forward(wl, knobs.kernel_block), wl, target, knobs).mod["main"]
 
 
-def _tuned_function(wl: ConvWorkload, target: tvm.target.Target, log_roots):
-    """The best tuning record for `wl` and its schedule replayed on our compute, or (None, None)."""
-    tuned = records.best(wl, target, log_roots)
-    if tuned is None:
-        return None, None
-    try:
-        return tuned, records.apply(tuned, conv2d_forward(wl, tuned.kernel_block)).mod["main"]
-    except Exception as err:  # e.g. a batch-1 trace whose tile sizes do not fit this batch
-        warnings.warn(f"tvmconv: the tuning record in {tuned.folder} does not apply to this workload ({err}); "
-                      "using the template's defaults", RuntimeWarning)
-        return None, None
+def _choice(wl: ConvWorkload, target: tvm.target.Target, knobs, log_roots) -> tuple:
+    """(rule, knobs, tuning record): `knobs` if given, else the best record in `log_roots` (default:
+    records.search_roots()), else the rule's default knobs. Cheap: the record lookup is memoized."""
+    rule = schedules.find_rule(wl, target)
+    tuned = records.best(wl, target, log_roots) if knobs is None else None
+    return rule, (None if tuned else knobs or rule.default_knobs(wl, target)), tuned
+
+
+def _function(rule, wl: ConvWorkload, target: tvm.target.Target, knobs, tuned) -> tuple:
+    """(scheduled PrimFunc, knobs, tuned) for a choice; a record whose trace does not replay on this
+    workload gives way to the default knobs."""
+    if tuned is not None:
+        try:
+            return records.apply(tuned, conv2d_forward(wl, tuned.kernel_block)).mod["main"], None, tuned
+        except Exception as err:  # e.g. a batch-1 trace whose tile sizes do not fit this batch
+            warnings.warn(f"tvmconv: the tuning record in {tuned.folder} does not apply to this workload ({err}); "
+                          "using the template's defaults", RuntimeWarning)
+            knobs = rule.default_knobs(wl, target)
+    return scheduled(rule, wl, target, knobs), knobs, None
+
+
+def scheduled_function(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None) -> tuple:
+    """(the scheduled PrimFunc, its knobs or None, its tuning record or None), chosen as `get_kernel`
+    chooses, without compiling it (export links several into one library)."""
+    rule, knobs, tuned = _choice(wl, target, knobs, log_roots)
+    return _function(rule, wl, target, knobs, tuned)
 
 
 def _library(func, target: tvm.target.Target, key: str, name: str, meta: dict) -> tuple:
@@ -148,24 +162,21 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
     `log_roots` (default: records.search_roots()), else with the rule's default knobs."""
     key = targets.target_key(target)
     with _lock:
-        rule = schedules.find_rule(wl, target)
-        tuned, func = _tuned_function(wl, target, log_roots) if knobs is None else (None, None)
-        if tuned is None:
-            knobs = knobs or rule.default_knobs(wl, target)
-        memory_key = (wl.key, key, knobs if tuned is None else str(tuned.trace))
-        cached = _memory.get(memory_key)
+        rule, knobs, tuned = _choice(wl, target, knobs, log_roots)
+        # Kept under the choice, so a record that falls back to the defaults is replayed (and reported) once.
+        choice = (wl.key, key, knobs, tuned and str(tuned.trace))
+        cached = _memory.get(choice)
         if cached is not None:
             return dataclasses.replace(cached, origin="memory cache")
-        func = func or scheduled(rule, wl, target, knobs)
+        func, knobs, tuned = _function(rule, wl, target, knobs, tuned)
         library, cubin, origin = _library(func, target, key, wl.key, {
             "workload": dataclasses.asdict(wl), "schedule": str(tuned) if tuned else rule.__name__,
             "knobs": repr(knobs)})
         # Loaded from the library in both cases: what runs is what the cache holds.
         kernel = runtime.Kernel(runtime.load_module(library)) if targets.runnable_here(target) else None
         schedule = "tuning record" if tuned else rule.__name__.rsplit(".", 1)[-1]
-        compiled = CompiledKernel(wl, key, schedule, knobs if tuned is None else None, origin, library, kernel,
-                                  cubin, tuned, func)
-        _memory[memory_key] = compiled
+        compiled = CompiledKernel(wl, key, schedule, knobs, origin, library, kernel, cubin, tuned)
+        _memory[choice] = compiled
         return compiled
 
 

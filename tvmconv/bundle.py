@@ -17,7 +17,7 @@ import tvm
 
 from . import __version__, build, runtime, targets
 from .compute import pack_kernel
-from .model import Model, layer_calls
+from .model import Model, layer_calls, output_calls
 
 
 def _x86_flags(target) -> list[str]:
@@ -42,20 +42,21 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
     os.makedirs(path, exist_ok=True)
     functions, weights, layers = {}, {}, []
     for i, call in enumerate(calls):
-        compiled = build.get_kernel(call.workload, target)
+        function, knobs, tuned = build.scheduled_function(call.workload, target)
+        kernel_block = tuned.kernel_block if tuned else knobs.kernel_block
         symbol = f"layer_{i}"
-        functions[symbol] = compiled.function.with_attr("global_symbol", symbol)
+        functions[symbol] = function.with_attr("global_symbol", symbol)
         kernel, bias = call.layer.kernel, call.layer.bias
         dtype = call.workload.dtype
         names = [f"{symbol}.kernel"] + ([f"{symbol}.bias"] if bias is not None else [])
-        weights[names[0]] = pack_kernel(kernel.astype(dtype), compiled.kernel_block)
+        weights[names[0]] = pack_kernel(kernel.astype(dtype), kernel_block)
         if bias is not None:
             weights[names[1]] = bias.astype(dtype)
         layers.append({"name": call.layer.name, "function": symbol, "reads": call.source, "weights": names,
                        "dtype": dtype,
                        "input_shape": list(call.workload.input_shape), "output_shape": list(call.workload.output_shape),
                        "workload": dataclasses.asdict(call.workload),
-                       "tuning": str(compiled.tuning) if compiled.tuning else None})
+                       "tuning": str(tuned) if tuned else None})
 
     library = os.path.join(path, runtime.BUNDLE_FILES["library"])
     module = tvm.compile(tvm.IRModule(functions), target=target).mod
@@ -64,12 +65,7 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
     np.savez(weights_file, **weights)
 
     first = calls[0].workload
-    if isinstance(model_or_layer, Model):
-        outputs = [model_or_layer._nodes.index(next(n for n in model_or_layer._nodes if n is o))
-                   for o in model_or_layer.outputs]
-        single_output = model_or_layer._single_output
-    else:
-        outputs, single_output = [len(calls) - 1], True
+    single_output = not isinstance(model_or_layer, Model) or model_or_layer._single_output
     manifest = {
         "format": runtime.BUNDLE_FORMAT, "tvmconv": __version__, "tvm": tvm.__version__,
         "target": {k: v if isinstance(v, (str, int, float, bool)) else [str(e) for e in v]
@@ -80,7 +76,7 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
         "cpu_flags": _x86_flags(target),
         "data_format": first.data_format, "dtype": first.dtype,
         "input_shape": list(first.input_shape),
-        "outputs": outputs, "single_output": single_output,
+        "outputs": output_calls(model_or_layer), "single_output": single_output,
         "layers": layers,
         "files": {role: {"name": runtime.BUNDLE_FILES[role], "sha256": runtime.file_sha256(os.path.join(path, name))}
                   for role, name in runtime.BUNDLE_FILES.items() if role != "manifest"},

@@ -279,20 +279,27 @@ class Conv2D:
     def compiled_kernel(self, input_shape) -> kernel_build.CompiledKernel:
         """The kernel for this input shape (what ran, from where, with which schedule)."""
         input_shape = tuple(int(d) for d in input_shape)
-        compiled = self._kernels.get(input_shape)
+        return self._kernel_for(input_shape, lambda: self.workload(input_shape))
+
+    def _kernel_for(self, key, workload) -> kernel_build.CompiledKernel:
+        """The compiled kernel kept under `key`, fetched the first time for the workload `workload()` gives."""
+        compiled = self._kernels.get(key)
         if compiled is None:
-            compiled = kernel_build.get_kernel(self.workload(input_shape), self.target)
-            self._kernels[input_shape] = compiled
+            compiled = self._kernels[key] = kernel_build.get_kernel(workload(), self.target)
         return compiled
 
     def _check_can_run(self) -> None:
-        """Refuse, before compiling anything, a call that could not run: clear errors, not a crash."""
+        """Refuse, before compiling anything, a call that could not run: clear errors, not a crash. Checked
+        once per layer: the checks cost ~0.5 ms, and target and remote never change."""
+        if self._can_run:
+            return
         if self.target.kind.name == "cuda":
             raise NotImplementedError(
                 "CUDA kernels compile (compiled_kernel(shape).cubin is nvcc's build for the target's arch) "
                 "but tvmconv does not run them yet: that needs a GPU machine with a CUDA build of TVM.")
         if self.remote is None:
             targets.check_runnable_here(self.target)
+        self._can_run = True
 
     def _runner(self, compiled: kernel_build.CompiledKernel):
         """What runs `compiled`: its module in this process, or its library uploaded to the remote board."""
@@ -344,9 +351,7 @@ class Conv2D:
             self.build(x.shape)
         if x.shape[0] == 0:  # an empty batch has an empty answer; nothing to compile
             return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
-        if not self._can_run:  # once: the checks cost ~0.5 ms, and target and remote never change
-            self._check_can_run()
-            self._can_run = True
+        self._check_can_run()
         compiled = self.compiled_kernel(x.shape)
         runner = self._runner(compiled)
         y = self._outputs.take(compiled.workload.output_shape, np.dtype(self.compute_dtype))
@@ -377,7 +382,7 @@ class Conv2D:
         if self.remote is not None or self.target.kind.name != "llvm":
             raise NotImplementedError("gradients run on this host's CPU only for now: layer "
                                       f"'{self.name}' has target={self.target.kind.name!r}, remote={self.remote!r}")
-        targets.check_runnable_here(self.target)
+        self._check_can_run()
         if not self.built:
             self.build(x.shape)
         dtype = self.compute_dtype
@@ -386,10 +391,7 @@ class Conv2D:
         wl = self.workload(x.shape)
         runtime.use_threads(self.threads or runtime.default_threads())
         # z = conv(x) + b, the pre-activation: the forward kernel with a linear epilogue.
-        linear = self._kernels.get(("pre-activation", x.shape))
-        if linear is None:
-            linear = self._kernels[("pre-activation", x.shape)] = kernel_build.get_kernel(
-                dataclasses.replace(wl, activation="linear"), self.target)
+        linear = self._kernel_for(("pre-activation", x.shape), lambda: dataclasses.replace(wl, activation="linear"))
         z = runtime.aligned_empty(linear.workload.output_shape, dtype)
         linear.kernel(x, self._weights_on_device(linear, linear.kernel), z)
 
@@ -416,10 +418,7 @@ class Conv2D:
 
     def _input_gradient(self, wl: ConvWorkload, dz: np.ndarray) -> np.ndarray:
         """dx by the forward kernel of `backward.input_gradient_workload` (tuned like any forward workload)."""
-        compiled = self._kernels.get(("input gradient", wl.input_shape))
-        if compiled is None:
-            compiled = self._kernels[("input gradient", wl.input_shape)] = kernel_build.get_kernel(
-                backward.input_gradient_workload(wl), self.target)
+        compiled = self._kernel_for(("input gradient", wl.input_shape), lambda: backward.input_gradient_workload(wl))
         # Made once per weight change, like the forward weights (the cache is emptied on assignment).
         cache, kernel = self._device_weights, self._kernel
         key = ("transposed", compiled.kernel_block)
@@ -452,10 +451,7 @@ class Conv2D:
             padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
             image = padded.transpose(3, 1, 2, 0)  # (channels, rows, columns, samples)
             weights = dz_nhwc.transpose(1, 2, 0, 3)  # (OH, OW, samples, filters)
-        compiled = self._kernels.get(("kernel gradient", x.shape))
-        if compiled is None:
-            compiled = self._kernels[("kernel gradient", x.shape)] = kernel_build.get_kernel(
-                backward.kernel_gradient_workload(wl), self.target)
+        compiled = self._kernel_for(("kernel gradient", x.shape), lambda: backward.kernel_gradient_workload(wl))
         out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
         packed = pack_kernel(np.ascontiguousarray(weights), compiled.kernel_block)
         compiled.kernel(runtime.as_aligned(np.ascontiguousarray(image)), compiled.kernel.weights([packed]), out)

@@ -53,13 +53,10 @@ class _Network:
     def _training_graph(self):
         if getattr(self, "_loss", None) is None:
             raise RuntimeError(f"You must call `compile()` before training or evaluating model '{self.name}'.")
-        graph = _graph(self)
-        outputs = getattr(self, "outputs", None)
-        if outputs is not None and len(outputs) != 1:
+        outputs = output_calls(self)
+        if len(outputs) != 1:
             raise NotImplementedError("training handles models with one output")
-        output = len(graph) - 1 if outputs is None else self._nodes.index(next(n for n in self._nodes
-                                                                               if n is outputs[0]))
-        return graph, output
+        return _graph(self), outputs[0]
 
     def _xy(self, x, y):
         x, y = to_array(x), to_array(y)
@@ -259,6 +256,14 @@ def _graph(layer_or_model) -> list[tuple[Conv2D, int]]:
     if isinstance(layer_or_model, Sequential):
         return [(layer, i - 1) for i, layer in enumerate(layer_or_model.layers)]
     raise TypeError(f"Expected a tvmconv Conv2D layer, Sequential or Model, got {type(layer_or_model).__name__}")
+
+
+def output_calls(layer_or_model) -> list[int]:
+    """The indices (in `_graph`'s order) of the calls whose outputs the model returns."""
+    if isinstance(layer_or_model, Model):
+        return [next(i for i, node in enumerate(layer_or_model._nodes) if node is output)
+                for output in layer_or_model.outputs]
+    return [len(_graph(layer_or_model)) - 1]
 
 
 def layer_calls(layer_or_model, input_shape=None) -> list[LayerCall]:

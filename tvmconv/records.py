@@ -138,9 +138,10 @@ class Tuned:
 
 
 class _Index:
-    """Per log folder: its database and, per workload key, the kernel blocks on record and the trials
-    run (its records, or more when `logs prune` dropped some: summary.json keeps the count).
-    Re-read when a file changes (a tuning run in another process appends to it)."""
+    """Per log folder: its database and, per workload key, the workload, the kernel blocks on record,
+    its records, its fastest record's time, and the trials run (its records, or more when `logs prune`
+    dropped some: summary.json keeps the count). Re-read when a file changes (a tuning run in another
+    process appends to it)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -152,12 +153,16 @@ class _Index:
             if found is None:
                 continue
             wl, block = found
-            entry = self.entries.setdefault(wl.key, {"blocks": set(), "trials": 0})
+            entry = self.entries.setdefault(wl.key, {"workload": wl, "blocks": set(), "records": 0,
+                                                     "best_seconds": None})
             entry["blocks"].add(block)
-            entry["trials"] += 1
-        for key, noted in read_summary(path).items():
-            if key in self.entries:
-                self.entries[key]["trials"] = max(self.entries[key]["trials"], noted.get("trials", 0))
+            entry["records"] += 1
+            time = seconds(record)
+            if time is not None and (entry["best_seconds"] is None or time < entry["best_seconds"]):
+                entry["best_seconds"] = time
+        summary = read_summary(path)
+        for key, entry in self.entries.items():
+            entry["trials"] = max(entry["records"], summary.get(key, {}).get("trials", 0))
 
     def _stamp(self):
         files = [os.path.join(self.path, name) for name in (WORKLOADS_FILE, RECORDS_FILE, SUMMARY_FILE)]
@@ -197,18 +202,24 @@ def _stand_ins(wl: ConvWorkload) -> list[tuple[ConvWorkload, str | None]]:
     return list(found.values())
 
 
+_best: dict[tuple, tuple] = {}
+
+
 def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = None) -> Tuned | None:
     """The fastest valid record for `wl` on `target` in the log roots (default: `search_roots()`);
-    failing that, the fastest for its closest stand-in (`_stand_ins`)."""
+    failing that, the fastest for its closest stand-in (`_stand_ins`). Memoized until a log changes."""
+    paths = [folder(root, target) for root in roots or search_roots()]
+    logs = [(path, idx) for path, idx in zip(paths, map(index, paths)) if idx is not None]
+    memo_key, state = (wl.key, tuple(paths)), tuple(idx.stamp for _, idx in logs)
+    memo = _best.get(memo_key)
+    if memo is not None and memo[0] == state:
+        return memo[1]
+    result = None
     for candidate, reused in _stand_ins(wl):
         found = []
-        for root in roots or search_roots():
-            path = folder(root, target)
-            idx = index(path)
-            entry = idx and idx.entries.get(candidate.key)
-            if not entry:
-                continue
-            for block in entry["blocks"]:
+        for path, idx in logs:
+            entry = idx.entries.get(candidate.key)
+            for block in entry["blocks"] if entry else ():
                 mod = tvm.IRModule({"main": conv2d_forward(candidate, block)})
                 # Structural match: a record of an older compute (or of another workload) never applies.
                 record = idx.database.query_tuning_record(mod, target, "main")
@@ -216,8 +227,10 @@ def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = 
                 if time is not None:
                     found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
         if found:
-            return min(found, key=lambda t: t.seconds)
-    return None
+            result = min(found, key=lambda t: t.seconds)
+            break
+    _best[memo_key] = (state, result)
+    return result
 
 
 def apply(tuned: Tuned, func) -> s_tir.Schedule:
@@ -239,25 +252,22 @@ def target_folders(root: str) -> list[str]:
 
 def summarize(path: str) -> list[dict]:
     """Per tuned workload in a log folder: the workload, records, trials, best GFLOP/s and date."""
-    rows: dict[str, dict] = {}
-    for record in open_database(path).get_all_tuning_records():
-        found = workload_of(record)
-        if found is None:
-            continue
-        wl = found[0]
-        row = rows.setdefault(wl.key, {"workload": wl, "records": 0, "best_seconds": None})
-        row["records"] += 1
-        time = seconds(record)
-        if time is not None and (row["best_seconds"] is None or time < row["best_seconds"]):
-            row["best_seconds"] = time
-    summary = read_summary(path)
-    for key, row in rows.items():
+    idx, summary = index(path), read_summary(path)
+    rows = []
+    for key, entry in (idx.entries.items() if idx else ()):
         noted = summary.get(key, {})
-        row["trials"] = max(noted.get("trials", 0), row["records"])
-        row["tuner_gflops"] = row["workload"].flops / row["best_seconds"] / 1e9 if row["best_seconds"] else None
-        row["retimed_gflops"] = noted.get("retimed_gflops")
-        row["date"] = noted.get("date")
-    return list(rows.values())
+        best_seconds = entry["best_seconds"]
+        rows.append({"workload": entry["workload"], "records": entry["records"], "trials": entry["trials"],
+                     "tuner_gflops": entry["workload"].flops / best_seconds / 1e9 if best_seconds else None,
+                     "retimed_gflops": noted.get("retimed_gflops"), "date": noted.get("date")})
+    return rows
+
+
+def _copy(record, database) -> None:
+    """Commit `record` (of another database) into `database`."""
+    workload = database.commit_workload(record.workload.mod)
+    database.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target,
+                                                           record.args_info))
 
 
 def _record_identity(record) -> tuple:
@@ -275,9 +285,7 @@ def merge(sources: list[str], destination: str) -> int:
             if identity in seen:
                 continue
             seen.add(identity)
-            workload = target_db.commit_workload(record.workload.mod)
-            target_db.commit_tuning_record(ms.database.TuningRecord(
-                record.trace, workload, record.run_secs, record.target, record.args_info))
+            _copy(record, target_db)
             added += 1
     summary = read_summary(destination)
     for source in sources:
@@ -296,15 +304,12 @@ def prune(path: str, keep: int) -> tuple[int, int]:
         if seconds(record) is not None:
             records_by_workload.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
     kept = [r for group in records_by_workload.values() for r in sorted(group, key=seconds)[:keep]]
-    # The trial counts go to summary.json first: they are the records' count until now.
-    summary, counts = read_summary(path), {}
-    for record in everything:
-        found = workload_of(record)
-        if found is not None:
-            counts[found[0]] = counts.get(found[0], 0) + 1
-    for wl, count in counts.items():
-        noted = summary.setdefault(wl.key, {"workload": dataclasses.asdict(wl), "retimed_gflops": None, "date": None})
-        noted["trials"] = max(noted.get("trials", 0), count)
+    # The trial counts go to summary.json first: after this, the records no longer show them.
+    summary = read_summary(path)
+    for key, entry in index(path).entries.items():
+        noted = summary.setdefault(key, {"workload": dataclasses.asdict(entry["workload"]), "retimed_gflops": None,
+                                         "date": None})
+        noted["trials"] = entry["trials"]
     write_summary(path, summary)
     staging = os.path.join(path, ".prune")
     os.makedirs(staging, exist_ok=True)
@@ -313,9 +318,7 @@ def prune(path: str, keep: int) -> tuple[int, int]:
             os.remove(os.path.join(staging, name))
     fresh = open_database(staging)
     for record in kept:
-        workload = fresh.commit_workload(record.workload.mod)
-        fresh.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target,
-                                                            record.args_info))
+        _copy(record, fresh)
     for name in (WORKLOADS_FILE, RECORDS_FILE):
         os.replace(os.path.join(staging, name), os.path.join(path, name))
     os.rmdir(staging)

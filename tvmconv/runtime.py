@@ -195,10 +195,10 @@ class Predictor:
             if file_sha256(file) != manifest["files"][role]["sha256"]:
                 raise ValueError(f"bundle file {file} does not match its checksum in {manifest_path}: "
                                  "it was modified or damaged; refusing to load it")
-        host = _host_architecture()
+        host = host_architecture()
         if manifest["architecture"] != host:
             raise ValueError(f"the bundle at {path} is compiled for {manifest['architecture']}, this machine is {host}")
-        missing = sorted(set(manifest.get("cpu_flags", [])) - _cpu_flags())
+        missing = sorted(set(manifest.get("cpu_flags", [])) - cpu_flags())
         if missing and host == "x86_64":  # its code would die with "Illegal instruction"
             raise ValueError(f"the bundle at {path} is compiled for {manifest['target'].get('mcpu')}, whose "
                              f"instructions this CPU lacks ({', '.join(missing)}): export it for this machine's target")
@@ -258,17 +258,22 @@ class Predictor:
         return merged[0] if self.manifest["single_output"] else merged
 
 
-def _host_architecture() -> str:
+def host_architecture() -> str:
+    """This machine's CPU architecture, as LLVM triples name it ("x86_64", "aarch64")."""
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
-def _cpu_flags() -> set:
+def cpu_flags() -> set[str]:
+    """The instruction-set extensions the OS reports (/proc/cpuinfo "flags"; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return set()
+        pass
+    return set()
 
 
 def load(path: str, threads: int | None = None) -> Predictor:

@@ -14,6 +14,8 @@ import tvm
 import tvm.support.cc
 from tvm.target import codegen
 
+from . import runtime
+
 # LLVM splits 512-bit vectors in two on Intel AVX-512 CPU models ("prefer-256-bit"); the schedules
 # choose their vector width themselves.
 _FULL_WIDTH_AVX512 = "-prefer-256-bit"
@@ -22,23 +24,12 @@ _FULL_WIDTH_AVX512 = "-prefer-256-bit"
 _CHECKED_X86_FEATURES = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "avx")
 
 
-def _cpuinfo_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.lru_cache(maxsize=None)
 def host() -> dict:
     """The host's target dict: LLVM's CPU name, minus features the OS reports absent, and the core count."""
     cpu = codegen.llvm_get_system_cpu()
     target = {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
-    flags = _cpuinfo_flags()
+    flags = runtime.cpu_flags()
     if flags and codegen.llvm_get_system_triple().startswith("x86_64"):
         implied = codegen.llvm_get_cpu_features(tvm.target.Target(target))
         hidden = sorted(f for f in _CHECKED_X86_FEATURES if f in implied and f not in flags)
@@ -93,10 +84,6 @@ def architecture(target: tvm.target.Target) -> str:
     return str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
 
 
-def _host_architecture() -> str:
-    return codegen.llvm_get_system_triple().split("-")[0]
-
-
 def vector_bits(target: tvm.target.Target) -> int:
     """SIMD register width. (codegen.llvm_get_vector_width answers for the host, not the target.)"""
     if target.kind.name != "llvm":
@@ -130,7 +117,7 @@ def cross_compiler(target: tvm.target.Target):
     if target.kind.name != "llvm":
         return None
     arch = architecture(target)
-    if arch == _host_architecture():
+    if arch == runtime.host_architecture():
         return None
     if arch not in CROSS_TOOLCHAINS:
         raise ValueError(f"tvmconv has no toolchain for {arch} targets (known: {', '.join(CROSS_TOOLCHAINS)})")
@@ -152,7 +139,7 @@ def runnable_here(target: tvm.target.Target) -> bool:
 def check_runnable_here(target: tvm.target.Target) -> None:
     """Raise before running code the host cannot execute (another ISA, or features it lacks)."""
     host_target = tvm.target.Target(host())
-    if target.kind.name != "llvm" or architecture(target) != _host_architecture():
+    if target.kind.name != "llvm" or architecture(target) != runtime.host_architecture():
         raise ValueError(f"Kernels for target {target_key(target)} cannot run on this host "
                          f"({target_key(host_target)}): run them on a matching device over RPC with "
                          "remote='HOST:PORT' (an emulated aarch64 board: scripts/arm_board.sh start), "
