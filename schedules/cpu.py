@@ -15,8 +15,9 @@ into sampled decisions, which `apply` takes as it takes plain integers.
 """
 import dataclasses
 import itertools
+import math
 
-from tvm import s_tir
+from tvm import DataType, s_tir
 
 from tvmconv.compute import ConvWorkload
 from tvmconv.targets import vector_bits
@@ -73,10 +74,11 @@ def default_knobs(wl: ConvWorkload, target, registers: int = 16) -> Knobs:
     if depthwise:
         # One FMA per loaded input vector, so memory decides: small tiles (measured best: 4 columns x
         # 2 vectors), padding by bound checks (no extra pass over the input) and an unrolled window,
-        # so that neighbouring taps share loaded input vectors.
+        # so that neighbouring taps share loaded input vectors. Not a huge window, such as the depthwise
+        # kernel gradient's (tvmconv.backward: dz as the kernel), which unrolled ran 3.7x slower.
         fv = 2 if wl.filters % (2 * n_lanes) == 0 else 1
         ow = max(range(1, min(wl.out_width, 4) + 1), key=lambda c: (_tile_score(wl, n_lanes, c, fv), c))
-        return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=True)
+        return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=wl.kernel_size[0] * wl.kernel_size[1] <= 49)
     candidates = [(ow, fv) for ow, fv in itertools.product(range(1, min(wl.out_width, 16) + 1),
                                                            _vector_counts(wl, n_lanes))
                   if _fits(registers, fv, ow)]
@@ -173,13 +175,22 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         sch.vectorize(loops[-1])
 
 
-def schedule_backward(func, wl: ConvWorkload, target) -> s_tir.Schedule:
-    """The gradient computes (tvmconv.backward), scheduled simply: each block's two outer data-parallel
-    loops fused and run in parallel. A starting point: MetaSchedule's auto space tunes them."""
+def schedule_elementwise(func, target) -> s_tir.Schedule:
+    """Elementwise computes such as the activation's derivative (tvmconv.backward): each block's loops
+    fused, split into vectors, and the rest run in parallel. Blocks with a reduction (the last-axis
+    activations) run their two outer data-parallel loops in parallel."""
     sch = s_tir.Schedule(func)
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == 0)  # 0: data-parallel
-        outer = sch.get_loops(block)[:min(2, spatial)]
-        if outer:
+        iter_vars = sch.get(block).iter_vars
+        loops = sch.get_loops(block)
+        if all(iv.iter_type == 0 for iv in iter_vars):  # 0: data-parallel
+            bits = DataType(str(sch.get(block).writes[0].source.dtype)).bits
+            total = math.prod(int(sch.get(loop).extent) for loop in loops)
+            n_lanes = math.gcd(total, max(vector_bits(target) // bits, 1))  # no tail for the vector loop
+            outer, inner = sch.split(sch.fuse(*loops), [None, n_lanes])
+            sch.parallel(outer)
+            sch.vectorize(inner)
+        else:
+            outer = loops[:min(2, sum(1 for iv in iter_vars if iv.iter_type == 0))]
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     return sch

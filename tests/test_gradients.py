@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tvmconv
-from tvmconv import activations
+from tvmconv import activations, backward
 
 CONFIGS = {
     "same": dict(filters=6, kernel_size=3, padding="same", activation="tanh"),
@@ -17,6 +17,14 @@ CONFIGS = {
     "uneven-stride-sparsemax": dict(filters=5, kernel_size=2, strides=(2, 1), activation="sparsemax",
                                     use_bias=False),
     "stride3-valid-uncovered": dict(filters=3, kernel_size=2, strides=3, activation="relu"),
+    "pointwise-stride2-groups": dict(filters=6, kernel_size=1, strides=2, padding="same", groups=2),
+    "pointwise-fewer-filters-groups": dict(filters=2, kernel_size=1, groups=2, activation="sigmoid"),
+    "depthwise-stride2-valid": dict(filters=4, kernel_size=3, strides=2, groups=4),
+    "valid-groups-even-kernel": dict(filters=6, kernel_size=(2, 4), groups=2, activation="elu"),
+    "same-even-kernel-dilation-groups": dict(filters=4, kernel_size=2, dilation_rate=(2, 3), padding="same",
+                                             groups=4, activation="silu"),
+    "nchw-depthwise-multiplier-stride": dict(filters=8, kernel_size=3, strides=(1, 2), padding="same", groups=4,
+                                             data_format="channels_first", use_bias=False),
 }
 
 
@@ -52,6 +60,10 @@ def test_gradients_match_finite_differences(name, rng):
 
     for index in itertools.islice(np.ndindex(x.shape), 0, None, 7):
         assert grads["input"][index] == pytest.approx(numeric(x, index, lambda: None), abs=1e-7)
+    if layer.activation in backward.FROM_OUTPUT:  # the derivative from the output: the same numbers
+        from_output = layer.gradients(x, dy, output=layer(x), input_gradient=False)
+        assert from_output["input"] is None
+        np.testing.assert_allclose(from_output["kernel"], grads["kernel"], rtol=1e-9, atol=1e-12)
     for position, name_ in enumerate(["kernel", "bias"][:len(weights)]):
         for index in itertools.islice(np.ndindex(weights[position].shape), 0, None, 5):
             expected = numeric(weights[position], index, lambda: layer.set_weights(weights))
@@ -83,10 +95,14 @@ def test_gradients_match_keras(keras, activation, rng):
         return jnp.sum(y * dy)
 
     expected = jax.grad(loss, argnums=(0, 1, 2))(x, kernel, bias)
-    grads = layer.gradients(x, dy)
-    for got, want, name in zip((grads["input"], grads["kernel"], grads["bias"]), expected,
-                               ("input", "kernel", "bias"), strict=True):
-        np.testing.assert_allclose(got, np.asarray(want), rtol=2e-4, atol=2e-4, err_msg=name)
+    # From the recomputed pre-activation, and (for most activations) from the output, as training does.
+    ways = {"z": layer.gradients(x, dy)}
+    if activation in backward.FROM_OUTPUT:
+        ways["y"] = layer.gradients(x, dy, output=layer(x))
+    for way, grads in ways.items():
+        for got, want, name in zip((grads["input"], grads["kernel"], grads["bias"]), expected,
+                                   ("input", "kernel", "bias"), strict=True):
+            np.testing.assert_allclose(got, np.asarray(want), rtol=2e-4, atol=2e-4, err_msg=f"{name} from {way}")
 
 
 def test_gradients_refuse_what_they_cannot_do(rng):
@@ -96,5 +112,8 @@ def test_gradients_refuse_what_they_cannot_do(rng):
         layer.gradients(x, np.zeros((1, 4, 4, 3), np.float32))
     with pytest.raises(NotImplementedError, match="named activation"):
         tvmconv.Conv2D(4, 3, activation=lambda v: v).gradients(x, np.zeros((1, 4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"`output` must be the layer's output.*Received shape \(1, 4, 4, 3\)"):
+        tvmconv.Conv2D(4, 3, activation="relu").gradients(x, np.zeros((1, 4, 4, 4), np.float32),
+                                                          output=np.zeros((1, 4, 4, 3), np.float32))
     with pytest.raises(NotImplementedError, match="this host's CPU only"):
         tvmconv.Conv2D(4, 3, target="aarch64", remote="127.0.0.1:1").gradients(x, np.zeros((1, 4, 4, 4), np.float32))

@@ -83,6 +83,22 @@ def test_regularizers_and_constraints_match_keras(keras, rng):
     assert np.all(np.sqrt(np.sum(ours.layers[0].kernel ** 2, axis=(0, 1, 2))) <= 0.8 + 1e-5)
 
 
+def test_callable_regularizer_is_differentiated_with_jax(keras, rng):
+    import jax.numpy as jnp
+    ours, _, x, y = _pair(keras, rng, OPTIMIZERS["sgd"], "mse", kernel_regularizer=tvmconv.regularizers.L2(0.05))
+    twin, _, _, _ = _pair(keras, np.random.default_rng(99), OPTIMIZERS["sgd"], "mse",
+                          kernel_regularizer=lambda w: 0.05 * jnp.sum(jnp.square(w)))
+    for weights, layer in zip([mine.get_weights() for mine in ours.layers], twin.layers, strict=True):
+        layer.set_weights(weights)
+    assert twin.train_on_batch(x, y) == pytest.approx(ours.train_on_batch(x, y), rel=1e-5)
+    for got, want in zip(twin.get_weights(), ours.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    plain_numpy, _, _, _ = _pair(keras, rng, OPTIMIZERS["sgd"], "mse",
+                                 kernel_regularizer=lambda w: 0.05 * float(np.sum(np.square(w))))
+    with pytest.raises(ValueError, match="could not differentiate the callable regularizer"):
+        plain_numpy.train_on_batch(x, y)
+
+
 def test_fit_learns_a_known_kernel(rng):
     teacher = tvmconv.Conv2D(4, 3, padding="same", kernel_initializer=tvmconv.initializers.GlorotUniform(seed=1))
     x = rng.standard_normal((64, 8, 8, 3)).astype(np.float32)
@@ -127,3 +143,63 @@ def test_training_arguments_are_checked(rng):
         model.fit(x, np.zeros((3, 3, 3, 2), np.float32))
     with pytest.raises(ValueError, match="`epochs`"):
         model.fit(x, np.zeros((2, 3, 3, 2), np.float32), epochs=0)
+
+
+def _two_output_pair(keras, rng):
+    """input → conv "trunk" (relu) → conv "left" (tanh) and conv "right", in tvmconv and in Keras."""
+    configs = {"trunk": dict(filters=4, kernel_size=3, padding="same", activation="relu"),
+               "left": dict(filters=3, kernel_size=3, strides=2, activation="tanh"),
+               "right": dict(filters=2, kernel_size=1)}
+    models = []
+    for conv, input_, model in ((tvmconv.Conv2D, tvmconv.layer_input, tvmconv.Model),
+                                (keras.layers.Conv2D, keras.Input, keras.Model)):
+        inputs = input_((7, 8, 3))
+        layers = {name: conv(name=name, **config) for name, config in configs.items()}
+        trunk = layers["trunk"](inputs)
+        models.append(model(inputs, [layers["left"](trunk), layers["right"](trunk)]))
+    ours, theirs = models
+    for name in configs:
+        weights = [rng.standard_normal(w.shape).astype(np.float32) * 0.3
+                   for w in theirs.get_layer(name).get_weights()]
+        next(layer for layer in ours.layers if layer.name == name).set_weights(weights)
+        theirs.get_layer(name).set_weights(weights)
+    x = rng.standard_normal((4, 7, 8, 3)).astype(np.float32)
+    ys = [rng.standard_normal(shape).astype(np.float32) for shape in ((4, 3, 3, 3), (4, 7, 8, 2))]
+    return ours, theirs, x, ys
+
+
+def test_two_outputs_with_weighted_losses_match_keras(keras, rng):
+    ours, theirs, x, ys = _two_output_pair(keras, rng)
+    ours.compile(optimizer=training.Adam(learning_rate=0.01), loss={"left": "mse", "right": "mae"},
+                 loss_weights=[1.0, 0.5])
+    theirs.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01), loss=["mse", "mae"], loss_weights=[1.0, 0.5])
+    for _ in range(2):
+        mine, other = ours.train_on_batch(x, ys), theirs.train_on_batch(x, ys)
+        np.testing.assert_allclose(mine, np.asarray(other, np.float64), rtol=1e-4)  # [total, left, right]
+    for name in ("trunk", "left", "right"):
+        got = next(layer for layer in ours.layers if layer.name == name).get_weights()
+        for mine, other in zip(got, theirs.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_allclose(mine, other, rtol=1e-4, atol=1e-5)
+    history = ours.fit(x, ys, epochs=2, batch_size=2, validation_data=(x, ys), verbose=0)
+    assert sorted(history.history) == ["left_loss", "loss", "right_loss", "val_left_loss", "val_loss",
+                                       "val_right_loss"]
+    total, left, right = ours.evaluate(x, ys)
+    assert total == pytest.approx(left + 0.5 * right, rel=1e-6)
+
+
+def test_output_losses_are_checked(keras, rng):
+    ours, _, x, ys = _two_output_pair(keras, rng)
+    with pytest.raises(ValueError, match="`loss`"):
+        ours.compile(optimizer="sgd", loss=["mse", "cross-entropy-ish"])
+    ours.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="one target per output: the model has 2 outputs"):
+        ours.train_on_batch(x, ys[0])
+    ours.compile(optimizer="sgd", loss=["mse"])
+    with pytest.raises(ValueError, match=r"`loss` must have one entry per output \(2"):
+        ours.train_on_batch(x, ys)
+    ours.compile(optimizer="sgd", loss={"left": "mse", "middle": "mae"})
+    with pytest.raises(ValueError, match="`loss` keys must be the output layers' names"):
+        ours.train_on_batch(x, ys)
+    ours.compile(optimizer="sgd", loss="mse", loss_weights=[1.0, float("nan")])
+    with pytest.raises(ValueError, match="`loss_weights` must be a finite number"):
+        ours.train_on_batch(x, ys)

@@ -137,11 +137,17 @@ def test_model_workloads_and_budget_split_by_flops():
     budgets = tuning.trial_budgets(workloads, 1000)
     assert min(budgets) == tuning.MIN_TRIALS_PER_WORKLOAD and budgets[2] > budgets[1] > budgets[0]
     assert tuning.trial_budgets(workloads[:1], 5) == [5]
-    # Training's forward workloads: the pre-activation (when the layer has an activation), dx (stride 1,
-    # "same") and dW, each once.
+    # Training's forward workloads: dx (stride 1, "same": one phase) and dW, each once; no pre-activation
+    # for these linear layers.
     training = tuning.conv_workloads(model, None, gradients=True)
-    assert training[:2] == [workloads[0], backward.input_gradient_workload(workloads[0])]
+    (phase,), _ = backward.input_gradient_phases(workloads[0])
+    assert training[:3] == [workloads[0], phase.workload, backward.kernel_gradient_workload(workloads[0])]
     assert len(training) == len(set(training)) and backward.kernel_gradient_workload(workloads[2]) in training
+    relu = tvmconv.Conv2D(4, 3, strides=2, padding="same", activation="relu")
+    strided = tuning.conv_workloads(relu, (1, 9, 9, 2), gradients=True)
+    # the layer, its pre-activation, dx in 4 stride phases (3x3 taps split 2+1 per axis), and dW
+    assert len(strided) == 7 and strided[1].activation == "linear"
+    assert sorted(wl.kernel_size for wl in strided[2:6]) == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
 def test_corrupt_log_names_the_file(tuned, tmp_path):

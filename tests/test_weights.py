@@ -122,6 +122,23 @@ def test_orthogonal_regularizer_formula_and_rank_check():
         _ = layer.losses  # a 4-D conv kernel, as in Keras
 
 
+@pytest.mark.parametrize("mode", ["rows", "columns"])
+def test_orthogonal_regularizer_gradient_matches_finite_differences(mode):
+    w = np.random.default_rng(3).standard_normal((4, 6))
+    w[2] = 0.0  # a zero row or column: its norm is clamped, as Keras's l2_normalize does
+    regularizer = regularizers.OrthogonalRegularizer(0.3, mode=mode)
+    grad, eps = regularizer.gradient(w), 1e-6
+    for index in np.ndindex(w.shape):
+        if mode == "rows" and index[0] == 2:
+            continue  # |u_i·u_j| has a kink at the zero row: no derivative to compare with
+        plus, minus = w.copy(), w.copy()
+        plus[index] += eps
+        minus[index] -= eps
+        assert grad[index] == pytest.approx((regularizer(plus) - regularizer(minus)) / (2 * eps), abs=1e-7), index
+    with pytest.raises(ValueError, match="rank 2"):
+        regularizer.gradient(np.zeros((3, 3, 2, 2)))
+
+
 def test_constraint_formulas():
     w = np.random.default_rng(2).standard_normal((3, 3, 4, 5)).astype(np.float32)
     norms = np.sqrt((w.astype(np.float64) ** 2).sum(axis=(0, 1, 2), keepdims=True))

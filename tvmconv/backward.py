@@ -1,20 +1,23 @@
-"""The training gradients of Conv2D as TE computes (keras_conv2d_spec.md §8).
+"""The training gradients of Conv2D (keras_conv2d_spec.md §8).
 
 With z = conv(x, W) + b, y = act(z) and dy = dL/dy:
-  "activation" — dz = dy · act'(z), from the pre-activation z (exact for every activation; the
-                 last-axis ones take the Jacobian product along the output's last axis);
-  "input"      — dx: each x element gathers dz through every window that read it (the transposed
-                 convolution: strides, dilation, groups and both paddings as index guards);
-  "weight"     — dW (Keras's layout) as the correlation of the input with dz, and db = Σ dz.
-All arrays are in the workload's data format and compute dtype; z and dz have the conv's output
+  dz — dy · act'(z), a TE compute (`activation_backward`) from the pre-activation z: exact for every
+       activation; the last-axis ones take the Jacobian product along the output's last axis;
+  dx — the transposed convolution, split by stride phase into stride-1 forward convolutions of dz with
+       the kernel's taps flipped and transposed per group (`input_gradient_phases`);
+  dW — the correlation of x with dz, laid out as one forward convolution (grouped like the layer) whose
+       output holds dW (`kernel_gradient_workload`); db = Σ dz.
+dx and dW thus run the forward compute (tvmconv.compute) with its schedules, and tune like any forward
+workload. Arrays are in the workload's data format and compute dtype; z and dz have the conv's output
 shape (for glu: twice dy's last axis).
 """
 import dataclasses
 import math
 
+import numpy as np
 from tvm import te, tirx
 
-from .compute import ConvWorkload, _input_read_unaligned, _softmax, _sparsemax
+from .compute import ConvWorkload, _softmax, _sparsemax
 
 
 def _derivatives():
@@ -80,8 +83,48 @@ def _derivatives():
 DERIVATIVES = _derivatives()
 
 
-def _last_axis_backward(activation: str, z, dy):
-    """dz for the activations taken along the last axis: the Jacobian-vector product."""
+def _output_derivatives():
+    """act'(z) written with y = act(z) instead, for the activations whose output says it exactly (up to
+    rounding near 0): training has y from the forward pass and need not recompute z."""
+
+    def const(y, value):
+        return tirx.const(value, str(y.ty))
+
+    def where(cond, a, b):
+        return tirx.Select(cond, a, b)
+
+    def between(y, low, high):
+        return where(tirx.all(y > const(y, low), y < const(y, high)), const(y, 1), const(y, 0))
+
+    selu_alpha, selu_scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+    return {
+        "linear": lambda y: const(y, 1),
+        "relu": lambda y: where(y > const(y, 0), const(y, 1), const(y, 0)),
+        "relu6": lambda y: between(y, 0, 6),
+        "sigmoid": lambda y: y * (const(y, 1) - y),
+        "tanh": lambda y: const(y, 1) - y * y,
+        "exponential": lambda y: y,
+        "elu": lambda y: where(y > const(y, 0), const(y, 1), y + const(y, 1)),
+        "celu": lambda y: where(y > const(y, 0), const(y, 1), y + const(y, 1)),
+        "selu": lambda y: where(y > const(y, 0), const(y, selu_scale), y + const(y, selu_scale * selu_alpha)),
+        "hard_sigmoid": lambda y: between(y, 0, 1) / const(y, 6),
+        "hard_tanh": lambda y: between(y, -1, 1),
+        "hard_shrink": lambda y: where(tirx.abs(y) > const(y, 0), const(y, 1), const(y, 0)),
+        "soft_shrink": lambda y: where(tirx.abs(y) > const(y, 0), const(y, 1), const(y, 0)),
+        "leaky_relu": lambda y: where(y >= const(y, 0), const(y, 1), const(y, 0.2)),
+        "softsign": lambda y: (const(y, 1) - tirx.abs(y)) * (const(y, 1) - tirx.abs(y)),
+        "sparse_sigmoid": lambda y: between(y, 0, 1) / const(y, 2),
+    }
+
+
+OUTPUT_DERIVATIVES = _output_derivatives()
+# softmax's Jacobian is written with y, log_softmax's with exp(y), sparsemax's with y's support.
+FROM_OUTPUT = set(OUTPUT_DERIVATIVES) | {"softmax", "log_softmax", "sparsemax"}
+
+
+def _last_axis_backward(activation: str, z, dy, y=None):
+    """dz for the activations taken along the last axis: the Jacobian-vector product. `y` (the output,
+    for all but glu) is computed from z when not given."""
     *lead, length = z.shape
     if activation == "glu":  # y = a * sigmoid(b), z = [a, b]
         half = length // 2
@@ -94,14 +137,15 @@ def _last_axis_backward(activation: str, z, dy):
             b_part = dy[(*rest, b_index)] * z[(*rest, b_index)] * s * (tirx.const(1, z.dtype) - s)
             return tirx.if_then_else(j < half, a_part, b_part)
         return te.compute(z.shape, grad, name="dz")
-    y = _sparsemax(z) if activation == "sparsemax" else _softmax(z)
+    if y is None:
+        y = _sparsemax(z) if activation == "sparsemax" else _softmax(z, log=activation == "log_softmax")
     k = te.reduce_axis((0, length), "k")
     if activation == "softmax":  # dz = y * (dy - Σ dy·y)
         dot = te.compute(lead, lambda *i: te.sum(dy[(*i, k)] * y[(*i, k)], axis=k), name="dy_dot_y")
         return te.compute(z.shape, lambda *i: y[i] * (dy[i] - dot[i[:-1]]), name="dz")
-    if activation == "log_softmax":  # dz = dy - softmax(z) * Σ dy
+    if activation == "log_softmax":  # dz = dy - softmax(z) * Σ dy, softmax(z) = exp(y)
         total = te.compute(lead, lambda *i: te.sum(dy[(*i, k)], axis=k), name="dy_sum")
-        return te.compute(z.shape, lambda *i: dy[i] - y[i] * total[i[:-1]], name="dz")
+        return te.compute(z.shape, lambda *i: dy[i] - tirx.exp(y[i]) * total[i[:-1]], name="dz")
     # sparsemax: on the support S, dz = dy - mean over S of dy; 0 elsewhere
     zero, one = tirx.const(0, z.dtype), tirx.const(1, z.dtype)
     k2 = te.reduce_axis((0, length), "k2")
@@ -112,10 +156,21 @@ def _last_axis_backward(activation: str, z, dy):
                       name="dz")
 
 
-def activation_backward(wl: ConvWorkload):
-    """PrimFunc (z, dy) -> dz; z and dz in the conv's output shape, dy in the layer's output shape."""
-    z = te.placeholder(wl.conv_output_shape, wl.dtype, name="z")
+def activation_backward(wl: ConvWorkload, from_output: bool = False):
+    """PrimFunc (z, dy) -> dz, or (y, dy) -> dz with `from_output` (for activations in FROM_OUTPUT); z, y
+    and dz in the conv's output shape, dy in the layer's output shape."""
     dy = te.placeholder(wl.output_shape, wl.dtype, name="dy")
+    if from_output:
+        if wl.activation not in FROM_OUTPUT:
+            raise ValueError(f"{wl.activation}'s derivative needs the pre-activation, not the output")
+        y = te.placeholder(wl.conv_output_shape, wl.dtype, name="y")
+        if wl.activation in OUTPUT_DERIVATIVES:
+            derivative = OUTPUT_DERIVATIVES[wl.activation]
+            dz = te.compute(y.shape, lambda *i: dy(*i) * derivative(y(*i)), name="dz")
+        else:
+            dz = _last_axis_backward(wl.activation, y, dy, y=y)
+        return te.create_prim_func([y, dy, dz])
+    z = te.placeholder(wl.conv_output_shape, wl.dtype, name="z")
     if wl.activation in DERIVATIVES:
         derivative = DERIVATIVES[wl.activation]
         dz = te.compute(z.shape, lambda *i: dy(*i) * derivative(z(*i)), name="dz")
@@ -124,81 +179,94 @@ def activation_backward(wl: ConvWorkload):
     return te.create_prim_func([z, dy, dz])
 
 
-def _channels_last_view(tensor, channels_last: bool):
-    """Index a tensor of the workload's layout as (n, h, w, c)."""
-    if channels_last:
-        return lambda n, h, w, c: tensor[n, h, w, c]
-    return lambda n, h, w, c: tensor[n, c, h, w]
-
-
-def input_backward(wl: ConvWorkload):
-    """PrimFunc (dz, kernel) -> dx, the kernel in Keras's layout (kh, kw, in_channels // groups, filters)."""
-    kh, kw = wl.kernel_size
-    (sh, sw), (dh, dw) = wl.strides, wl.dilation
-    top, left, _, _ = wl.pads
-    cg, fg = wl.group_in_channels, wl.filters // wl.groups
-    oh_n, ow_n = wl.out_height, wl.out_width
-    dz = te.placeholder(wl.conv_output_shape, wl.dtype, name="dz")
-    w = te.placeholder(wl.kernel_shape, wl.dtype, name="kernel")
-    dz_at = _channels_last_view(dz, wl.channels_last)
-    rh, rw, rf = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, fg), "rf")
-
-    def gather(n, h, x_w, c):
-        # Output (oh, ow) read x[h, w] through tap (rh, rw) iff h + top - rh*dh = oh*sh with 0 <= oh < OH.
-        hh, ww = h + top - rh * dh, x_w + left - rw * dw
-        f = (c // cg) * fg + rf
-        hit = tirx.all(hh >= 0, ww >= 0, tirx.floormod(hh, sh) == 0, tirx.floormod(ww, sw) == 0,
-                       tirx.floordiv(hh, sh) < oh_n, tirx.floordiv(ww, sw) < ow_n)
-        value = dz_at(n, tirx.floordiv(hh, sh), tirx.floordiv(ww, sw), f) * w[rh, rw, c % cg, f]
-        return te.sum(tirx.if_then_else(hit, value, tirx.const(0, wl.dtype)), axis=[rh, rw, rf])
-
-    if wl.channels_last:
-        dx = te.compute(wl.input_shape, gather, name="dx")
-    else:
-        dx = te.compute(wl.input_shape, lambda n, c, h, x_w: gather(n, h, x_w, c), name="dx")
-    return te.create_prim_func([dz, w, dx])
-
-
-def weight_backward(wl: ConvWorkload):
-    """PrimFunc (x, dz) -> dW[, db]: dW in Keras's layout, db when the layer has a bias."""
-    kh, kw = wl.kernel_size
-    (sh, sw), (dh, dw) = wl.strides, wl.dilation
-    top, left, _, _ = wl.pads
-    cg, fg = wl.group_in_channels, wl.filters // wl.groups
-    x = te.placeholder(wl.input_shape, wl.dtype, name="x")
-    dz = te.placeholder(wl.conv_output_shape, wl.dtype, name="dz")
-    x_at, dz_at = _channels_last_view(x, wl.channels_last), _channels_last_view(dz, wl.channels_last)
-    n_axis = te.reduce_axis((0, wl.batch), "n")
-    oh, ow = te.reduce_axis((0, wl.out_height), "oh"), te.reduce_axis((0, wl.out_width), "ow")
-
-    def correlate(i, j, c, f):
-        h, x_w = oh * sh + i * dh - top, ow * sw + j * dw - left
-        inside = tirx.all(h >= 0, h < wl.in_height, x_w >= 0, x_w < wl.in_width)
-        value = x_at(n_axis, h, x_w, (f // fg) * cg + c) * dz_at(n_axis, oh, ow, f)
-        return te.sum(tirx.if_then_else(inside, value, tirx.const(0, wl.dtype)), axis=[n_axis, oh, ow])
-
-    dw_tensor = te.compute(wl.kernel_shape, correlate, name="dW")
-    outputs = [dw_tensor]
-    if wl.use_bias:
-        n2, oh2, ow2 = (te.reduce_axis((0, wl.batch), "n2"), te.reduce_axis((0, wl.out_height), "oh2"),
-                        te.reduce_axis((0, wl.out_width), "ow2"))
-        outputs.append(te.compute((wl.filters,), lambda f: te.sum(dz_at(n2, oh2, ow2, f), axis=[n2, oh2, ow2]),
-                                  name="db"))
-    return _input_read_unaligned(te.create_prim_func([x, dz, *outputs]), wl)
-
-
 # ---------------------------------------------------------------- gradients that are forward convolutions
 
 
-def input_gradient_workload(wl: ConvWorkload) -> ConvWorkload | None:
-    """The forward workload whose output is dx, when there is one: for stride 1 and padding that keeps
-    the size on both sides alike (odd effective extents, or 1x1), dx is the forward convolution of dz
-    with the kernel flipped in space and transposed per group (`transposed_kernel`). Else None."""
-    extents = [d * (k - 1) + 1 for k, d in zip(wl.kernel_size, wl.dilation, strict=True)]
-    if wl.strides != (1, 1) or not (wl.padding == "same" or extents == [1, 1]) or not all(e % 2 for e in extents):
-        return None
-    return dataclasses.replace(wl, in_height=wl.out_height, in_width=wl.out_width, in_channels=wl.filters,
-                               filters=wl.in_channels, use_bias=False, activation="linear")
+@dataclasses.dataclass(frozen=True)
+class AxisPhase:
+    """The dx rows (or columns) `first`, `first + stride`, ... (`count` of them) that the kernel taps
+    `taps` reach, and the zeros dz needs `before` and `after` along that axis (negative: rows dropped)."""
+    taps: slice
+    first: int
+    count: int
+    before: int
+    after: int
+
+
+def _axis_phases(length: int, out_length: int, kernel: int, stride: int, dilation: int, pad: int) -> list[AxisPhase]:
+    """Padded row p = stride·m + q gathers dz[m - t]·W[q + stride·t] (dilation 1 with strides: Keras refuses
+    both), a stride-1 correlation of dz with the taps q, q + stride, ... flipped; with stride 1 the one
+    phase is the whole kernel, dilated. Phases whose taps or rows are empty are left out: dx is 0 there."""
+    phases = []
+    for q in range(stride):
+        taps = len(range(q, kernel, stride))
+        first_m = -((q - pad) // stride)  # ceil((pad - q) / stride): the first m whose row is inside x
+        count = (pad + length - 1 - q) // stride - first_m + 1
+        if taps == 0 or count <= 0:
+            continue
+        extent = (taps - 1) * dilation + 1
+        before = extent - 1 - first_m
+        phases.append(AxisPhase(slice(q, kernel, stride), stride * first_m + q - pad, count, before,
+                                count + extent - 1 - out_length - before))
+    return phases
+
+
+@dataclasses.dataclass(frozen=True)
+class InputGradientPhase:
+    """One of the (up to) stride² interleaved parts of dx: the forward convolution `workload` (stride 1)
+    of dz, zero-padded or cropped as `rows`/`cols` say, with the taps they name, flipped and transposed
+    per group. A phase that needs exactly "same" padding reads dz in place."""
+    workload: ConvWorkload
+    rows: AxisPhase
+    cols: AxisPhase
+    strides: tuple[int, int]  # the layer's: the spacing of this phase's rows and columns in dx
+
+    def kernel(self, kernel, groups: int):
+        return transposed_kernel(kernel[self.rows.taps, self.cols.taps], groups)
+
+    def output_gradient(self, dz):
+        """dz as this phase's forward convolution reads it."""
+        if self.workload.padding == "same":
+            return dz
+        h_axis = 1 if self.workload.channels_last else 2
+        index, widths = [slice(None)] * 4, [(0, 0)] * 4
+        for axis, phase in ((h_axis, self.rows), (h_axis + 1, self.cols)):
+            index[axis] = slice(max(-phase.before, 0), dz.shape[axis] - max(-phase.after, 0))
+            widths[axis] = (max(phase.before, 0), max(phase.after, 0))
+        return np.pad(dz[tuple(index)], widths)
+
+    def place(self, dx, part) -> None:
+        """Write this phase's output into its rows and columns of dx."""
+        (sh, sw), rows, cols = self.strides, self.rows, self.cols
+        spatial = (slice(rows.first, rows.first + sh * (rows.count - 1) + 1, sh),
+                   slice(cols.first, cols.first + sw * (cols.count - 1) + 1, sw))
+        dx[(slice(None), *spatial) if self.workload.channels_last else (slice(None), slice(None), *spatial)] = part
+
+
+def input_gradient_phases(wl: ConvWorkload) -> tuple[list[InputGradientPhase], bool]:
+    """dx as forward convolutions of dz (the transposed convolution split by stride phase), and whether
+    they write every element of dx (else the rest is 0: taps that a stride skips, or padding rows)."""
+    if wl.strides != (1, 1) and wl.dilation != (1, 1):
+        raise ValueError(f"strides {wl.strides} with dilation {wl.dilation}: Keras allows one of them only")
+    top, left, _, _ = wl.pads
+    row_phases = _axis_phases(wl.in_height, wl.out_height, wl.kernel_size[0], wl.strides[0], wl.dilation[0], top)
+    col_phases = _axis_phases(wl.in_width, wl.out_width, wl.kernel_size[1], wl.strides[1], wl.dilation[1], left)
+    phases = []
+    for rows in row_phases:
+        for cols in col_phases:
+            size = (len(range(*rows.taps.indices(wl.kernel_size[0]))), len(range(*cols.taps.indices(wl.kernel_size[1]))))
+            extents = [(k - 1) * d + 1 for k, d in zip(size, wl.dilation, strict=True)]
+            same = all(p.count == n and p.before == (e - 1) // 2
+                       for p, n, e in zip((rows, cols), (wl.out_height, wl.out_width), extents, strict=True))
+            height, width = ((wl.out_height, wl.out_width) if same else
+                             (rows.count + extents[0] - 1, cols.count + extents[1] - 1))
+            phases.append(InputGradientPhase(
+                dataclasses.replace(wl, in_height=height, in_width=width, in_channels=wl.filters,
+                                    filters=wl.in_channels, kernel_size=size, strides=(1, 1),
+                                    padding="same" if same else "valid", use_bias=False, activation="linear"),
+                rows, cols, wl.strides))
+    covered = sum(r.count for r in row_phases) == wl.in_height and sum(c.count for c in col_phases) == wl.in_width
+    return phases, covered
 
 
 def transposed_kernel(kernel, groups: int):
@@ -209,18 +277,105 @@ def transposed_kernel(kernel, groups: int):
     return flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, fg, groups * cg)
 
 
-def kernel_gradient_workload(wl: ConvWorkload) -> ConvWorkload | None:
-    """The forward workload whose output holds dW (without groups; else None), as `Conv2D._kernel_gradient`
-    lays its arguments out:
-      1x1: a matrix product, x's channels as pixels and dz's pixels as input channels;
-      k x k: the padded input with its samples as channels and its channels as the batch, convolved
-             with dz as an (OH x OW) kernel, the stride and dilation swapped."""
-    if wl.groups != 1:
-        return None
-    if wl.kernel_size == (1, 1):
-        pixels = wl.batch * wl.out_height * wl.out_width
-        return ConvWorkload(1, 1, wl.in_channels, pixels, wl.filters, (1, 1), use_bias=False, dtype=wl.dtype)
+def kernel_gradient_route(wl: ConvWorkload) -> str:
+    """How dW is laid out as one forward convolution (`kernel_gradient_workload`), cg = input channels per
+    group, G = groups, S = samples:
+      "samples stacked" (cg = 1: depthwise, or one input channel): a convolution of the same groups, the
+          padded input's samples stacked along its height and dz's likewise as an (S·P x OW) kernel, the
+          stride and dilation swapped, so each output pixel is one tap of dW;
+      "matrix product" (1x1): per group, the smaller of x and dz transposed as the image (its channels
+          as pixels), the other as a 1x1 kernel, their (sample, pixel) pairs as the input channels;
+      "samples as channels" (k x k): the padded input with its cg channels as the batch and each
+          group's samples as input channels, convolved with dz as an (OH x OW) kernel, the stride and
+          dilation swapped."""
+    if wl.group_in_channels == 1:
+        return "samples stacked"
+    return "matrix product" if wl.kernel_size == (1, 1) else "samples as channels"
+
+
+def _stacked_rows(wl: ConvWorkload) -> tuple[int, int, int]:
+    """(rows per sample of dz, rows per sample of the input, input rows in all) for "samples stacked":
+    sample n's input rows start at n·P·stride, where its dz rows (P, zero-padded from OH) meet them."""
+    top, _, bottom, _ = wl.pads
+    stride, dilation = wl.strides[0], wl.dilation[0]
+    dz_rows = -(-(wl.in_height + top + bottom) // stride)
+    kernel_rows = wl.batch * dz_rows
+    return dz_rows, dz_rows * stride, max(wl.batch * dz_rows * stride,
+                                          (wl.kernel_size[0] - 1) * dilation + (kernel_rows - 1) * stride + 1)
+
+
+def _pointwise_dz_is_image(wl: ConvWorkload) -> bool:
+    return wl.filters < wl.in_channels  # transpose the smaller operand
+
+
+def kernel_gradient_workload(wl: ConvWorkload) -> ConvWorkload:
+    """The forward workload whose output holds dW, as `kernel_gradient_route` says and
+    `kernel_gradient_operands` lays out its operands."""
+    groups, route = wl.groups, kernel_gradient_route(wl)
     top, left, bottom, right = wl.pads
-    return ConvWorkload(wl.in_channels, wl.in_height + top + bottom, wl.in_width + left + right, wl.batch,
-                        wl.filters, (wl.out_height, wl.out_width), wl.dilation, wl.strides, use_bias=False,
-                        dtype=wl.dtype)
+    if route == "samples stacked":
+        dz_rows, _, rows = _stacked_rows(wl)
+        return ConvWorkload(1, rows, wl.in_width + left + right, wl.in_channels, wl.filters,
+                            (wl.batch * dz_rows, wl.out_width), wl.dilation, wl.strides, groups=groups,
+                            use_bias=False, dtype=wl.dtype)
+    if route == "matrix product":
+        pixels = wl.batch * wl.out_height * wl.out_width
+        width, filters = ((wl.filters // groups, wl.in_channels) if _pointwise_dz_is_image(wl) else
+                          (wl.group_in_channels, wl.filters))
+        return ConvWorkload(1, 1, width, groups * pixels, filters, (1, 1), groups=groups, use_bias=False,
+                            dtype=wl.dtype)
+    return ConvWorkload(wl.group_in_channels, wl.in_height + top + bottom, wl.in_width + left + right,
+                        groups * wl.batch, wl.filters, (wl.out_height, wl.out_width), wl.dilation, wl.strides,
+                        groups=groups, use_bias=False, dtype=wl.dtype)
+
+
+def _per_group_transposed(matrix, groups: int):
+    """(S, G·k) -> (k, G·S): column block g transposed, as the image of a grouped 1x1 convolution."""
+    samples, width = matrix.shape
+    return matrix.reshape(samples, groups, width // groups).transpose(2, 1, 0).reshape(width // groups, -1)
+
+
+def kernel_gradient_operands(wl: ConvWorkload, x, dz, zeros=np.zeros):
+    """(image, kernel) of `kernel_gradient_workload` from x and dz (numpy, the workload's layout); `zeros`
+    allocates the stacked image (the kernel needs 64-byte aligned arrays to read them in place)."""
+    route = kernel_gradient_route(wl)
+    x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
+    dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
+    top, left, bottom, right = wl.pads
+    if route == "matrix product":
+        sh, sw = wl.strides
+        pixels = wl.batch * wl.out_height * wl.out_width
+        x_matrix = x_nhwc[:, ::sh, ::sw][:, :wl.out_height, :wl.out_width].reshape(pixels, wl.in_channels)
+        dz_matrix = dz_nhwc.reshape(pixels, wl.filters)
+        image, kernel = (dz_matrix, x_matrix) if _pointwise_dz_is_image(wl) else (x_matrix, dz_matrix)
+        image = _per_group_transposed(image, wl.groups)
+        return image.reshape(1, 1, *image.shape), kernel.reshape(1, 1, *kernel.shape)
+    if route == "samples stacked":
+        dz_rows, input_rows, rows = _stacked_rows(wl)
+        # Zeros, then the samples copied in: one pass over x (np.zeros' pages come zeroed and aligned).
+        image = zeros((1, rows, left + wl.in_width + right, wl.in_channels), x.dtype)
+        samples = image[0, :wl.batch * input_rows].reshape(wl.batch, input_rows, *image.shape[2:])
+        samples[:, top:top + wl.in_height, left:left + wl.in_width] = x_nhwc
+        kernel = np.zeros((wl.batch, dz_rows, wl.out_width, wl.filters), dz.dtype)
+        kernel[:, :wl.out_height] = dz_nhwc
+        return image, kernel.reshape(-1, wl.out_width, 1, wl.filters)
+    padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    n, height, width, _ = padded.shape
+    image = padded.reshape(n, height, width, wl.groups, -1).transpose(4, 1, 2, 3, 0).reshape(-1, height, width,
+                                                                                            wl.groups * n)
+    return image, dz_nhwc.transpose(1, 2, 0, 3)  # dz as (OH, OW, samples, filters)
+
+
+def kernel_gradient_from_output(wl: ConvWorkload, out):
+    """dW in Keras's layout from the output of `kernel_gradient_workload`."""
+    route, (kh, kw) = kernel_gradient_route(wl), wl.kernel_size
+    if route == "samples stacked":
+        return np.ascontiguousarray(out[0, :kh, :kw, None, :])
+    if route == "matrix product":
+        if not _pointwise_dz_is_image(wl):
+            return out.reshape(1, 1, wl.group_in_channels, wl.filters)
+        # out[f', g·cg + c'] = dW[c', g·fg + f']
+        fg, cg = wl.filters // wl.groups, wl.group_in_channels
+        by_group = out.reshape(fg, wl.groups, cg).transpose(2, 1, 0).reshape(1, 1, cg, wl.filters)
+        return np.ascontiguousarray(by_group)
+    return np.ascontiguousarray(out[:, :kh, :kw, :].transpose(1, 2, 0, 3))

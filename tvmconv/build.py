@@ -180,21 +180,18 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
         return compiled
 
 
-BACKWARD_COMPUTES = {"activation": backward.activation_backward, "input": backward.input_backward,
-                     "weight": backward.weight_backward}
-
-
-def get_backward_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target) -> runtime.Kernel:
-    """A gradient kernel of `wl` (see tvmconv.backward: "activation", "input" or "weight") for this host."""
+def get_activation_gradient_kernel(wl: ConvWorkload, target: tvm.target.Target, from_output: bool) -> runtime.Kernel:
+    """The kernel (z or, `from_output`, y; dy) -> dz of `backward.activation_backward` for `wl`, on this host."""
     key = targets.target_key(target)
+    part = "activation-from-output" if from_output else "activation"
     with _lock:
         cached = _memory.get((part, wl.key, key))
         if cached is not None:
             return cached
         rule = schedules.find_rule(wl, target)
-        if not hasattr(rule, "schedule_backward"):
+        if not hasattr(rule, "schedule_elementwise"):
             raise NotImplementedError(f"the {rule.__name__} schedules have no gradient kernels yet")
-        func = rule.schedule_backward(BACKWARD_COMPUTES[part](wl), wl, target).mod["main"]
+        func = rule.schedule_elementwise(backward.activation_backward(wl, from_output), target).mod["main"]
         library, _, _ = _library(func, target, key, f"{wl.key}-grad-{part}",
                                  {"workload": dataclasses.asdict(wl), "gradient": part})
         kernel = _memory[(part, wl.key, key)] = runtime.Kernel(runtime.load_module(library))

@@ -134,7 +134,7 @@ class Conv2D:
         self._initial_weights = weights
         self._kernel = self._bias = None
         self._device_weights: dict[tuple, list] = {}
-        self._kernels: dict[tuple, kernel_build.CompiledKernel] = {}
+        self._kernels: dict[tuple, object] = {}  # compiled kernels (and gradient kernels) by use and shape
         self._activity_losses: list[float] = []
         self.built = False
         if self.batch_input_shape is not None and self.batch_input_shape[self._channel_axis] is not None:
@@ -364,10 +364,14 @@ class Conv2D:
             self._activity_losses = [float(self.activity_regularizer(y)) / x.shape[0]]
         return y
 
-    def gradients(self, inputs, output_gradient) -> dict:
+    def gradients(self, inputs, output_gradient, *, output=None, input_gradient=True) -> dict:
         """Gradients of a loss through this layer, given `output_gradient` = dL/dy for y = layer(inputs):
         {"input": dL/dx, "kernel": dL/dW (Keras's layout), "bias": dL/db or None}, computed by TVM
-        kernels (tvmconv.backward) in the compute dtype. Regularizer terms are not included."""
+        kernels (tvmconv.backward) in the compute dtype. Regularizer terms are not included.
+
+        A training loop that has y = layer(inputs) can pass it as `output`: for most activations
+        (backward.FROM_OUTPUT) the derivative is then taken from y, and the pre-activation is not
+        recomputed. `input_gradient=False` skips dL/dx ("input" is None), e.g. for a first layer."""
         x = to_array(inputs)
         if x.dtype.kind not in "biuf":
             raise TypeError(f"Input 0 of layer '{self.name}' must be a real numeric array. Received dtype={x.dtype}")
@@ -390,74 +394,57 @@ class Conv2D:
         dy = np.ascontiguousarray(dy, dtype=dtype)
         wl = self.workload(x.shape)
         runtime.use_threads(self.threads or runtime.default_threads())
-        # z = conv(x) + b, the pre-activation: the forward kernel with a linear epilogue.
-        linear = self._kernel_for(("pre-activation", x.shape), lambda: dataclasses.replace(wl, activation="linear"))
-        z = runtime.aligned_empty(linear.workload.output_shape, dtype)
-        linear.kernel(x, self._weights_on_device(linear, linear.kernel), z)
-
-        def run(part, *arrays):
-            kernel_build.get_backward_kernel(part, wl, self.target).function(
-                *[runtime.to_tensor(runtime.as_aligned(a)) for a in arrays])
-
         dz = dy
         if wl.activation != "linear":
-            dz = runtime.aligned_empty(z.shape, dtype)
-            run("activation", z, dy, dz)
-        dx = self._input_gradient(wl, dz) if backward.input_gradient_workload(wl) else None
-        if dx is None:
-            dx = runtime.aligned_empty(x.shape, dtype)
-            run("input", dz, self._kernel.astype(dtype), dx)
-        if backward.kernel_gradient_workload(wl):
-            dw = self._kernel_gradient(wl, x, dz)
-            db = dz.sum(axis=(0, 1, 2) if wl.channels_last else (0, 2, 3)) if wl.use_bias else None
-        else:
-            dw = runtime.aligned_empty(wl.kernel_shape, dtype)
-            db = runtime.aligned_empty((wl.filters,), dtype) if wl.use_bias else None
-            run("weight", x, dz, dw, *([db] if db is not None else []))
+            from_output = output is not None and wl.activation in backward.FROM_OUTPUT
+            if from_output:
+                saved = np.ascontiguousarray(to_array(output), dtype=dtype)
+                if saved.shape != dy.shape:
+                    raise ValueError(f"`output` must be the layer's output for these inputs, of shape {dy.shape}. "
+                                     f"Received shape {saved.shape}")
+            else:  # z = conv(x) + b, the pre-activation: the forward kernel with a linear epilogue
+                linear = self._kernel_for(("pre-activation", x.shape),
+                                          lambda: dataclasses.replace(wl, activation="linear"))
+                saved = runtime.aligned_empty(linear.workload.output_shape, dtype)
+                linear.kernel(x, self._weights_on_device(linear, linear.kernel), saved)
+            dz = runtime.aligned_empty(saved.shape, dtype)
+            key = ("activation gradient", from_output, x.shape)
+            if key not in self._kernels:
+                self._kernels[key] = kernel_build.get_activation_gradient_kernel(wl, self.target, from_output)
+            self._kernels[key].function(*[runtime.to_tensor(runtime.as_aligned(a)) for a in (saved, dy, dz)])
+        dx = self._input_gradient(wl, dz) if input_gradient else None
+        dw = self._kernel_gradient(wl, x, dz)
+        db = dz.sum(axis=(0, 1, 2) if wl.channels_last else (0, 2, 3)) if wl.use_bias else None
         return {"input": dx, "kernel": dw, "bias": db}
 
     def _input_gradient(self, wl: ConvWorkload, dz: np.ndarray) -> np.ndarray:
-        """dx by the forward kernel of `backward.input_gradient_workload` (tuned like any forward workload)."""
-        compiled = self._kernel_for(("input gradient", wl.input_shape), lambda: backward.input_gradient_workload(wl))
-        # Made once per weight change, like the forward weights (the cache is emptied on assignment).
-        cache, kernel = self._device_weights, self._kernel
-        key = ("transposed", compiled.kernel_block)
-        if key not in cache:
-            transposed = backward.transposed_kernel(kernel.astype(wl.dtype), wl.groups)
-            cache[key] = compiled.kernel.weights([pack_kernel(np.ascontiguousarray(transposed), compiled.kernel_block)])
-        dx = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
-        compiled.kernel(np.ascontiguousarray(dz), cache[key], dx)
+        """dx by the forward kernels of `backward.input_gradient_phases` (tuned like any forward workload)."""
+        phases, covered = backward.input_gradient_phases(wl)
+        direct = covered and len(phases) == 1  # one phase writes all of dx: straight into it
+        dx = runtime.aligned_empty(wl.input_shape, wl.dtype) if direct else np.zeros(wl.input_shape, wl.dtype)
+        for i, phase in enumerate(phases):
+            compiled = self._kernel_for(("input gradient", wl.input_shape, i), lambda phase=phase: phase.workload)
+            # Made once per weight change, like the forward weights (the cache is emptied on assignment).
+            key = ("transposed", i, compiled.kernel_block)
+            if key not in self._device_weights:
+                transposed = phase.kernel(self._kernel.astype(wl.dtype), wl.groups)
+                self._device_weights[key] = compiled.kernel.weights(
+                    [pack_kernel(np.ascontiguousarray(transposed), compiled.kernel_block)])
+            out = dx if direct else runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
+            compiled.kernel(np.ascontiguousarray(phase.output_gradient(dz)), self._device_weights[key], out)
+            if not direct:
+                phase.place(dx, out)
         return dx
 
     def _kernel_gradient(self, wl: ConvWorkload, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        """dW without groups, run by the forward kernel of `backward.kernel_gradient_workload`:
-        dW[i, j, c, f] = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, c] · dz[n, oh, ow, f].
-
-        A k x k kernel reads it as a convolution: the batch is the input channels, the channels are the
-        samples, dz is the (OH x OW) kernel, the stride is the dilation and the dilation the stride.
-        A 1x1 kernel is a matrix product instead (that convolution's output would be one pixel wide):
-        a 1x1 convolution of x's channels as pixels, with dz's pixels as input channels."""
-        kh, kw = wl.kernel_size
-        sh, sw = wl.strides
-        top, left, bottom, right = wl.pads
-        x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
-        dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
-        if (kh, kw) == (1, 1):
-            pixels = wl.batch * wl.out_height * wl.out_width
-            image = x_nhwc[:, ::sh, ::sw, :][:, :wl.out_height, :wl.out_width].reshape(pixels, wl.in_channels).T
-            image = image.reshape(1, 1, wl.in_channels, pixels)
-            weights = dz_nhwc.reshape(1, 1, pixels, wl.filters)
-        else:
-            padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
-            image = padded.transpose(3, 1, 2, 0)  # (channels, rows, columns, samples)
-            weights = dz_nhwc.transpose(1, 2, 0, 3)  # (OH, OW, samples, filters)
+        """dW by the forward kernel of `backward.kernel_gradient_workload`:
+        dW[i, j, c, f] = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, g·cg + c] · dz[n, oh, ow, f]."""
         compiled = self._kernel_for(("kernel gradient", x.shape), lambda: backward.kernel_gradient_workload(wl))
+        image, weights = backward.kernel_gradient_operands(wl, x, dz, runtime.aligned_zeros)
         out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
         packed = pack_kernel(np.ascontiguousarray(weights), compiled.kernel_block)
         compiled.kernel(runtime.as_aligned(np.ascontiguousarray(image)), compiled.kernel.weights([packed]), out)
-        if (kh, kw) == (1, 1):
-            return out.reshape(1, 1, wl.in_channels, wl.filters)
-        return np.ascontiguousarray(out[:, :kh, :kw, :].transpose(1, 2, 0, 3))
+        return backward.kernel_gradient_from_output(wl, out)
 
     def _symbolic_call(self, inputs: KerasTensor) -> KerasTensor:
         self._check_input_shape(inputs.shape)

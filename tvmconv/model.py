@@ -41,55 +41,87 @@ class _Network:
 
     # ------------------------------------------------------------ training (tvmconv.training)
 
-    def compile(self, optimizer="rmsprop", loss=None):
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None):
         """As Keras: `optimizer` "sgd", "adam", "rmsprop" or an optimizer object (tvmconv.training.SGD,
         Adam, RMSprop with their learning rates and momentum options); `loss` "mse", "mae", "huber" or
-        a callable loss(y_true, y_pred) (differentiated with JAX)."""
+        a callable loss(y_true, y_pred) (differentiated with JAX), for every output, or a list (one per
+        output) or a dict keyed by the output layers' names; `loss_weights` likewise, a list or dict of
+        numbers that weigh each output's loss in the total (default 1 each)."""
         if loss is None:
             raise ValueError("compile() needs a `loss`: 'mse', 'mae', 'huber' or a callable loss(y_true, y_pred)")
         self.optimizer = training.get_optimizer(optimizer)
-        self._loss = training.get_loss(loss)
+        per_output = loss.values() if isinstance(loss, dict) else loss if isinstance(loss, (list, tuple)) else [loss]
+        for identifier in per_output:
+            training.get_loss(identifier)  # an unknown loss fails here, not at the first step
+        if loss_weights is not None and not isinstance(loss_weights, (list, tuple, dict)):
+            raise ValueError(f"`loss_weights` must be a list or a dict of numbers. Received: loss_weights={loss_weights!r}")
+        self._loss, self._loss_weights = loss, loss_weights
 
     def _training_graph(self):
+        """The graph, and a training.OutputLoss for each output, from compile's `loss` and `loss_weights`."""
         if getattr(self, "_loss", None) is None:
             raise RuntimeError(f"You must call `compile()` before training or evaluating model '{self.name}'.")
-        outputs = output_calls(self)
-        if len(outputs) != 1:
-            raise NotImplementedError("training handles models with one output")
-        return _graph(self), outputs[0]
+        graph = _graph(self)
+        calls = output_calls(self)
+        names = [graph[call][0].name for call in calls]
+        losses = _per_output(self._loss, names, "loss", training.get_loss)
+        weights = _per_output(1.0 if self._loss_weights is None else self._loss_weights, names, "loss_weights",
+                              lambda w: validation.finite_float(w, "loss_weights"))
+        return graph, [training.OutputLoss(*entry) for entry in zip(calls, names, losses, weights, strict=True)]
 
-    def _xy(self, x, y):
-        x, y = to_array(x), to_array(y)
-        if len(x) != len(y):
-            raise ValueError(f"`x` and `y` must have the same number of samples. Received: {len(x)} and {len(y)}")
-        return x, y
+    def _xy(self, x, y, outputs: int):
+        """x, and y as a list with one target per output (Keras takes a list or tuple for several outputs)."""
+        x = to_array(x)
+        ys = list(y) if outputs > 1 and isinstance(y, (list, tuple)) else [y]
+        if len(ys) != outputs:
+            raise ValueError(f"`y` must have one target per output: the model has {outputs} outputs. Received "
+                             f"{'a single array' if len(ys) == 1 else f'{len(ys)} targets'}")
+        ys = [to_array(target) for target in ys]
+        for target in ys:
+            if len(x) != len(target):
+                raise ValueError(f"`x` and `y` must have the same number of samples. Received: {len(x)} and {len(target)}")
+        return x, ys
 
-    def train_on_batch(self, x, y) -> float:
-        graph, output = self._training_graph()
-        x, y = self._xy(x, y)
-        return training.step(graph, output, x, y, self._loss, self.optimizer)
+    @staticmethod
+    def _result(loss: float, each: list[float]):
+        """What Keras returns: the loss, or [total, each output's loss] for several outputs."""
+        return loss if len(each) == 1 else [loss, *each]
 
-    def evaluate(self, x, y, batch_size=None, verbose=0) -> float:
-        graph, output = self._training_graph()
-        x, y = self._xy(x, y)
+    def train_on_batch(self, x, y):
+        """One update on (x, y); returns the loss (and each output's, for several outputs)."""
+        graph, losses = self._training_graph()
+        x, ys = self._xy(x, y, len(losses))
+        return self._result(*training.step(graph, losses, x, ys, self.optimizer))
+
+    def evaluate(self, x, y, batch_size=None, verbose=0):
+        """The mean loss over (x, y), in batches (32 by default), as train_on_batch reports it."""
+        graph, losses = self._training_graph()
+        x, ys = self._xy(x, y, len(losses))
         batch_size = 32 if batch_size is None else validation.positive_int(batch_size, "batch_size")
-        total = sum(training.step(graph, output, x[i:i + batch_size], y[i:i + batch_size], self._loss, None)
-                    * len(x[i:i + batch_size]) for i in range(0, len(x), batch_size))
-        return total / len(x)
+        totals = np.zeros(len(losses) + 1)
+        for i in range(0, len(x), batch_size):
+            loss, each = training.step(graph, losses, x[i:i + batch_size], [t[i:i + batch_size] for t in ys], None)
+            totals += np.array([loss, *each]) * len(x[i:i + batch_size])
+        totals = [float(v) / len(x) for v in totals]
+        return self._result(totals[0], totals[1:])
 
     def fit(self, x, y, epochs=1, batch_size=None, validation_data=None, shuffle=True, verbose="auto"):
-        """Keras's fit: returns a History whose `history` has "loss" (and "val_loss") per epoch."""
-        graph, output = self._training_graph()
-        x, y = self._xy(x, y)
+        """Keras's fit: returns a History whose `history` has "loss" (and "val_loss") per epoch, and each
+        output's "<name>_loss" for several outputs."""
+        graph, losses = self._training_graph()
+        x, ys = self._xy(x, y, len(losses))
         epochs = validation.positive_int(epochs, "epochs")
         batch_size = 32 if batch_size is None else validation.positive_int(batch_size, "batch_size")
         if validation_data is not None and (not isinstance(validation_data, (tuple, list))
                                             or len(validation_data) != 2):
             raise ValueError("`validation_data` must be a tuple (x_val, y_val)")
         verbose = 1 if verbose == "auto" else verbose
-        return training.fit(graph, output, x, y, self._loss, self.optimizer, epochs, batch_size, validation_data,
-                            validation.as_bool(shuffle, "shuffle"), bool(verbose),
-                            lambda vx, vy: self.evaluate(vx, vy, batch_size))
+
+        def evaluate(vx, vy):
+            result = self.evaluate(vx, vy, batch_size)
+            return result if isinstance(result, list) else [result]
+        return training.fit(graph, losses, x, ys, self.optimizer, epochs, batch_size, validation_data,
+                            validation.as_bool(shuffle, "shuffle"), bool(verbose), evaluate)
 
     def get_weights(self) -> list:
         return [w for layer in self.layers for w in layer.get_weights()]
@@ -256,6 +288,24 @@ def _graph(layer_or_model) -> list[tuple[Conv2D, int]]:
     if isinstance(layer_or_model, Sequential):
         return [(layer, i - 1) for i, layer in enumerate(layer_or_model.layers)]
     raise TypeError(f"Expected a tvmconv Conv2D layer, Sequential or Model, got {type(layer_or_model).__name__}")
+
+
+def _per_output(spec, names: list[str], argument: str, convert) -> list:
+    """One converted value per output from compile's `spec`: a single value for all outputs, a list in
+    output order, or a dict keyed by the output layers' names."""
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - set(names))
+        missing = [name for name in names if name not in spec]
+        if unknown or missing:
+            raise ValueError(f"`{argument}` keys must be the output layers' names {names}. Received keys "
+                             f"{sorted(spec)}")
+        return [convert(spec[name]) for name in names]
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != len(names):
+            raise ValueError(f"`{argument}` must have one entry per output ({len(names)}: {names}). Received "
+                             f"{len(spec)} entries")
+        return [convert(value) for value in spec]
+    return [convert(spec)] * len(names)
 
 
 def output_calls(layer_or_model) -> list[int]:

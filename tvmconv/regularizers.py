@@ -13,9 +13,7 @@ def _non_negative(value, name):
 
 
 class Regularizer(serialization.Serializable):
-    def gradient(self, x):
-        """d(penalty)/dx, for training."""
-        raise NotImplementedError(f"training with the {type(self).__name__} regularizer is not supported yet")
+    """A penalty on a weight or an output: __call__ gives it, `gradient` its derivative (for training)."""
 
 
 class L1(Regularizer):
@@ -59,16 +57,35 @@ class OrthogonalRegularizer(Regularizer):
             raise ValueError(f'Invalid value for argument `mode`. Expected one of {{"rows", "columns"}}. Received: mode={mode!r}')
         self.mode = mode
 
-    def __call__(self, x):
+    def _rows(self, x):
+        """The rows (mode "rows") or columns of x as rows, their norms clamped as Keras's l2_normalize does,
+        and the penalty's scale: factor/2 over the count of off-diagonal pairs."""
         x = np.asarray(x, np.float64)
         if x.ndim != 2:
             raise ValueError(f"Inputs to OrthogonalRegularizer must have rank 2. Received: inputs.shape={x.shape}")
-        axis = 1 if self.mode == "rows" else 0
-        unit = x / np.maximum(np.sqrt(np.sum(np.square(x), axis=axis, keepdims=True)), 1e-12)
-        product = unit @ unit.T if self.mode == "rows" else unit.T @ unit
-        size = product.shape[0]
-        off_diagonal = np.abs(product * (1.0 - np.eye(size)))
-        return self.factor * 0.5 * off_diagonal.sum() / (size * (size - 1.0) / 2.0)
+        rows = x if self.mode == "rows" else x.T
+        norms = np.maximum(np.sqrt(np.sum(np.square(rows), axis=1, keepdims=True)), 1e-12)
+        size = rows.shape[0]
+        return rows, norms, self.factor * 0.5 / (size * (size - 1.0) / 2.0)
+
+    def __call__(self, x):
+        rows, norms, scale = self._rows(x)
+        unit = rows / norms
+        product = unit @ unit.T
+        return scale * np.abs(product * (1.0 - np.eye(len(product)))).sum()
+
+    def gradient(self, x):
+        # P = scale·Σ_{i≠j} |u_i·u_j| with u = rows / norms: dP/du = 2·S·u for S = scale·sign(u uᵀ) off the
+        # diagonal; through the normalization, dP/dx_i = (g_i - (g_i·u_i)·u_i) / |x_i| (a clamped norm is
+        # a constant: g_i / 1e-12).
+        rows, norms, scale = self._rows(x)
+        unit = rows / norms
+        signs = np.sign(unit @ unit.T) * (1.0 - np.eye(len(unit)))
+        g = 2 * scale * signs @ unit
+        clamped = norms <= 1e-12
+        grad = np.where(clamped, g, g - np.sum(g * unit, axis=1, keepdims=True) * unit) / norms
+        grad = grad if self.mode == "rows" else grad.T
+        return grad.astype(np.asarray(x).dtype)
 
 
 l1, l2, l1_l2, orthogonal_regularizer = L1, L2, L1L2, OrthogonalRegularizer

@@ -6,6 +6,7 @@ its output into those of its input and weights; the regularizers' gradients adde
 update; the constraints applied. Layers with `trainable=False` pass gradients through unchanged
 weights. The weights change once per step, so packed kernel layouts are rebuilt once per step.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -36,14 +37,19 @@ def _huber(y_true, y_pred, delta=1.0):
 LOSSES = {"mse": _mse, "mean_squared_error": _mse, "mae": _mae, "mean_absolute_error": _mae, "huber": _huber}
 
 
-def _callable_loss(function):
-    """A user's loss(y_true, y_pred), differentiated with JAX (Keras losses on the JAX backend qualify)."""
+def _jax(what: str):
+    """jax and jax.numpy, which differentiate user callables (`what`), or a ValueError saying how to do without."""
     try:
         import jax
         import jax.numpy as jnp
     except ImportError:
-        raise ValueError("a callable `loss` is differentiated with JAX, which is not installed: pip install jax, "
-                         "or use loss='mse', 'mae' or 'huber'") from None
+        raise ValueError(f"{what} is differentiated with JAX, which is not installed: pip install jax") from None
+    return jax, jnp
+
+
+def _callable_loss(function):
+    """A user's loss(y_true, y_pred), differentiated with JAX (Keras losses on the JAX backend qualify)."""
+    jax, jnp = _jax("a callable `loss` (else use loss='mse', 'mae' or 'huber')")
 
     def scalar(y_true, y_pred):
         return jnp.mean(function(y_true, y_pred))
@@ -54,6 +60,20 @@ def _callable_loss(function):
         value, grad = value_and_grad(jnp.asarray(y_true), jnp.asarray(y_pred))
         return float(value), np.asarray(grad, dtype=y_pred.dtype)
     return loss
+
+
+def penalty_gradient(regularizer, value: np.ndarray) -> np.ndarray:
+    """d(penalty)/d(value): a tvmconv regularizer's own `gradient`, else JAX's derivative of a callable one
+    (written with jax.numpy or keras.ops on the JAX backend)."""
+    if hasattr(regularizer, "gradient"):
+        return regularizer.gradient(value)
+    jax, jnp = _jax(f"the callable regularizer {regularizer!r}")
+    try:
+        grad = jax.grad(lambda v: jnp.sum(regularizer(v)))(jnp.asarray(value))
+    except TypeError as error:  # numpy code cannot be traced: JAX raises a TypeError (TracerArrayConversionError)
+        raise ValueError(f"could not differentiate the callable regularizer {regularizer!r} with JAX ({error}). "
+                         "Write it with jax.numpy or keras.ops, or give it a gradient(x) method") from None
+    return np.asarray(grad, dtype=value.dtype)
 
 
 def get_loss(identifier):
@@ -161,15 +181,31 @@ def regularization(calls) -> float:
     return sum(sum(layer.losses) for layer in {id(layer): layer for layer, _ in calls}.values())
 
 
-def step(calls, output_index: int, x, y, loss_fn, optimizer: Optimizer | None):
-    """Loss (with regularizers) of one batch and, with an optimizer, one update of the weights."""
+@dataclasses.dataclass(frozen=True)
+class OutputLoss:
+    """The loss on one of the model's outputs: the call that gives it, its name for History, the loss
+    function and its weight in the total (Keras's `loss_weights`)."""
+    call: int
+    name: str
+    loss: object
+    weight: float = 1.0
+
+
+def step(calls, losses: list[OutputLoss], x, ys: list, optimizer: Optimizer | None) -> tuple[float, list[float]]:
+    """(total loss with regularizers, each output's loss) of one batch, and with an optimizer one update of
+    the weights. `ys` holds one target per entry of `losses`."""
     outputs = forward(calls, x)
-    loss, grad = loss_fn(y, outputs[output_index])
-    loss += regularization(calls)
-    if optimizer is None:
-        return loss
     output_grads = [None] * len(outputs)
-    output_grads[output_index] = grad.astype(outputs[output_index].dtype)
+    each = []
+    for output, y in zip(losses, ys, strict=True):
+        value, grad = output.loss(y, outputs[output.call])
+        each.append(value)
+        grad = (output.weight * grad).astype(outputs[output.call].dtype)
+        previous = output_grads[output.call]
+        output_grads[output.call] = grad if previous is None else previous + grad
+    loss = sum(output.weight * value for output, value in zip(losses, each, strict=True)) + regularization(calls)
+    if optimizer is None:
+        return loss, each
     updates = []
     for i in reversed(range(len(calls))):
         layer, source = calls[i]
@@ -177,20 +213,21 @@ def step(calls, output_index: int, x, y, loss_fn, optimizer: Optimizer | None):
         if dy is None:
             continue
         if layer.activity_regularizer is not None:  # its penalty is divided by the batch size, as Keras
-            dy = dy + layer.activity_regularizer.gradient(outputs[i]) / x.shape[0]
+            dy = dy + penalty_gradient(layer.activity_regularizer, outputs[i]) / x.shape[0]
         layer_input = x if source < 0 else outputs[source]
-        grads = layer.gradients(layer_input, dy)
+        # The output saves recomputing the pre-activation; the model's input needs no gradient.
+        grads = layer.gradients(layer_input, dy, output=outputs[i], input_gradient=source >= 0)
         if source >= 0:
             output_grads[source] = grads["input"] if output_grads[source] is None else output_grads[source] + grads["input"]
         if layer.trainable:
             kernel_grad = grads["kernel"]
             if layer.kernel_regularizer is not None:
-                kernel_grad = kernel_grad + layer.kernel_regularizer.gradient(layer.kernel)
+                kernel_grad = kernel_grad + penalty_gradient(layer.kernel_regularizer, layer.kernel)
             updates.append((layer, 0, layer.kernel, kernel_grad))
             if layer.use_bias:
                 bias_grad = grads["bias"]
                 if layer.bias_regularizer is not None:
-                    bias_grad = bias_grad + layer.bias_regularizer.gradient(layer.bias)
+                    bias_grad = bias_grad + penalty_gradient(layer.bias_regularizer, layer.bias)
                 updates.append((layer, 1, layer.bias, bias_grad))
     new_values = optimizer.apply([((id(layer), slot), w, g) for layer, slot, w, g in updates])
     assigned: dict[int, list] = {}
@@ -200,7 +237,7 @@ def step(calls, output_index: int, x, y, loss_fn, optimizer: Optimizer | None):
         assigned.setdefault(id(layer), [layer, list(layer.get_weights())])[1][slot] = value
     for layer, weights in assigned.values():
         layer.set_weights(weights)  # once per step: the packed kernel layouts are rebuilt once
-    return loss
+    return loss, each
 
 
 class History:
@@ -216,21 +253,26 @@ def batches(n: int, batch_size: int, shuffle: bool, rng):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def fit(calls, output_index, x, y, loss_fn, optimizer, epochs, batch_size, validation_data, shuffle, verbose,
-        evaluate) -> History:
+def fit(calls, losses: list[OutputLoss], x, ys: list, optimizer, epochs, batch_size, validation_data, shuffle,
+        verbose, evaluate) -> History:
+    """Keras's fit loop. History: "loss" (the total), and with several outputs "<name>_loss" for each;
+    with `validation_data`, the same prefixed "val_" from `evaluate(x_val, y_val)`."""
     history, rng = History(), np.random.default_rng()
+    names = ["loss", *(f"{output.name}_loss" for output in losses)] if len(losses) > 1 else ["loss"]
     for epoch in range(epochs):
         parts = batches(len(x), batch_size, shuffle, rng)
         bar = tqdm(parts, desc=f"Epoch {epoch + 1}/{epochs}", unit="batch", disable=not verbose, leave=True)
-        total = 0.0
+        totals = np.zeros(len(names))
         for index in bar:
-            loss = step(calls, output_index, x[index], y[index], loss_fn, optimizer)
-            total += loss * len(index)
+            loss, each = step(calls, losses, x[index], [y[index] for y in ys], optimizer)
+            totals += np.array([loss, *each][:len(names)]) * len(index)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
         history.epoch.append(epoch)
-        history.history.setdefault("loss", []).append(total / len(x))
+        for name, total in zip(names, totals, strict=True):
+            history.history.setdefault(name, []).append(float(total) / len(x))
         if validation_data is not None:
-            history.history.setdefault("val_loss", []).append(evaluate(*validation_data))
+            for name, value in zip(names, evaluate(*validation_data), strict=True):
+                history.history.setdefault(f"val_{name}", []).append(value)
         if verbose:
             text = " - ".join(f"{name}: {values[-1]:.4g}" for name, values in history.history.items())
             tqdm.write(f"Epoch {epoch + 1}/{epochs} - {text}")

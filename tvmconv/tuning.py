@@ -65,13 +65,16 @@ class TuneResult:
 def conv_workloads(layer_or_model, input_shape=None, gradients: bool = False) -> list[ConvWorkload]:
     """The distinct conv workloads of a Conv2D layer, a Sequential or a functional Model, in call order,
     for this input shape (batch included; 3D means batch 1; None: the model's declared input). With
-    `gradients`, also the forward workloads that training runs (Conv2D.gradients): the pre-activation,
-    and dx and dW where they are forward convolutions (tvmconv.backward)."""
+    `gradients`, also the forward workloads that training runs (Conv2D.gradients): the pre-activation
+    when there is an activation, the phases of dx and the convolution that gives dW (tvmconv.backward)."""
     found = []
     for call in model.layer_calls(layer_or_model, input_shape):
         wl = call.workload
-        extra = [dataclasses.replace(wl, activation="linear"), backward.input_gradient_workload(wl),
-                 backward.kernel_gradient_workload(wl)] if gradients else []
+        extra = []
+        if gradients:
+            phases, _ = backward.input_gradient_phases(wl)
+            extra = [dataclasses.replace(wl, activation="linear") if wl.activation != "linear" else None,
+                     *(phase.workload for phase in phases), backward.kernel_gradient_workload(wl)]
         for workload in [wl, *extra]:
             if workload is not None and workload not in found:
                 found.append(workload)

@@ -62,6 +62,12 @@ def positive_float(value, name: str) -> float:
     return float(value)
 
 
+def finite_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"Argument `{name}` must be a finite number. Received: {name}={value!r}")
+    return float(value)
+
+
 def fraction(value, name: str) -> float:
     """A number in [0, 1): momentum and decay rates."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
