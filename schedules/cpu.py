@@ -175,7 +175,27 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         sch.vectorize(loops[-1])
 
 
-def schedule_elementwise(func, target) -> s_tir.Schedule:
+def schedule_depthwise_kernel_gradient(func, wl: ConvWorkload, target) -> s_tir.Schedule:
+    """backward.depthwise_kernel_backward: each vector of filters (in parallel) keeps its kh·kw taps' sums
+    in registers over the whole reduction, so every dz vector loaded feeds kh·kw FMAs. (Loop transforms
+    come before decompose_reduction: they need the block whole.)"""
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("dW")
+    accumulators = sch.cache_write(block, 0, "local")
+    i, j, _, f, n, oh, ow = sch.get_loops(block)
+    f_outer, f_inner = sch.split(f, [None, math.gcd(wl.filters, lanes(wl, target))])
+    sch.reorder(f_outer, n, oh, ow, i, j, f_inner)
+    sch.reverse_compute_at(accumulators, f_outer)
+    sch.unroll(i)
+    sch.unroll(j)
+    sch.vectorize(f_inner)
+    sch.vectorize(sch.get_loops(accumulators)[-1])
+    sch.parallel(f_outer)
+    sch.decompose_reduction(block, n)
+    return sch
+
+
+def schedule_elementwise(func, wl: ConvWorkload, target) -> s_tir.Schedule:
     """Elementwise computes such as the activation's derivative (tvmconv.backward): each block's loops
     fused, split into vectors, and the rest run in parallel. Blocks with a reduction (the last-axis
     activations) run their two outer data-parallel loops in parallel."""

@@ -6,9 +6,10 @@ With z = conv(x, W) + b, y = act(z) and dy = dL/dy:
   dx — the transposed convolution, split by stride phase into stride-1 forward convolutions of dz with
        the kernel's taps flipped and transposed per group (`input_gradient_phases`);
   dW — the correlation of x with dz, laid out as one forward convolution (grouped like the layer) whose
-       output holds dW (`kernel_gradient_workload`); db = Σ dz.
-dx and dW thus run the forward compute (tvmconv.compute) with its schedules, and tune like any forward
-workload. Arrays are in the workload's data format and compute dtype; z and dz have the conv's output
+       output holds dW (`kernel_gradient_workload`), or for depthwise layers a TE compute of its own
+       (`depthwise_kernel_backward`); db = Σ dz.
+dx and dW (but the depthwise one) thus run the forward compute (tvmconv.compute) with its schedules, and
+tune like any forward workload. Arrays are in the workload's data format and compute dtype; z and dz have the conv's output
 shape (for glu: twice dy's last axis).
 """
 import dataclasses
@@ -17,7 +18,7 @@ import math
 import numpy as np
 from tvm import te, tirx
 
-from .compute import ConvWorkload, _softmax, _sparsemax
+from .compute import ConvWorkload, _softmax, _sparsemax, read_unaligned
 
 
 def _derivatives():
@@ -169,14 +170,40 @@ def activation_backward(wl: ConvWorkload, from_output: bool = False):
             dz = te.compute(y.shape, lambda *i: dy(*i) * derivative(y(*i)), name="dz")
         else:
             dz = _last_axis_backward(wl.activation, y, dy, y=y)
-        return te.create_prim_func([y, dy, dz])
+        return read_unaligned(te.create_prim_func([y, dy, dz]), ("y", "dy"))
     z = te.placeholder(wl.conv_output_shape, wl.dtype, name="z")
     if wl.activation in DERIVATIVES:
         derivative = DERIVATIVES[wl.activation]
         dz = te.compute(z.shape, lambda *i: dy(*i) * derivative(z(*i)), name="dz")
     else:
         dz = _last_axis_backward(wl.activation, z, dy)
-    return te.create_prim_func([z, dy, dz])
+    return read_unaligned(te.create_prim_func([z, dy, dz]), ("z", "dy"))
+
+
+def depthwise_kernel_backward(wl: ConvWorkload):
+    """PrimFunc (x, dz) -> dW for one input channel per group (depthwise, with any multiplier): dW[i, j, 0, f]
+    = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, f // m] · dz[n, oh, ow, f], m = filters per group, x and
+    dz channels-last. A correlation with nothing to reduce across channels, which no forward convolution
+    lays out without copying x and dz whole: on depthwise layers those copies cost more than the FLOPs."""
+    kh, kw = wl.kernel_size
+    (sh, sw), (dh, dw) = wl.strides, wl.dilation
+    top, left, _, _ = wl.pads
+    multiplier, acc = wl.filters // wl.groups, wl.accum_dtype
+    x = te.placeholder((wl.batch, wl.in_height, wl.in_width, wl.in_channels), wl.dtype, name="x")
+    dz = te.placeholder((wl.batch, wl.out_height, wl.out_width, wl.filters), wl.dtype, name="dz")
+    n, oh, ow = (te.reduce_axis((0, extent), name) for extent, name in
+                 ((wl.batch, "n"), (wl.out_height, "oh"), (wl.out_width, "ow")))
+
+    def correlate(i, j, _, f):
+        h, w = oh * sh + i * dh - top, ow * sw + j * dw - left
+        inside = tirx.all(h >= 0, h < wl.in_height, w >= 0, w < wl.in_width)
+        value = tirx.if_then_else(inside, x[n, h, w, f // multiplier], tirx.const(0, wl.dtype))
+        return te.sum(value.astype(acc) * dz[n, oh, ow, f].astype(acc), axis=[n, oh, ow])
+
+    dw_acc = te.compute((kh, kw, 1, wl.filters), correlate, name="dW")
+    dw_out = dw_acc if acc == wl.dtype else te.compute(dw_acc.shape, lambda *i: dw_acc(*i).astype(wl.dtype),
+                                                       name="dW_cast")
+    return read_unaligned(te.create_prim_func([x, dz, dw_out]), ("x", "dz"))
 
 
 # ---------------------------------------------------------------- gradients that are forward convolutions
@@ -278,52 +305,35 @@ def transposed_kernel(kernel, groups: int):
 
 
 def kernel_gradient_route(wl: ConvWorkload) -> str:
-    """How dW is laid out as one forward convolution (`kernel_gradient_workload`), cg = input channels per
-    group, G = groups, S = samples:
-      "samples stacked" (cg = 1: depthwise, or one input channel): a convolution of the same groups, the
-          padded input's samples stacked along its height and dz's likewise as an (S·P x OW) kernel, the
-          stride and dilation swapped, so each output pixel is one tap of dW;
+    """How dW is computed, cg = input channels per group, G = groups, S = samples:
+      "depthwise" (cg = 1): its own kernel, `depthwise_kernel_backward`;
+    else as one forward convolution (`kernel_gradient_workload`, laid out by `kernel_gradient_operands`):
       "matrix product" (1x1): per group, the smaller of x and dz transposed as the image (its channels
           as pixels), the other as a 1x1 kernel, their (sample, pixel) pairs as the input channels;
       "samples as channels" (k x k): the padded input with its cg channels as the batch and each
           group's samples as input channels, convolved with dz as an (OH x OW) kernel, the stride and
           dilation swapped."""
     if wl.group_in_channels == 1:
-        return "samples stacked"
+        return "depthwise"
     return "matrix product" if wl.kernel_size == (1, 1) else "samples as channels"
-
-
-def _stacked_rows(wl: ConvWorkload) -> tuple[int, int, int]:
-    """(rows per sample of dz, rows per sample of the input, input rows in all) for "samples stacked":
-    sample n's input rows start at n·P·stride, where its dz rows (P, zero-padded from OH) meet them."""
-    top, _, bottom, _ = wl.pads
-    stride, dilation = wl.strides[0], wl.dilation[0]
-    dz_rows = -(-(wl.in_height + top + bottom) // stride)
-    kernel_rows = wl.batch * dz_rows
-    return dz_rows, dz_rows * stride, max(wl.batch * dz_rows * stride,
-                                          (wl.kernel_size[0] - 1) * dilation + (kernel_rows - 1) * stride + 1)
 
 
 def _pointwise_dz_is_image(wl: ConvWorkload) -> bool:
     return wl.filters < wl.in_channels  # transpose the smaller operand
 
 
-def kernel_gradient_workload(wl: ConvWorkload) -> ConvWorkload:
-    """The forward workload whose output holds dW, as `kernel_gradient_route` says and
-    `kernel_gradient_operands` lays out its operands."""
+def kernel_gradient_workload(wl: ConvWorkload) -> ConvWorkload | None:
+    """The forward workload whose output holds dW, as `kernel_gradient_route` says (None: "depthwise")."""
     groups, route = wl.groups, kernel_gradient_route(wl)
-    top, left, bottom, right = wl.pads
-    if route == "samples stacked":
-        dz_rows, _, rows = _stacked_rows(wl)
-        return ConvWorkload(1, rows, wl.in_width + left + right, wl.in_channels, wl.filters,
-                            (wl.batch * dz_rows, wl.out_width), wl.dilation, wl.strides, groups=groups,
-                            use_bias=False, dtype=wl.dtype)
+    if route == "depthwise":
+        return None
     if route == "matrix product":
         pixels = wl.batch * wl.out_height * wl.out_width
         width, filters = ((wl.filters // groups, wl.in_channels) if _pointwise_dz_is_image(wl) else
                           (wl.group_in_channels, wl.filters))
         return ConvWorkload(1, 1, width, groups * pixels, filters, (1, 1), groups=groups, use_bias=False,
                             dtype=wl.dtype)
+    top, left, bottom, right = wl.pads
     return ConvWorkload(wl.group_in_channels, wl.in_height + top + bottom, wl.in_width + left + right,
                         groups * wl.batch, wl.filters, (wl.out_height, wl.out_width), wl.dilation, wl.strides,
                         groups=groups, use_bias=False, dtype=wl.dtype)
@@ -335,9 +345,8 @@ def _per_group_transposed(matrix, groups: int):
     return matrix.reshape(samples, groups, width // groups).transpose(2, 1, 0).reshape(width // groups, -1)
 
 
-def kernel_gradient_operands(wl: ConvWorkload, x, dz, zeros=np.zeros):
-    """(image, kernel) of `kernel_gradient_workload` from x and dz (numpy, the workload's layout); `zeros`
-    allocates the stacked image (the kernel needs 64-byte aligned arrays to read them in place)."""
+def kernel_gradient_operands(wl: ConvWorkload, x, dz):
+    """(image, kernel) of `kernel_gradient_workload` from x and dz (numpy, the workload's layout)."""
     route = kernel_gradient_route(wl)
     x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
     dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
@@ -350,15 +359,6 @@ def kernel_gradient_operands(wl: ConvWorkload, x, dz, zeros=np.zeros):
         image, kernel = (dz_matrix, x_matrix) if _pointwise_dz_is_image(wl) else (x_matrix, dz_matrix)
         image = _per_group_transposed(image, wl.groups)
         return image.reshape(1, 1, *image.shape), kernel.reshape(1, 1, *kernel.shape)
-    if route == "samples stacked":
-        dz_rows, input_rows, rows = _stacked_rows(wl)
-        # Zeros, then the samples copied in: one pass over x (np.zeros' pages come zeroed and aligned).
-        image = zeros((1, rows, left + wl.in_width + right, wl.in_channels), x.dtype)
-        samples = image[0, :wl.batch * input_rows].reshape(wl.batch, input_rows, *image.shape[2:])
-        samples[:, top:top + wl.in_height, left:left + wl.in_width] = x_nhwc
-        kernel = np.zeros((wl.batch, dz_rows, wl.out_width, wl.filters), dz.dtype)
-        kernel[:, :wl.out_height] = dz_nhwc
-        return image, kernel.reshape(-1, wl.out_width, 1, wl.filters)
     padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
     n, height, width, _ = padded.shape
     image = padded.reshape(n, height, width, wl.groups, -1).transpose(4, 1, 2, 3, 0).reshape(-1, height, width,
@@ -369,8 +369,6 @@ def kernel_gradient_operands(wl: ConvWorkload, x, dz, zeros=np.zeros):
 def kernel_gradient_from_output(wl: ConvWorkload, out):
     """dW in Keras's layout from the output of `kernel_gradient_workload`."""
     route, (kh, kw) = kernel_gradient_route(wl), wl.kernel_size
-    if route == "samples stacked":
-        return np.ascontiguousarray(out[0, :kh, :kw, None, :])
     if route == "matrix product":
         if not _pointwise_dz_is_image(wl):
             return out.reshape(1, 1, wl.group_in_channels, wl.filters)

@@ -180,18 +180,26 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
         return compiled
 
 
-def get_activation_gradient_kernel(wl: ConvWorkload, target: tvm.target.Target, from_output: bool) -> runtime.Kernel:
-    """The kernel (z or, `from_output`, y; dy) -> dz of `backward.activation_backward` for `wl`, on this host."""
+# The gradient kernels that are not forward convolutions: (compute, the schedule rule's function for it).
+GRADIENT_KERNELS = {
+    "activation": (backward.activation_backward, "schedule_elementwise"),
+    "activation-from-output": (lambda wl: backward.activation_backward(wl, from_output=True), "schedule_elementwise"),
+    "depthwise-kernel": (backward.depthwise_kernel_backward, "schedule_depthwise_kernel_gradient"),
+}
+
+
+def get_gradient_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target) -> runtime.Kernel:
+    """The `part` kernel of GRADIENT_KERNELS for `wl`, on this host."""
     key = targets.target_key(target)
-    part = "activation-from-output" if from_output else "activation"
     with _lock:
         cached = _memory.get((part, wl.key, key))
         if cached is not None:
             return cached
+        compute, scheduler = GRADIENT_KERNELS[part]
         rule = schedules.find_rule(wl, target)
-        if not hasattr(rule, "schedule_elementwise"):
+        if not hasattr(rule, scheduler):
             raise NotImplementedError(f"the {rule.__name__} schedules have no gradient kernels yet")
-        func = rule.schedule_elementwise(backward.activation_backward(wl, from_output), target).mod["main"]
+        func = getattr(rule, scheduler)(compute(wl), wl, target).mod["main"]
         library, _, _ = _library(func, target, key, f"{wl.key}-grad-{part}",
                                  {"workload": dataclasses.asdict(wl), "gradient": part})
         kernel = _memory[(part, wl.key, key)] = runtime.Kernel(runtime.load_module(library))

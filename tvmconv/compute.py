@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import tvm.script
@@ -196,7 +197,7 @@ def _activation_formulas():
 ELEMENTWISE_ACTIVATIONS = _activation_formulas()
 
 
-# te.max starts from the dtype's lowest value, and TVMScript (see _input_read_unaligned) rejects
+# te.max starts from the dtype's lowest value, and TVMScript (see read_unaligned) rejects
 # float64 literals beyond float32's range: start from float32's lowest, far below any activation.
 # (z is in the accumulator dtype, float32 or float64.)
 _row_max = te.comm_reducer(lambda a, b: te.max(a, b), lambda dtype: tirx.const(-3.4e38, dtype), name="row_max")
@@ -341,17 +342,22 @@ def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
     # The workload and weight layout ride along as attributes: tuning logs name what they tuned.
     func = te.create_prim_func(args).with_attr(
         {"tvmconv.workload": json.dumps(dataclasses.asdict(wl)), "tvmconv.kernel_block": kernel_block})
-    return _input_read_unaligned(func, wl)
+    return read_unaligned(func)
 
 
-def _input_read_unaligned(func, wl: ConvWorkload):
-    """Declare x with element alignment instead of TVM's 64 bytes, so the kernel reads the caller's
-    array in place (numpy aligns to 16 bytes): vector loads of x are then unaligned ones, which cost
-    the same on the CPUs we target. TE has no alignment option and PrimFunc.specialize refuses to
-    change one, so the declaration is rewritten in the function's TVMScript."""
-    declared = f'x: T.Buffer({wl.input_shape}, "{wl.dtype}")'
+def read_unaligned(func, names: tuple[str, ...] = ("x",)):
+    """Declare the input buffers `names` with element alignment instead of TVM's 64 bytes, so the kernel
+    reads the caller's arrays in place (numpy aligns to 16 bytes): vector loads of them are then
+    unaligned ones, which cost the same on the CPUs we target. TE has no alignment option and
+    PrimFunc.specialize refuses to change one, so the declarations are rewritten in the TVMScript."""
     text = func.script()
-    if text.count(declared) != 1:
-        raise RuntimeError(f"unexpected signature for the input buffer: {declared!r} not found once")
-    itemsize = np.dtype(wl.dtype).itemsize
-    return tvm.script.from_source(text.replace(declared, f"{declared[:-1]}, align={itemsize})"))
+    buffers = {param.name: param for param in func.params}  # TVM 0.27: the params are the buffers
+    for name in names:
+        buffer = buffers[name]
+        shape = tuple(int(extent) for extent in buffer.shape)
+        declared, itemsize = f'{name}: T.Buffer({shape}, "{buffer.dtype}"', np.dtype(str(buffer.dtype)).itemsize
+        # (?<!\w): "z: T.Buffer(..." must not match inside "dz: T.Buffer(...".
+        text, found = re.subn(r"(?<!\w)" + re.escape(declared), lambda m: f"{m.group(0)}, align={itemsize}", text)
+        if found != 1:
+            raise RuntimeError(f"unexpected signature for the input buffer {name!r}: found {found} times")
+    return tvm.script.from_source(text)

@@ -408,10 +408,7 @@ class Conv2D:
                 saved = runtime.aligned_empty(linear.workload.output_shape, dtype)
                 linear.kernel(x, self._weights_on_device(linear, linear.kernel), saved)
             dz = runtime.aligned_empty(saved.shape, dtype)
-            key = ("activation gradient", from_output, x.shape)
-            if key not in self._kernels:
-                self._kernels[key] = kernel_build.get_activation_gradient_kernel(wl, self.target, from_output)
-            self._kernels[key].function(*[runtime.to_tensor(runtime.as_aligned(a)) for a in (saved, dy, dz)])
+            self._gradient_kernel("activation-from-output" if from_output else "activation", wl, saved, dy, out=dz)
         dx = self._input_gradient(wl, dz) if input_gradient else None
         dw = self._kernel_gradient(wl, x, dz)
         db = dz.sum(axis=(0, 1, 2) if wl.channels_last else (0, 2, 3)) if wl.use_bias else None
@@ -436,11 +433,26 @@ class Conv2D:
                 phase.place(dx, out)
         return dx
 
+    def _gradient_kernel(self, part: str, wl: ConvWorkload, *inputs, out: np.ndarray) -> None:
+        """Run the gradient kernel `part` (build.GRADIENT_KERNELS) of `wl`, kept per layer. Its inputs are
+        read in place (declared unaligned, as the forward kernel's x)."""
+        key = ("gradient", part, wl)
+        if key not in self._kernels:
+            self._kernels[key] = kernel_build.get_gradient_kernel(part, wl, self.target)
+        self._kernels[key].function(*[runtime.input_tensor(a) for a in inputs], runtime.to_tensor(out))
+
     def _kernel_gradient(self, wl: ConvWorkload, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
         """dW by the forward kernel of `backward.kernel_gradient_workload`:
-        dW[i, j, c, f] = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, g·cg + c] · dz[n, oh, ow, f]."""
+        dW[i, j, c, f] = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, g·cg + c] · dz[n, oh, ow, f];
+        for depthwise layers by their own kernel, which reads x and dz channels-last."""
+        if backward.kernel_gradient_route(wl) == "depthwise":
+            dw = runtime.aligned_empty(wl.kernel_shape, wl.dtype)
+            if not wl.channels_last:
+                x, dz = x.transpose(0, 2, 3, 1), dz.transpose(0, 2, 3, 1)
+            self._gradient_kernel("depthwise-kernel", wl, x, dz, out=dw)
+            return dw
         compiled = self._kernel_for(("kernel gradient", x.shape), lambda: backward.kernel_gradient_workload(wl))
-        image, weights = backward.kernel_gradient_operands(wl, x, dz, runtime.aligned_zeros)
+        image, weights = backward.kernel_gradient_operands(wl, x, dz)
         out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
         packed = pack_kernel(np.ascontiguousarray(weights), compiled.kernel_block)
         compiled.kernel(runtime.as_aligned(np.ascontiguousarray(image)), compiled.kernel.weights([packed]), out)

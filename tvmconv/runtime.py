@@ -20,17 +20,12 @@ import tvm_ffi
 ALIGNMENT = 64
 
 
-def aligned_empty(shape, dtype, allocate=np.empty) -> np.ndarray:
-    """An aligned array from `allocate` (np.empty, or np.zeros for `aligned_zeros`)."""
+def aligned_empty(shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    raw = allocate(nbytes + ALIGNMENT, dtype=np.uint8)
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     offset = -raw.ctypes.data % ALIGNMENT
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-def aligned_zeros(shape, dtype) -> np.ndarray:
-    return aligned_empty(shape, dtype, np.zeros)
 
 
 def as_aligned(array: np.ndarray) -> np.ndarray:
