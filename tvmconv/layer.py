@@ -428,7 +428,7 @@ class Conv2D:
                 self._device_weights[key] = compiled.kernel.weights(
                     [pack_kernel(np.ascontiguousarray(transposed), compiled.kernel_block)])
             out = dx if direct else runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
-            compiled.kernel(np.ascontiguousarray(phase.output_gradient(dz)), self._device_weights[key], out)
+            compiled.kernel(phase.output_gradient(dz), self._device_weights[key], out)
             if not direct:
                 phase.place(dx, out)
         return dx
@@ -455,7 +455,7 @@ class Conv2D:
         image, weights = backward.kernel_gradient_operands(wl, x, dz)
         out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
         packed = pack_kernel(np.ascontiguousarray(weights), compiled.kernel_block)
-        compiled.kernel(runtime.as_aligned(np.ascontiguousarray(image)), compiled.kernel.weights([packed]), out)
+        compiled.kernel(image, compiled.kernel.weights([packed]), out)  # x is read in place, or copied once
         return backward.kernel_gradient_from_output(wl, out)
 
     def _symbolic_call(self, inputs: KerasTensor) -> KerasTensor:
