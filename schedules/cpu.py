@@ -74,11 +74,10 @@ def default_knobs(wl: ConvWorkload, target, registers: int = 16) -> Knobs:
     if depthwise:
         # One FMA per loaded input vector, so memory decides: small tiles (measured best: 4 columns x
         # 2 vectors), padding by bound checks (no extra pass over the input) and an unrolled window,
-        # so that neighbouring taps share loaded input vectors. Not a huge window, such as the depthwise
-        # kernel gradient's (tvmconv.backward: dz as the kernel), which unrolled ran 3.7x slower.
+        # so that neighbouring taps share loaded input vectors (`_window_unrollable`).
         fv = 2 if wl.filters % (2 * n_lanes) == 0 else 1
         ow = max(range(1, min(wl.out_width, 4) + 1), key=lambda c: (_tile_score(wl, n_lanes, c, fv), c))
-        return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=wl.kernel_size[0] * wl.kernel_size[1] <= 49)
+        return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=_window_unrollable(wl))
     candidates = [(ow, fv) for ow, fv in itertools.product(range(1, min(wl.out_width, 16) + 1),
                                                            _vector_counts(wl, n_lanes))
                   if _fits(registers, fv, ow)]
@@ -107,6 +106,12 @@ def _fits(registers: int, fv: int, ow: int, oh: int = 1) -> bool:
     return oh * ow * fv + fv + 3 <= registers
 
 
+def _window_unrollable(wl: ConvWorkload) -> bool:
+    """Up to 7x7 taps. Huge windows, such as the kernel gradient's (tvmconv.backward: dz as the kernel,
+    e.g. 56x56), unrolled run slower (3.7x, depthwise) or build for minutes (the tuner timed out)."""
+    return 1 < wl.kernel_size[0] * wl.kernel_size[1] <= 49
+
+
 def tunable_knobs(wl: ConvWorkload, target, registers: int = 16) -> list[Knobs]:
     """The template's structural variants, tile sizes left at their defaults (`sample_tiles` samples them):
     every filter-vector count that fits and is not wasted, each with every loop order, padding
@@ -116,7 +121,7 @@ def tunable_knobs(wl: ConvWorkload, target, registers: int = 16) -> list[Knobs]:
     variants = []
     for fv, filters_first, pad_inline, unroll_window in itertools.product(
             vector_counts, (False, True), (False, True) if wl.has_data_pad else (False,),
-            (False, True) if wl.kernel_size != (1, 1) else (False,)):
+            (False, True) if _window_unrollable(wl) else (False,)):
         ow = max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c))
         variants.append(Knobs(default.lanes, fv, ow, filters_first=filters_first, pad_inline=pad_inline,
                               unroll_window=unroll_window))

@@ -91,6 +91,17 @@ def test_x86_defaults_fit_the_register_file():
         assert 8 <= accumulators and accumulators + knobs.f_vectors + 1 <= registers
 
 
+def test_window_unrolling_only_for_small_windows():
+    target = targets.resolve("x86-avx512")
+    small = ConvWorkload(1, 14, 14, 32, 32, (3, 3), padding="same", groups=32)
+    # The kernel gradient's layout: dz as a 14x14 kernel (tvmconv.backward.kernel_gradient_workload).
+    huge = ConvWorkload(32, 16, 16, 1, 32, (14, 14))
+    assert x86.default_knobs(small, target).unroll_window
+    assert {k.unroll_window for k in x86.tunable_knobs(small, target)} == {False, True}
+    assert not any(k.unroll_window for k in x86.tunable_knobs(huge, target))
+    assert not x86.default_knobs(ConvWorkload(1, 16, 16, 32, 32, (14, 14), groups=32), target).unroll_window
+
+
 def test_pack_kernel_layout():
     kernel = np.arange(3 * 2 * 5 * 20, dtype=np.float32).reshape(3, 2, 5, 20)
     packed = pack_kernel(kernel, 8)
