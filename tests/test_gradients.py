@@ -117,3 +117,20 @@ def test_gradients_refuse_what_they_cannot_do(rng):
                                                           output=np.zeros((1, 4, 4, 3), np.float32))
     with pytest.raises(NotImplementedError, match="this host's CPU only"):
         tvmconv.Conv2D(4, 3, target="aarch64", remote="127.0.0.1:1").gradients(x, np.zeros((1, 4, 4, 4), np.float32))
+
+
+def test_avx2_gradient_kernels_give_the_same_numbers(rng):
+    """The AVX2 builds (8 lanes, 16 registers: Zen 1's code, runnable on any AVX2 CPU) of the phase, grouped
+    and depthwise kernels, against the float64 host build that the finite-difference test checks."""
+    x = rng.standard_normal((2, 9, 8, 8)).astype(np.float32)
+    for config in (dict(filters=8, kernel_size=3, strides=2, padding="same", groups=8, activation="relu"),
+                   dict(filters=16, kernel_size=3, strides=2, groups=2, activation="tanh")):
+        avx2 = tvmconv.Conv2D(target="x86-avx2", **config)
+        y = avx2(x)
+        exact = tvmconv.Conv2D(dtype="float64", **config)
+        exact.build(x.shape)
+        exact.set_weights([w.astype(np.float64) for w in avx2.get_weights()])
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        got, want = avx2.gradients(x, dy, output=y), exact.gradients(x.astype(np.float64), dy.astype(np.float64))
+        for name in ("input", "kernel", "bias"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=f"{config} {name}")
