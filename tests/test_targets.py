@@ -1,6 +1,7 @@
 """Targets: host detection, presets, canonical keys; the thread count; weights packed once."""
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -63,8 +64,9 @@ def test_thread_count_follows_the_option_and_the_environment(monkeypatch):
     np.testing.assert_allclose(layer(x), 18.0)
     assert num_threads() == 1
     assert layer.get_config()["threads"] == 1
-    # One layer's option is not the process's default: the environment is left as it was.
-    assert "TVM_NUM_THREADS" not in os.environ
+    # One layer's option is not the process's default. TVM caps each parallel launch at TVM_NUM_THREADS
+    # (unset: half the cores), so the variable now holds the default, every CPU, not the layer's 1.
+    assert os.environ["TVM_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
     np.testing.assert_allclose(tvmconv.Conv2D(4, 3, kernel_initializer="ones")(x), 18.0)
     assert num_threads() == runtime.default_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
@@ -73,6 +75,20 @@ def test_thread_count_follows_the_option_and_the_environment(monkeypatch):
     assert num_threads() == 2
     monkeypatch.delenv("TVM_NUM_THREADS")
     assert runtime.default_threads() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_kernels_run_on_every_cpu_without_tvm_num_threads(monkeypatch):
+    """TVM caps each parallel launch at TVM_NUM_THREADS, half the cores when unset: a kernel ran on one of
+    2 cores while runtime.NumThreads said 2. Busy on 2 cores, the process uses ~2 s of CPU per second."""
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    layer = tvmconv.Conv2D(64, 3, padding="same")
+    x = np.random.default_rng(0).standard_normal((1, 56, 56, 64)).astype(np.float32)
+    layer(x)
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < 0.5:
+        layer(x)
+    assert (time.process_time() - cpu) / (time.perf_counter() - wall) > 1.3
 
 
 def test_weights_are_packed_once_per_change():
