@@ -345,13 +345,32 @@ def _per_group_transposed(matrix, groups: int):
     return matrix.reshape(samples, groups, width // groups).transpose(2, 1, 0).reshape(width // groups, -1)
 
 
-def kernel_gradient_operands(wl: ConvWorkload, x, dz):
-    """(image, kernel) of `kernel_gradient_workload` from x and dz (numpy, the workload's layout)."""
-    route = kernel_gradient_route(wl)
-    x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
-    dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
+def kernel_gradient_image(wl: ConvWorkload):
+    """PrimFunc x -> the image of the "samples as channels" route: image[c', h, w, g·S + s] =
+    x_pad[s, h, w, g·cg + c'], x in the workload's layout. A TVM kernel rather than numpy, because it
+    runs on every core and pads in the same pass (0.84 against 2.4 ms for ResNet-50's 56x56x64 at
+    batch 8)."""
     top, left, bottom, right = wl.pads
-    if route == "matrix product":
+    samples, cg = wl.batch, wl.group_in_channels
+    x = te.placeholder(wl.input_shape, wl.dtype, name="x")
+
+    def value(c, h, w, k):
+        row, column, channel = h - top, w - left, (k // samples) * cg + c
+        inside = tirx.all(row >= 0, row < wl.in_height, column >= 0, column < wl.in_width)
+        read = x[k % samples, row, column, channel] if wl.channels_last else x[k % samples, channel, row, column]
+        return tirx.if_then_else(inside, read, tirx.const(0, wl.dtype))
+
+    image = te.compute((cg, wl.in_height + top + bottom, wl.in_width + left + right, wl.groups * samples), value,
+                       name="image")
+    return read_unaligned(te.create_prim_func([x, image]), ("x",))
+
+
+def kernel_gradient_operands(wl: ConvWorkload, x, dz):
+    """(image, kernel) of `kernel_gradient_workload` from x and dz (numpy, the workload's layout); for
+    "samples as channels" the image is None: `kernel_gradient_image` makes it."""
+    dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
+    if kernel_gradient_route(wl) == "matrix product":
+        x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
         sh, sw = wl.strides
         pixels = wl.batch * wl.out_height * wl.out_width
         x_matrix = x_nhwc[:, ::sh, ::sw][:, :wl.out_height, :wl.out_width].reshape(pixels, wl.in_channels)
@@ -359,11 +378,7 @@ def kernel_gradient_operands(wl: ConvWorkload, x, dz):
         image, kernel = (dz_matrix, x_matrix) if _pointwise_dz_is_image(wl) else (x_matrix, dz_matrix)
         image = _per_group_transposed(image, wl.groups)
         return image.reshape(1, 1, *image.shape), kernel.reshape(1, 1, *kernel.shape)
-    padded = np.pad(x_nhwc, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    n, height, width, _ = padded.shape
-    image = padded.reshape(n, height, width, wl.groups, -1).transpose(4, 1, 2, 3, 0).reshape(-1, height, width,
-                                                                                            wl.groups * n)
-    return image, dz_nhwc.transpose(1, 2, 0, 3)  # dz as (OH, OW, samples, filters)
+    return None, dz_nhwc.transpose(1, 2, 0, 3)  # dz as (OH, OW, samples, filters)
 
 
 def kernel_gradient_from_output(wl: ConvWorkload, out):

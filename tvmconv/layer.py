@@ -453,6 +453,9 @@ class Conv2D:
             return dw
         compiled = self._kernel_for(("kernel gradient", x.shape), lambda: backward.kernel_gradient_workload(wl))
         image, weights = backward.kernel_gradient_operands(wl, x, dz)
+        if image is None:  # "samples as channels": x padded and regrouped by a TVM kernel
+            image = runtime.aligned_empty(compiled.workload.input_shape, wl.dtype)
+            self._gradient_kernel("kernel-gradient-image", wl, x, out=image)
         out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
         packed = pack_kernel(np.ascontiguousarray(weights), compiled.kernel_block)
         compiled.kernel(image, compiled.kernel.weights([packed]), out)  # x is read in place, or copied once
