@@ -8,7 +8,8 @@ from tvmconv.compute import ConvWorkload
 from tvmconv.targets import architecture
 
 from . import cpu
-from .cpu import Knobs, apply, schedule, schedule_depthwise_kernel_gradient, schedule_elementwise  # noqa: F401  (the family's template is the CPU template)
+from .cpu import (  # noqa: F401  (the family's template is the CPU template)
+    Knobs, apply, schedule, schedule_depthwise_kernel_gradient, schedule_elementwise, schedule_kernel_gradient_image)
 
 
 def applies(wl: ConvWorkload, target) -> bool:

@@ -54,7 +54,8 @@ class _Network:
         for identifier in per_output:
             training.get_loss(identifier)  # an unknown loss fails here, not at the first step
         if loss_weights is not None and not isinstance(loss_weights, (list, tuple, dict)):
-            raise ValueError(f"`loss_weights` must be a list or a dict of numbers. Received: loss_weights={loss_weights!r}")
+            raise ValueError(f"`loss_weights` must be a list or a dict of numbers. "
+                             f"Received: loss_weights={loss_weights!r}")
         self._loss, self._loss_weights = loss, loss_weights
 
     def _training_graph(self):
@@ -79,7 +80,8 @@ class _Network:
         ys = [to_array(target) for target in ys]
         for target in ys:
             if len(x) != len(target):
-                raise ValueError(f"`x` and `y` must have the same number of samples. Received: {len(x)} and {len(target)}")
+                raise ValueError(f"`x` and `y` must have the same number of samples. "
+                                 f"Received: {len(x)} and {len(target)}")
         return x, ys
 
     @staticmethod
