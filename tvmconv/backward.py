@@ -18,52 +18,50 @@ import math
 import numpy as np
 from tvm import te, tirx
 
-from .compute import ConvWorkload, _softmax, _sparsemax, read_unaligned
+from .compute import (
+    SELU_ALPHA,
+    SELU_SCALE,
+    ConvWorkload,
+    _softmax,
+    _sparsemax,
+    const,
+    hard_sigmoid,
+    read_unaligned,
+    softplus,
+    where,
+)
+
+
+def _between(x, low, high):
+    """1 where low < x < high, else 0."""
+    return where(tirx.all(x > const(x, low), x < const(x, high)), const(x, 1), const(x, 0))
 
 
 def _derivatives():
     """act'(z) for Keras's elementwise activations, with their default parameters."""
-
-    def const(x, value):
-        return tirx.const(value, str(x.ty))
-
-    def where(cond, a, b):
-        return tirx.Select(cond, a, b)
-
-    def between(x, low, high):  # 1 where low < x < high
-        return where(tirx.all(x > const(x, low), x < const(x, high)), const(x, 1), const(x, 0))
-
-    def softplus(x):
-        return te.max(x, const(x, 0)) + tirx.log1p(tirx.exp(-tirx.abs(x)))
-
-    def sigmoid(x):
-        return tirx.sigmoid(x)
+    sigmoid = tirx.sigmoid
 
     def elu_like(x, alpha, scale=1.0):  # d/dx of scale * (x if x > 0 else alpha * (e^x - 1))
         return const(x, scale) * where(x > const(x, 0), const(x, 1), const(x, alpha) * tirx.exp(te.min(x, const(x, 0))))
 
     def hard_sigmoid_slope(x):
-        return between(x, -3, 3) / const(x, 6)
+        return _between(x, -3, 3) / const(x, 6)
 
-    def hard_sigmoid(x):
-        return te.min(te.max(x + const(x, 3), const(x, 0)), const(x, 6)) / const(x, 6)
-
-    selu_alpha, selu_scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
     return {
         "linear": lambda x: const(x, 1),
         "relu": lambda x: where(x > const(x, 0), const(x, 1), const(x, 0)),
-        "relu6": lambda x: between(x, 0, 6),
+        "relu6": lambda x: _between(x, 0, 6),
         "sigmoid": lambda x: sigmoid(x) * (const(x, 1) - sigmoid(x)),
         "tanh": lambda x: const(x, 1) - tirx.tanh(x) * tirx.tanh(x),
         "exponential": tirx.exp,
         "elu": lambda x: elu_like(x, 1.0),
         "celu": lambda x: elu_like(x, 1.0),
-        "selu": lambda x: elu_like(x, selu_alpha, selu_scale),
+        "selu": lambda x: elu_like(x, SELU_ALPHA, SELU_SCALE),
         "gelu": lambda x: (const(x, 0.5) * (const(x, 1) + tirx.erf(x * const(x, 1 / math.sqrt(2))))
                            + x * tirx.exp(const(x, -0.5) * x * x) * const(x, 1 / math.sqrt(2 * math.pi))),
         "hard_sigmoid": hard_sigmoid_slope,
         "hard_silu": lambda x: hard_sigmoid(x) + x * hard_sigmoid_slope(x),
-        "hard_tanh": lambda x: between(x, -1, 1),
+        "hard_tanh": lambda x: _between(x, -1, 1),
         "hard_shrink": lambda x: where(tirx.abs(x) > const(x, 0.5), const(x, 1), const(x, 0)),
         "soft_shrink": lambda x: where(tirx.abs(x) > const(x, 0.5), const(x, 1), const(x, 0)),
         "leaky_relu": lambda x: where(x >= const(x, 0), const(x, 1), const(x, 0.2)),
@@ -75,7 +73,7 @@ def _derivatives():
         "softsign": lambda x: const(x, 1) / ((tirx.abs(x) + const(x, 1)) * (tirx.abs(x) + const(x, 1))),
         "sparse_plus": lambda x: where(x <= const(x, -1), const(x, 0),
                                        where(x >= const(x, 1), const(x, 1), (x + const(x, 1)) / const(x, 2))),
-        "sparse_sigmoid": lambda x: between(x, -1, 1) / const(x, 2),
+        "sparse_sigmoid": lambda x: _between(x, -1, 1) / const(x, 2),
         "squareplus": lambda x: (const(x, 1) + x / tirx.sqrt(x * x + const(x, 4))) / const(x, 2),
         "tanh_shrink": lambda x: tirx.tanh(x) * tirx.tanh(x),
     }
@@ -88,33 +86,26 @@ def _output_derivatives():
     """act'(z) written with y = act(z) instead, for the activations whose output says it exactly (up to
     rounding near 0): training has y from the forward pass and need not recompute z."""
 
-    def const(y, value):
-        return tirx.const(value, str(y.ty))
+    def elu_like(y):  # elu and celu (alpha = 1): 1 above 0, else e^z = y + 1
+        return where(y > const(y, 0), const(y, 1), y + const(y, 1))
 
-    def where(cond, a, b):
-        return tirx.Select(cond, a, b)
-
-    def between(y, low, high):
-        return where(tirx.all(y > const(y, low), y < const(y, high)), const(y, 1), const(y, 0))
-
-    selu_alpha, selu_scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
     return {
         "linear": lambda y: const(y, 1),
         "relu": lambda y: where(y > const(y, 0), const(y, 1), const(y, 0)),
-        "relu6": lambda y: between(y, 0, 6),
+        "relu6": lambda y: _between(y, 0, 6),
         "sigmoid": lambda y: y * (const(y, 1) - y),
         "tanh": lambda y: const(y, 1) - y * y,
         "exponential": lambda y: y,
-        "elu": lambda y: where(y > const(y, 0), const(y, 1), y + const(y, 1)),
-        "celu": lambda y: where(y > const(y, 0), const(y, 1), y + const(y, 1)),
-        "selu": lambda y: where(y > const(y, 0), const(y, selu_scale), y + const(y, selu_scale * selu_alpha)),
-        "hard_sigmoid": lambda y: between(y, 0, 1) / const(y, 6),
-        "hard_tanh": lambda y: between(y, -1, 1),
+        "elu": elu_like,
+        "celu": elu_like,
+        "selu": lambda y: where(y > const(y, 0), const(y, SELU_SCALE), y + const(y, SELU_SCALE * SELU_ALPHA)),
+        "hard_sigmoid": lambda y: _between(y, 0, 1) / const(y, 6),
+        "hard_tanh": lambda y: _between(y, -1, 1),
         "hard_shrink": lambda y: where(tirx.abs(y) > const(y, 0), const(y, 1), const(y, 0)),
         "soft_shrink": lambda y: where(tirx.abs(y) > const(y, 0), const(y, 1), const(y, 0)),
         "leaky_relu": lambda y: where(y >= const(y, 0), const(y, 1), const(y, 0.2)),
         "softsign": lambda y: (const(y, 1) - tirx.abs(y)) * (const(y, 1) - tirx.abs(y)),
-        "sparse_sigmoid": lambda y: between(y, 0, 1) / const(y, 2),
+        "sparse_sigmoid": lambda y: _between(y, 0, 1) / const(y, 2),
     }
 
 
@@ -160,24 +151,17 @@ def _last_axis_backward(activation: str, z, dy, y=None):
 def activation_backward(wl: ConvWorkload, from_output: bool = False):
     """PrimFunc (z, dy) -> dz, or (y, dy) -> dz with `from_output` (for activations in FROM_OUTPUT); z, y
     and dz in the conv's output shape, dy in the layer's output shape."""
+    if from_output and wl.activation not in FROM_OUTPUT:
+        raise ValueError(f"{wl.activation}'s derivative needs the pre-activation, not the output")
+    name, table = ("y", OUTPUT_DERIVATIVES) if from_output else ("z", DERIVATIVES)
+    saved = te.placeholder(wl.conv_output_shape, wl.dtype, name=name)
     dy = te.placeholder(wl.output_shape, wl.dtype, name="dy")
-    if from_output:
-        if wl.activation not in FROM_OUTPUT:
-            raise ValueError(f"{wl.activation}'s derivative needs the pre-activation, not the output")
-        y = te.placeholder(wl.conv_output_shape, wl.dtype, name="y")
-        if wl.activation in OUTPUT_DERIVATIVES:
-            derivative = OUTPUT_DERIVATIVES[wl.activation]
-            dz = te.compute(y.shape, lambda *i: dy(*i) * derivative(y(*i)), name="dz")
-        else:
-            dz = _last_axis_backward(wl.activation, y, dy, y=y)
-        return read_unaligned(te.create_prim_func([y, dy, dz]), ("y", "dy"))
-    z = te.placeholder(wl.conv_output_shape, wl.dtype, name="z")
-    if wl.activation in DERIVATIVES:
-        derivative = DERIVATIVES[wl.activation]
-        dz = te.compute(z.shape, lambda *i: dy(*i) * derivative(z(*i)), name="dz")
+    if wl.activation in table:
+        derivative = table[wl.activation]
+        dz = te.compute(saved.shape, lambda *i: dy(*i) * derivative(saved(*i)), name="dz")
     else:
-        dz = _last_axis_backward(wl.activation, z, dy)
-    return read_unaligned(te.create_prim_func([z, dy, dz]), ("z", "dy"))
+        dz = _last_axis_backward(wl.activation, saved, dy, y=saved if from_output else None)
+    return read_unaligned(te.create_prim_func([saved, dy, dz]), (name, "dy"))
 
 
 def depthwise_kernel_backward(wl: ConvWorkload):

@@ -137,31 +137,40 @@ class ConvWorkload:
 # ---------------------------------------------------------------- activations as expressions
 
 
+# Expression helpers, shared with the activations' derivatives (tvmconv.backward).
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def const(x, value):
+    """`value` as a constant of x's dtype."""
+    return tirx.const(value, str(x.ty))
+
+
+def where(cond, a, b):
+    return tirx.Select(cond, a, b)
+
+
+def softplus(x):  # log(1 + e^x) without overflow
+    return te.max(x, const(x, 0)) + tirx.log1p(tirx.exp(-tirx.abs(x)))
+
+
+def relu6(x):
+    return te.min(te.max(x, const(x, 0)), const(x, 6))
+
+
+def hard_sigmoid(x):
+    return relu6(x + const(x, 3)) / const(x, 6)
+
+
 def _activation_formulas():
     """Keras 3's elementwise activations on one TIR expression, with Keras's default parameters."""
-
-    def const(x, value):
-        return tirx.const(value, str(x.ty))
-
-    def softplus(x):  # log(1 + e^x) without overflow
-        return te.max(x, const(x, 0)) + tirx.log1p(tirx.exp(-tirx.abs(x)))
 
     def sigmoid(x):
         return tirx.sigmoid(x)
 
     def expm1_neg(x, alpha):  # alpha * (e^x - 1) for x <= 0, x otherwise
-        return tirx.Select(x > const(x, 0), x, const(x, alpha) * (tirx.exp(te.min(x, const(x, 0))) - const(x, 1)))
+        return where(x > const(x, 0), x, const(x, alpha) * (tirx.exp(te.min(x, const(x, 0))) - const(x, 1)))
 
-    def relu6(x):
-        return te.min(te.max(x, const(x, 0)), const(x, 6))
-
-    def hard_sigmoid(x):
-        return relu6(x + const(x, 3)) / const(x, 6)
-
-    def where(cond, a, b):
-        return tirx.Select(cond, a, b)
-
-    selu_alpha, selu_scale = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
     return {
         "linear": lambda x: x,
         "relu": lambda x: te.max(x, const(x, 0)),
@@ -171,7 +180,7 @@ def _activation_formulas():
         "exponential": tirx.exp,
         "elu": lambda x: expm1_neg(x, 1.0),
         "celu": lambda x: expm1_neg(x, 1.0),  # alpha = 1: celu(x) = elu(x / alpha) * alpha
-        "selu": lambda x: const(x, selu_scale) * expm1_neg(x, selu_alpha),
+        "selu": lambda x: const(x, SELU_SCALE) * expm1_neg(x, SELU_ALPHA),
         "gelu": lambda x: const(x, 0.5) * x * (const(x, 1) + tirx.erf(x * const(x, 1 / math.sqrt(2)))),
         "hard_sigmoid": hard_sigmoid,
         "hard_silu": lambda x: x * hard_sigmoid(x),
