@@ -134,3 +134,13 @@ def test_avx2_gradient_kernels_give_the_same_numbers(rng):
         got, want = avx2.gradients(x, dy, output=y), exact.gradients(x.astype(np.float64), dy.astype(np.float64))
         for name in ("input", "kernel", "bias"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=f"{config} {name}")
+
+
+def test_gradient_options_are_checked(rng):
+    layer = tvmconv.Conv2D(4, 3, activation="relu")
+    x = rng.standard_normal((1, 6, 6, 2)).astype(np.float32)
+    dy = np.zeros((1, 4, 4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"`output` must be .* a real array .*dtype=<U1"):
+        layer.gradients(x, dy, output=np.full((1, 4, 4, 4), "a"))
+    with pytest.raises(TypeError, match="`input_gradient` argument must be a bool"):
+        layer.gradients(x, dy, input_gradient="no")

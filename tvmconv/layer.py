@@ -389,6 +389,12 @@ class Conv2D:
         self._check_can_run()
         if not self.built:
             self.build(x.shape)
+        input_gradient = validation.as_bool(input_gradient, "input_gradient")
+        if output is not None:
+            output = to_array(output)
+            if output.dtype.kind not in "biuf" or output.shape != dy.shape:
+                raise ValueError(f"`output` must be the layer's output for these inputs: a real array of shape "
+                                 f"{dy.shape}. Received shape {output.shape}, dtype={output.dtype}")
         dtype = self.compute_dtype
         x = np.ascontiguousarray(x, dtype=dtype)
         dy = np.ascontiguousarray(dy, dtype=dtype)
@@ -398,10 +404,7 @@ class Conv2D:
         if wl.activation != "linear":
             from_output = output is not None and wl.activation in backward.FROM_OUTPUT
             if from_output:
-                saved = np.ascontiguousarray(to_array(output), dtype=dtype)
-                if saved.shape != dy.shape:
-                    raise ValueError(f"`output` must be the layer's output for these inputs, of shape {dy.shape}. "
-                                     f"Received shape {saved.shape}")
+                saved = np.ascontiguousarray(output, dtype=dtype)
             else:  # z = conv(x) + b, the pre-activation: the forward kernel with a linear epilogue
                 linear = self._kernel_for(("pre-activation", x.shape),
                                           lambda: dataclasses.replace(wl, activation="linear"))

@@ -50,9 +50,13 @@ class _Network:
         if loss is None:
             raise ValueError("compile() needs a `loss`: 'mse', 'mae', 'huber' or a callable loss(y_true, y_pred)")
         self.optimizer = training.get_optimizer(optimizer)
-        per_output = loss.values() if isinstance(loss, dict) else loss if isinstance(loss, (list, tuple)) else [loss]
-        for identifier in per_output:
-            training.get_loss(identifier)  # an unknown loss fails here, not at the first step
+        # Resolved once: an unknown loss fails here, and a callable one is wrapped for JAX once.
+        if isinstance(loss, dict):
+            loss = {name: training.get_loss(identifier) for name, identifier in loss.items()}
+        elif isinstance(loss, (list, tuple)):
+            loss = [training.get_loss(identifier) for identifier in loss]
+        else:
+            loss = training.get_loss(loss)
         if loss_weights is not None and not isinstance(loss_weights, (list, tuple, dict)):
             raise ValueError(f"`loss_weights` must be a list or a dict of numbers. "
                              f"Received: loss_weights={loss_weights!r}")
@@ -65,7 +69,7 @@ class _Network:
         graph = _graph(self)
         calls = output_calls(self)
         names = [graph[call][0].name for call in calls]
-        losses = _per_output(self._loss, names, "loss", training.get_loss)
+        losses = _per_output(self._loss, names, "loss", lambda function: function)
         weights = _per_output(1.0 if self._loss_weights is None else self._loss_weights, names, "loss_weights",
                               lambda w: validation.finite_float(w, "loss_weights"))
         return graph, [training.OutputLoss(*entry) for entry in zip(calls, names, losses, weights, strict=True)]
