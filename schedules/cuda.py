@@ -22,6 +22,7 @@ class Knobs:
     pixel_tile: int = 4       # output pixels per thread
     filter_tile: int = 4      # filters per thread
     rc_tile: int = 8          # input channels per shared-memory stage
+    window_stage: bool = True  # stage the whole kh x kw window per step (False: one tap per step)
 
     kernel_block = 0  # Keras's kernel layout (compute.pack_kernel)
 
@@ -38,12 +39,35 @@ def _fit(extent: int, wanted: int) -> int:
     return tile
 
 
+# A block's shared memory, where every CUDA GPU since Volta allows 48 KB without opting in.
+_SHARED_BYTES = 48 * 1024
+
+
+def _window_stage_bytes(wl: ConvWorkload, knobs: Knobs) -> int:
+    """Shared memory of a whole-window stage: the input rows and columns one block's output row
+    segment reads, and the window's weights, for rc_tile channels (float32)."""
+    kh, kw = wl.kernel_size
+    rows = (kh - 1) * wl.dilation[0] + 1
+    columns = (knobs.pixel_threads * knobs.pixel_tile - 1) * wl.strides[1] + (kw - 1) * wl.dilation[1] + 1
+    weights = kh * kw * knobs.rc_tile * knobs.filter_threads * knobs.filter_tile
+    return 4 * (rows * columns * knobs.rc_tile + weights)
+
+
 def default_knobs(wl: ConvWorkload, target) -> Knobs:
-    filters_per_group = wl.filters // wl.groups
-    # A block spans pixels of one output row: size its pixel tiles to the row.
-    return Knobs(pixel_threads=_fit(wl.out_width, 8), filter_threads=_fit(wl.filters, 16),
-                 pixel_tile=_fit(-(-wl.out_width // 8), 4), filter_tile=_fit(filters_per_group, 4),
-                 rc_tile=_fit(wl.group_in_channels, 8))
+    """Measured on an H200 over ResNet-50's layers at batch 1 (scripts/gpu_check.py, docs/benchmarks.md):
+    1-2 pixels x 4 filters per thread, 16 input channels per stage holding the whole window, and on
+    wide rows blocks of 4 pixel threads (more blocks for the SMs). Where the window would not fit in
+    shared memory, fewer channels per stage, else one tap per stage."""
+    width = wl.out_width
+    pixel_threads, pixel_tile = (4, 2) if width >= 56 else (4, 1) if width >= 28 else (8, 1)
+    knobs = Knobs(pixel_threads=_fit(width, pixel_threads), filter_threads=_fit(wl.filters, 16), pixel_tile=pixel_tile,
+                  filter_tile=_fit(wl.filters // wl.groups, 4), rc_tile=_fit(wl.group_in_channels, 16),
+                  window_stage=True)
+    while _window_stage_bytes(wl, knobs) > _SHARED_BYTES and knobs.rc_tile > 1:
+        knobs = dataclasses.replace(knobs, rc_tile=knobs.rc_tile // 2)
+    if _window_stage_bytes(wl, knobs) > _SHARED_BYTES:
+        knobs = dataclasses.replace(knobs, rc_tile=_fit(wl.group_in_channels, 8), window_stage=False)
+    return knobs
 
 
 def _bind_elementwise(sch: s_tir.Schedule, block, threads: int = 128) -> None:
@@ -58,8 +82,6 @@ def _bind_elementwise(sch: s_tir.Schedule, block, threads: int = 128) -> None:
 def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_tir.Schedule:
     knobs = knobs or default_knobs(wl, target)
     sch = s_tir.Schedule(func)
-    if wl.has_data_pad:
-        sch.compute_inline(sch.get_sblock("data_pad"))
     conv = sch.get_sblock("conv")
     n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)
     # A block covers a segment of one output row; a thread a (pixels x filters) register tile.
@@ -71,14 +93,21 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     thread = sch.fuse(ow_thread, f_thread)
     sch.bind(thread, "threadIdx.x")
     threads = knobs.pixel_threads * knobs.filter_threads
-    # Stage the reduction step's input window and weights in shared memory, loaded by all threads.
+    # Stage the reduction step's input and weights in shared memory, loaded by all threads: for rc_tile
+    # channels, the whole window (input rows and taps read once per step, one barrier pair per step)
+    # or one tap of it.
+    stage_at = rc_o if knobs.window_stage else rw
     for operand in (0, 1):
         shared = sch.cache_read(conv, operand, "shared")
-        sch.compute_at(shared, rw)
+        sch.compute_at(shared, stage_at)
         loops = sch.get_loops(shared)
-        depth = [sch.get(loop).same_as(sch.get(rw)) for loop in loops].index(True) + 1
+        depth = [sch.get(loop).same_as(sch.get(stage_at)) for loop in loops].index(True) + 1
         _, loader = sch.split(sch.fuse(*loops[depth:]), factors=[None, threads])
         sch.bind(loader, "threadIdx.x")
+    if wl.has_data_pad:
+        # Inlined into the shared stage, not into the conv: the stage then spans exactly the padded
+        # window (its bounds checks read the padding), where the input's clamped region is larger.
+        sch.compute_inline(sch.get_sblock("data_pad"))
     sch.set_scope(conv, 0, "local")
     sch.decompose_reduction(conv, rc_o)
     sch.reverse_compute_at(sch.get_sblock("epilogue"), thread)

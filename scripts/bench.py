@@ -126,7 +126,7 @@ class Timing:
 def time_tvm_kernel(compiled, arguments, repeat: int) -> Timing:
     number = calls_per_repeat(lambda: compiled.kernel.function(*arguments))
     evaluator = compiled.time_evaluator(number=number, repeat=repeat)
-    return Timing(number, list(evaluator(*arguments).results))
+    return Timing(number, evaluator(*arguments))
 
 
 def time_call(call, repeat: int) -> Timing:

@@ -2,6 +2,8 @@
 
 Tests marked `arm` run kernels on the board that `scripts/arm_board.sh start` serves; without one
 they skip, saying so. $TVMCONV_BOARD names another board (default 127.0.0.1:9095).
+CUDA kernels are built wherever nvcc is; the tests that run them skip without a CUDA GPU (on a GPU
+machine without apache-tvm, scripts/gpu_check.py checks them with the runtime alone).
 """
 import re
 import shutil
@@ -98,10 +100,13 @@ def test_cuda_sources_build(preset, wl):
     source = _compiled_source(wl, target, kind="cuda")
     for construct in ("__global__", "__shared__", "__syncthreads()", "threadIdx.x", "blockIdx.x"):
         assert construct in source
-    # nvcc built the device code: a CUDA ELF (EM_CUDA = 190) for that SM version (e_flags bits 8-15).
-    with open(build.get_kernel(wl, target).cubin, "rb") as f:
-        header = f.read(52)
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 190
+    # nvcc built the device code: a fatbin (magic 0xBA55ED50) holding a CUDA ELF (EM_CUDA = 190) for
+    # that SM version (e_flags bits 8-15).
+    with open(build.get_kernel(wl, target).device_code, "rb") as f:
+        fatbin = f.read()
+    assert int.from_bytes(fatbin[:4], "little") == 0xBA55ED50
+    header = fatbin[fatbin.index(b"\x7fELF"):][:52]
+    assert int.from_bytes(header[18:20], "little") == 190
     assert f"sm_{(int.from_bytes(header[48:52], 'little') >> 8) & 0xFF}" == preset.split("-")[1]
 
 
@@ -119,11 +124,48 @@ def test_remote_through_a_tracker_on_localhost(tmp_path):
         remote_devices.disconnect(remote)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-def test_cuda_layer_compiles_and_says_it_cannot_run_yet():
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+needs_gpu = pytest.mark.skipif(not tvmconv.runtime.cuda_available(), reason="no CUDA GPU on this machine")
+
+
+@needs_nvcc
+@pytest.mark.skipif(tvmconv.runtime.cuda_available(), reason="this machine has a CUDA GPU")
+def test_cuda_layer_without_a_gpu_says_so():
     layer = tvmconv.Conv2D(8, 3, target="cuda")
     x = np.ones((1, 6, 6, 4), np.float32)
     layer.build(x.shape)
-    assert layer.compiled_kernel(x.shape).cubin.endswith(".cubin")
-    with pytest.raises(NotImplementedError, match="GPU machine"):
+    assert layer.compiled_kernel(x.shape).device_code.endswith(".fatbin")
+    with pytest.raises(ValueError, match="need a CUDA GPU"):
         layer(x)
+
+
+@needs_nvcc
+@needs_gpu
+@pytest.mark.parametrize("wl", [PATHS["3x3"], PATHS["grouped"], PATHS["stride 2"]], ids=repr)
+def test_cuda_layer_on_the_gpu(wl):
+    # The "cuda" preset (sm_80) runs on any newer GPU: its fatbin carries PTX.
+    layer = tvmconv.Conv2D(wl.filters, wl.kernel_size, wl.strides, wl.padding, groups=wl.groups, activation="relu",
+                           target="cuda")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(wl.input_shape).astype(np.float32)
+    layer.build(x.shape)
+    kernel, bias = layer.get_weights()
+    expected = np.maximum(reference.conv2d(x, kernel, bias, wl.strides, wl.padding, groups=wl.groups), 0)
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_nvcc
+def test_cuda_bundle_carries_its_device_code(tmp_path):
+    model = tvmconv.Sequential([tvmconv.Conv2D(8, 3, padding="same", activation="relu"), tvmconv.Conv2D(4, 1)])
+    manifest = tvmconv.export(model, (1, 8, 8, 4), str(tmp_path), target="cuda-sm_90")
+    assert manifest["device"] == "cuda" and manifest["architecture"] == "x86_64"
+    assert set(manifest["files"]) == {"library", "device_code", "weights"}
+    with open(tmp_path / "kernels.fatbin", "rb") as f:
+        assert int.from_bytes(f.read(4), "little") == 0xBA55ED50
+    if not tvmconv.runtime.cuda_available():
+        with pytest.raises(RuntimeError, match="runs on a CUDA GPU"):
+            tvmconv.runtime.load(str(tmp_path))
+        return
+    x = np.random.default_rng(0).standard_normal((3, 8, 8, 4)).astype(np.float32)
+    # The model's own layers run on this host's CPU: an independent build of the same convolutions.
+    np.testing.assert_allclose(tvmconv.runtime.load(str(tmp_path))(x), model(x), rtol=1e-4, atol=1e-5)

@@ -30,7 +30,7 @@ class CompiledKernel:
     origin: str     # "compiled", "disk cache" or "memory cache"
     library: str    # the shared library in the kernel cache
     kernel: runtime.Kernel | None  # loaded here, when this host can run the target's code
-    cubin: str | None = None  # GPU targets: the device code nvcc built, beside the library
+    device_code: str | None = None  # GPU targets: the fatbin nvcc built, beside the library
     tuning: records.Tuned | None = None  # the tuning record it was built from (None: the template's defaults)
 
     @property
@@ -39,11 +39,12 @@ class CompiledKernel:
         return self.tuning.kernel_block if self.tuning else self.knobs.kernel_block
 
     def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
-        """TVM's time evaluator for this kernel on this host's CPU: call it with `Conv2D.kernel_arguments(x)`."""
+        """TVM's time evaluator for this kernel on this machine's CPU or GPU: call it with
+        `Conv2D.kernel_arguments(x)`."""
         if self.kernel is None:
             raise ValueError(f"kernels for {self.target_key} do not run on this host: time them on their device")
-        return self.kernel.module.time_evaluator(self.kernel.entry, tvm.cpu(), number=number, repeat=repeat,
-                                                 min_repeat_ms=min_repeat_ms)
+        return runtime.time_evaluator(self.kernel.module, self.kernel.entry, self.kernel.device, number, repeat,
+                                      min_repeat_ms)
 
 
 _memory: dict[tuple, CompiledKernel] = {}
@@ -88,16 +89,19 @@ def _verified(library: str, sidecar: str) -> bool:
         return False
 
 
-def _cubin(module, target: tvm.target.Target) -> bytes:
-    """The device code of a CUDA module, built by nvcc for the target's architecture. (TVM's CPU wheel
-    keeps only the CUDA source in the module; building it here proves it compiles.)"""
+def device_code(module, target: tvm.target.Target) -> bytes:
+    """The GPU code of a CUDA module: a fatbin that nvcc builds from the module's CUDA source, with
+    machine code for the target's arch and PTX that newer GPUs compile when they load it. (TVM keeps
+    the CUDA source in the library; the runtime loads this in its place: runtime.load_module.)"""
     if shutil.which("nvcc") is None:
         raise RuntimeError("CUDA kernels are built with nvcc, which is not on the PATH: install the CUDA toolkit")
     import tvm.support.nvcc  # only CUDA builds need it
     source = next(m for m in module.imports if m.kind == "cuda").inspect_source()
+    version = str(target.attrs["arch"]).removeprefix("sm_")
     with target:
-        return bytes(tvm.support.nvcc.compile_cuda(source, target_format="cubin", arch=str(target.attrs["arch"]),
-                                                   compiler="nvcc"))
+        return bytes(tvm.support.nvcc.compile_cuda(
+            source, target_format="fatbin", compiler="nvcc",
+            arch=["-gencode", f"arch=compute_{version},code=[sm_{version},compute_{version}]"]))
 
 
 def scheduled(rule, wl: ConvWorkload, target: tvm.target.Target, knobs):
@@ -135,7 +139,7 @@ def scheduled_function(wl: ConvWorkload, target: tvm.target.Target, knobs=None, 
 
 def _library(func, target: tvm.target.Target, key: str, name: str, meta: dict) -> tuple:
     """The shared library of a scheduled PrimFunc in the disk cache, compiled when absent or damaged:
-    (library path, cubin path or None, "compiled" or "disk cache")."""
+    (library path, device code path or None, "compiled" or "disk cache")."""
     # The file name covers the exact scheduled program, so a change to compute or schedule
     # never picks up a stale library.
     fingerprint = hashlib.sha256((tvm.__version__ + str(target.export()) + func.script()).encode()).hexdigest()[:16]
@@ -143,18 +147,24 @@ def _library(func, target: tvm.target.Target, key: str, name: str, meta: dict) -
     os.makedirs(folder, exist_ok=True)
     library = os.path.join(folder, f"{name}-{fingerprint}.so")
     sidecar = library[:-3] + ".json"
-    cubin = library[:-3] + ".cubin" if target.kind.name == "cuda" else None
-    if _verified(library, sidecar) and (cubin is None or os.path.exists(cubin)):
-        return library, cubin, "disk cache"
+    gpu_code = library[:-3] + ".fatbin" if target.kind.name == "cuda" else None
+    if _verified(library, sidecar) and (gpu_code is None or os.path.exists(gpu_code)):
+        return library, gpu_code, "disk cache"
     module = tvm.compile(func, target=target).mod
     fcompile = targets.cross_compiler(target)
     _atomic_write(library, lambda path: module.export_library(path, fcompile=fcompile))
-    if cubin:
-        device_code = _cubin(module, target)
-        _atomic_write(cubin, lambda path: pathlib.Path(path).write_bytes(device_code))
+    if gpu_code:
+        code = device_code(module, target)
+        _atomic_write(gpu_code, lambda path: pathlib.Path(path).write_bytes(code))
     meta = {"sha256": runtime.file_sha256(library), "target": str(target.export()), "tvm": tvm.__version__, **meta}
     _atomic_write(sidecar, lambda path: _write_json(path, meta))
-    return library, cubin, "compiled"
+    return library, gpu_code, "compiled"
+
+
+def _loaded(library: str, gpu_code: str | None) -> runtime.Kernel:
+    if gpu_code is None:
+        return runtime.Kernel(runtime.load_module(library))
+    return runtime.CudaKernel(runtime.load_module(library, gpu_code))
 
 
 def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None) -> CompiledKernel:
@@ -169,13 +179,13 @@ def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_root
         if cached is not None:
             return dataclasses.replace(cached, origin="memory cache")
         func, knobs, tuned = _function(rule, wl, target, knobs, tuned)
-        library, cubin, origin = _library(func, target, key, wl.key, {
+        library, gpu_code, origin = _library(func, target, key, wl.key, {
             "workload": dataclasses.asdict(wl), "schedule": str(tuned) if tuned else rule.__name__,
             "knobs": repr(knobs)})
         # Loaded from the library in both cases: what runs is what the cache holds.
-        kernel = runtime.Kernel(runtime.load_module(library)) if targets.runnable_here(target) else None
+        kernel = _loaded(library, gpu_code) if targets.runnable_here(target) else None
         schedule = "tuning record" if tuned else rule.__name__.rsplit(".", 1)[-1]
-        compiled = CompiledKernel(wl, key, schedule, knobs, origin, library, kernel, cubin, tuned)
+        compiled = CompiledKernel(wl, key, schedule, knobs, origin, library, kernel, gpu_code, tuned)
         _memory[choice] = compiled
         return compiled
 

@@ -3,6 +3,8 @@
 A bundle is a folder (see runtime.BUNDLE_FILES):
   kernels.so     every layer's kernel, linked into one shared library by the target's toolchain
                  (a cross compiler for another CPU), each under the symbol "layer_<i>";
+  kernels.fatbin CUDA targets only: the GPU code nvcc built from the library's CUDA source, which
+                 the runtime loads in its place (no compiler is needed where the bundle runs);
   weights.npz    each layer's weights as its kernel reads them (packed, in the compute dtype);
   manifest.json  tvmconv and TVM versions, target and target key, input and output shapes, data
                  format, dtype, the layer graph, and the SHA-256 of the two files above.
@@ -37,8 +39,6 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
         if not isinstance(call.layer.activation, str):
             raise ValueError(f"Layer '{call.layer.name}' has a Python callable as its activation, which a compiled "
                              "bundle cannot run: use one of Keras's named activations to export it")
-    if target.kind.name != "llvm":
-        raise NotImplementedError(f"export builds CPU bundles; {target.kind.name} kernels do not run in tvmconv yet")
     os.makedirs(path, exist_ok=True)
     functions, weights, layers = {}, {}, []
     for i, call in enumerate(calls):
@@ -61,6 +61,11 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
     library = os.path.join(path, runtime.BUNDLE_FILES["library"])
     module = tvm.compile(tvm.IRModule(functions), target=target).mod
     module.export_library(library, fcompile=targets.cross_compiler(target))
+    roles = ["library", "weights"]
+    if target.kind.name == "cuda":
+        with open(os.path.join(path, runtime.BUNDLE_FILES["device_code"]), "wb") as f:
+            f.write(build.device_code(module, target))
+        roles.append("device_code")
     weights_file = os.path.join(path, runtime.BUNDLE_FILES["weights"])
     np.savez(weights_file, **weights)
 
@@ -72,14 +77,16 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
                    for k, v in target.export().items()},
         "target_key": targets.target_key(target),
         "architecture": targets.architecture(target),
+        "device": "cuda" if target.kind.name == "cuda" else "cpu",
         # The ISA extensions its code uses, as /proc/cpuinfo names them: the runtime checks them.
         "cpu_flags": _x86_flags(target),
         "data_format": first.data_format, "dtype": first.dtype,
         "input_shape": list(first.input_shape),
         "outputs": output_calls(model_or_layer), "single_output": single_output,
         "layers": layers,
-        "files": {role: {"name": runtime.BUNDLE_FILES[role], "sha256": runtime.file_sha256(os.path.join(path, name))}
-                  for role, name in runtime.BUNDLE_FILES.items() if role != "manifest"},
+        "files": {role: {"name": runtime.BUNDLE_FILES[role],
+                         "sha256": runtime.file_sha256(os.path.join(path, runtime.BUNDLE_FILES[role]))}
+                  for role in roles},
     }
     with open(os.path.join(path, runtime.BUNDLE_FILES["manifest"]), "w") as f:
         json.dump(manifest, f, indent=1)

@@ -293,10 +293,9 @@ class Conv2D:
         once per layer: the checks cost ~0.5 ms, and target and remote never change."""
         if self._can_run:
             return
-        if self.target.kind.name == "cuda":
-            raise NotImplementedError(
-                "CUDA kernels compile (compiled_kernel(shape).cubin is nvcc's build for the target's arch) "
-                "but tvmconv does not run them yet: that needs a GPU machine with a CUDA build of TVM.")
+        if self.target.kind.name == "cuda" and self.remote is not None:
+            raise NotImplementedError(f"layer '{self.name}': CUDA kernels run on this machine's GPU, not over RPC "
+                                      f"(remote={self.remote!r}); export them to run on another machine")
         if self.remote is None:
             targets.check_runnable_here(self.target)
         self._can_run = True
@@ -320,9 +319,9 @@ class Conv2D:
         self._check_can_run()
         compiled = self.compiled_kernel(x.shape)
         runner = self._runner(compiled)
-        y = runtime.aligned_empty(compiled.workload.output_shape, self.compute_dtype)
         runtime.use_threads(self.threads or runtime.default_threads())
-        return [runtime.input_tensor(x), *self._weights_on_device(compiled, runner), runtime.to_tensor(y)]
+        return [runtime.to_device(x, runner.device), *self._weights_on_device(compiled, runner),
+                runtime.device_empty(compiled.workload.output_shape, self.compute_dtype, runner.device)]
 
     def _weights_on_device(self, compiled: kernel_build.CompiledKernel, runner) -> list:
         """The weights as `compiled` reads them, where `runner` runs it: in the compute dtype, the kernel

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import struct
 import sys
 import threading
 
@@ -97,9 +98,101 @@ def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     return tvm_ffi.from_dlpack(np.ascontiguousarray(array), require_alignment=0)
 
 
-def load_module(path: str):
+def load_module(path: str, device_code: str | None = None):
+    """Load a compiled library. A CUDA library also needs `device_code`: the file of GPU code that
+    nvcc built for it (build.py), which TVM's CUDA runtime loads in place of the library's CUDA source."""
     _load_tvm_runtime()
-    return tvm_ffi.load_module(path)
+    if device_code is None:
+        return tvm_ffi.load_module(path)
+    _load_cuda_runtime()
+    with open(device_code, "rb") as f:
+        code = f.read()
+    with _device_code_lock:  # the callback below hands `code` to this load, and to no other
+        _device_code_for_load[:] = [code]
+        try:
+            return tvm_ffi.load_module(path)
+        finally:
+            _device_code_for_load.clear()
+
+
+# ---------------------------------------------------------------- CUDA
+# A CUDA library keeps its kernels as CUDA source, and TVM's CUDA runtime asks the callback
+# "tvm_callback_cuda_compile" to compile that source when the library loads. On the GPU machine the
+# callback hands over the device code that nvcc built beside the library at build time instead: no
+# CUDA compiler and no TVM compiler are needed where the kernels run.
+CUDA = 2  # DLPack's kDLCUDA
+_device_code_lock = threading.Lock()
+_device_code_for_load: list[bytes] = []
+_cuda_runtime = None
+
+
+def _prebuilt_device_code(*_source_and_target):
+    if not _device_code_for_load:
+        raise RuntimeError("tvmconv: a CUDA library was loaded without its device code: load it with "
+                           "runtime.load_module(path, device_code=...)")
+    return _device_code_for_load[0]
+
+
+def _load_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime (libtvm_runtime_cuda.so, beside libtvm_runtime.so): the CUDA device API
+    and module loader. It needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 runtime (libcudart.so.13)."""
+    global _cuda_runtime
+    if _cuda_runtime is not None:
+        return
+    _load_tvm_runtime()
+    path = os.path.join(os.path.dirname(_tvm_runtime._name), "libtvm_runtime_cuda.so")
+    try:
+        library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as err:
+        raise RuntimeError(f"TVM's CUDA runtime could not be loaded ({err}). It needs an NVIDIA driver "
+                           "(libcuda.so.1) and the CUDA 13 runtime library (libcudart.so.13) on the library path") from None
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _prebuilt_device_code, override=True)
+    _cuda_runtime = library
+
+
+def cuda_available() -> bool:
+    """Whether this machine has a CUDA GPU that TVM's CUDA runtime can use."""
+    try:
+        _load_cuda_runtime()
+    except (RuntimeError, ImportError):
+        return False
+    return bool(_runtime_function("runtime.GetDeviceAttr")(CUDA, 0, 0))  # 0: kExist
+
+
+def _runtime_function(name: str):
+    _load_tvm_runtime()
+    return tvm_ffi.get_global_func(name)
+
+
+def cuda_compute_version() -> str:
+    """GPU 0's compute capability, e.g. "9.0"."""
+    return str(_runtime_function("runtime.GetDeviceAttr")(CUDA, 0, 4))  # 4: kComputeVersion
+
+
+def device_empty(shape, dtype, device: str) -> tvm_ffi.Tensor:
+    """An uninitialized tensor on `device` ("cpu" or "cuda")."""
+    if device == "cpu":
+        return to_tensor(aligned_empty(shape, dtype))
+    alloc = _runtime_function("runtime.TVMTensorAllocWithScope")
+    return alloc(tvm_ffi.Shape(shape), tvm_ffi.dtype(str(np.dtype(dtype))), tvm_ffi.device("cuda", 0), None)
+
+
+def to_device(array: np.ndarray, device: str) -> tvm_ffi.Tensor:
+    """A copy of `array` on `device` (for "cpu", the array itself where it is aligned)."""
+    if device == "cpu":
+        return to_tensor(array)
+    tensor = device_empty(array.shape, array.dtype, device)
+    _runtime_function("runtime.TVMTensorCopyFromTo")(input_tensor(array), tensor)
+    return tensor
+
+
+def copy_to_host(tensor: tvm_ffi.Tensor, out: np.ndarray) -> np.ndarray:
+    """Copy a device tensor into the C-contiguous array `out`."""
+    host = as_aligned(out)
+    _runtime_function("runtime.TVMTensorCopyFromTo")(tensor, to_tensor(host))
+    if host is not out:
+        out[...] = host
+    return out
 
 
 def _idle_reference_counts() -> tuple[int, int]:
@@ -153,10 +246,36 @@ class Kernel:
         self.function(input_tensor(x), *weights, to_tensor(out))
 
 
+class CudaKernel(Kernel):
+    """A compiled CUDA function: weights kept on the GPU, input and output copied for each call."""
+
+    device = "cuda"
+
+    def weights(self, arrays) -> list:
+        return [to_device(np.ascontiguousarray(a), self.device) for a in arrays]
+
+    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
+        result = device_empty(out.shape, out.dtype, self.device)
+        self.function(to_device(x, self.device), *weights, result)
+        copy_to_host(result, out)
+
+
 # ---------------------------------------------------------------- exported bundles (tvmconv.export)
 
 BUNDLE_FORMAT = "tvmconv-bundle-1"
-BUNDLE_FILES = {"library": "kernels.so", "weights": "weights.npz", "manifest": "manifest.json"}
+BUNDLE_FILES = {"library": "kernels.so", "device_code": "kernels.fatbin", "weights": "weights.npz",
+                "manifest": "manifest.json"}
+
+
+def time_evaluator(module, entry: str, device: str, number: int, repeat: int, min_repeat_ms: int = 0):
+    """TVM's time evaluator with the runtime alone: a function that runs `entry` on its arguments
+    `number` times per repeat, synchronizing `device` ("cpu" or "cuda") around each repeat, and
+    returns the `repeat` mean times in seconds."""
+    dev = tvm_ffi.device(device, 0)
+    evaluate = _runtime_function("runtime.RPCTimeEvaluator")(
+        module, entry, dev.dlpack_device_type(), dev.index, number, repeat, min_repeat_ms,
+        100, 0, 1, 0, "")  # limit_zero_time_iterations, cooldown ms, repeats_to_cooldown, cache flush, f_preproc
+    return lambda *args: list(struct.unpack(f"@{repeat}d", evaluate(*args)))
 
 
 def file_sha256(path: str) -> str:
@@ -184,7 +303,7 @@ class Predictor:
         if manifest.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{manifest_path}: unknown bundle format {manifest.get('format')!r} "
                              f"(this runtime reads {BUNDLE_FORMAT})")
-        for role in ("library", "weights"):
+        for role in manifest["files"]:
             file = os.path.join(path, manifest["files"][role]["name"])
             if not os.path.exists(file):
                 raise FileNotFoundError(f"bundle file missing: {file}")
@@ -198,15 +317,20 @@ class Predictor:
         if missing and host == "x86_64":  # its code would die with "Illegal instruction"
             raise ValueError(f"the bundle at {path} is compiled for {manifest['target'].get('mcpu')}, whose "
                              f"instructions this CPU lacks ({', '.join(missing)}): export it for this machine's target")
+        self.device = manifest.get("device", "cpu")
+        if self.device == "cuda" and not cuda_available():
+            raise RuntimeError(f"the bundle at {path} runs on a CUDA GPU, and this machine has none that TVM's CUDA "
+                               "runtime can use (it needs an NVIDIA driver and libcudart.so.13)")
         self.manifest = manifest
         self.path = path
         self.input_shape = tuple(manifest["input_shape"])
         self.dtype = np.dtype(manifest["dtype"])
-        module = load_module(os.path.join(path, manifest["files"]["library"]["name"]))
-        with np.load(os.path.join(path, manifest["files"]["weights"]["name"])) as stored:
+        files = {role: os.path.join(path, entry["name"]) for role, entry in manifest["files"].items()}
+        module = load_module(files["library"], files.get("device_code"))
+        with np.load(files["weights"]) as stored:
             self._layers = [(module[layer["function"]], layer["reads"], tuple(layer["output_shape"]),
                              np.dtype(layer["dtype"]),
-                             [to_tensor(np.ascontiguousarray(stored[name])) for name in layer["weights"]])
+                             [to_device(np.ascontiguousarray(stored[name]), self.device) for name in layer["weights"]])
                             for layer in manifest["layers"]]
         self._outputs = manifest["outputs"]
 
@@ -227,14 +351,22 @@ class Predictor:
 
     def _run(self, chunk: np.ndarray) -> list[np.ndarray]:
         use_threads(self.threads)  # TVM's own default is half the cores on x86
-        values = []
+        values = []  # each layer's output, a tensor on the bundle's device
         for function, reads, shape, dtype, weights in self._layers:
             source = chunk if reads < 0 else values[reads]
-            source = source.astype(dtype, copy=False)  # a layer computes in its own dtype, as Conv2D does
-            out = aligned_empty(shape, dtype)
-            function(input_tensor(source), *weights, to_tensor(out))
+            if isinstance(source, np.ndarray) or np.dtype(str(source.dtype)) != dtype:
+                host = self._host(source).astype(dtype, copy=False)  # a layer computes in its own dtype
+                source = input_tensor(host) if self.device == "cpu" else to_device(host, self.device)
+            out = device_empty(shape, dtype, self.device)
+            function(source, *weights, out)
             values.append(out)
-        return [values[i] for i in self._outputs]
+        return [self._host(values[i]) for i in self._outputs]
+
+    def _host(self, value) -> np.ndarray:
+        """An array or a tensor on the bundle's device, as a numpy array (a CPU tensor's memory itself)."""
+        if isinstance(value, np.ndarray) or self.device == "cpu":
+            return np.from_dlpack(value)
+        return copy_to_host(value, aligned_empty(tuple(value.shape), str(value.dtype)))
 
     def __call__(self, x):
         """Outputs for a batch of any size: the kernels run on chunks of the exported batch size."""

@@ -80,8 +80,10 @@ def resolve(target) -> tvm.target.Target:
 
 
 def architecture(target: tvm.target.Target) -> str:
-    """The CPU architecture the code is for ("x86_64", "aarch64", ...): the target's triple, else the host's."""
-    return str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
+    """The CPU architecture the code is for ("x86_64", "aarch64", ...): the target's triple (a GPU target's
+    host's), else this machine's."""
+    cpu = target.host if target.kind.name == "cuda" and target.host is not None else target
+    return str(cpu.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
 
 
 def vector_bits(target: tvm.target.Target) -> int:
@@ -136,8 +138,25 @@ def runnable_here(target: tvm.target.Target) -> bool:
         return False
 
 
+def _check_gpu(target: tvm.target.Target) -> None:
+    """Raise unless this machine has a CUDA GPU that runs the target's code: its arch or a newer one
+    (the fatbin carries PTX for newer GPUs)."""
+    if not runtime.cuda_available():
+        raise ValueError(f"Kernels for target {target_key(target)} need a CUDA GPU, and this machine has none that "
+                         "TVM's CUDA runtime can use (an NVIDIA driver and libcudart.so.13 are needed): run them on "
+                         "a GPU machine, e.g. exported with tvmconv.export(..., target='cuda-sm_90')")
+    wanted = int(str(target.attrs["arch"]).removeprefix("sm_"))
+    found = int(runtime.cuda_compute_version().replace(".", ""))
+    if found < wanted:
+        raise ValueError(f"Target {target_key(target)} is built for sm_{wanted}, and this GPU is sm_{found}: "
+                         f"use the target preset 'cuda-sm_{found}' or one for an older arch")
+
+
 def check_runnable_here(target: tvm.target.Target) -> None:
     """Raise before running code the host cannot execute (another ISA, or features it lacks)."""
+    if target.kind.name == "cuda":
+        _check_gpu(target)
+        return
     host_target = tvm.target.Target(host())
     if target.kind.name != "llvm" or architecture(target) != runtime.host_architecture():
         raise ValueError(f"Kernels for target {target_key(target)} cannot run on this host "
