@@ -9,7 +9,8 @@ from tvmconv.targets import architecture
 
 from . import cpu
 from .cpu import (  # noqa: F401  (the family's template is the CPU template)
-    Knobs, apply, schedule, schedule_depthwise_kernel_gradient, schedule_elementwise, schedule_kernel_gradient_image)
+    Knobs, apply, schedule, schedule_depthwise_kernel_gradient, schedule_elementwise, schedule_kernel_gradient_image,
+    schedule_pointwise_kernel_gradient)
 
 
 def applies(wl: ConvWorkload, target) -> bool:

@@ -200,6 +200,31 @@ def schedule_depthwise_kernel_gradient(func, wl: ConvWorkload, target) -> s_tir.
     return sch
 
 
+def schedule_pointwise_kernel_gradient(func, wl: ConvWorkload, target) -> s_tir.Schedule:
+    """backward.pointwise_kernel_backward, dW = xᵀ·dz over the pixels: a tile of up to 6 input channels x
+    2-4 vectors of filters kept in registers over the whole reduction, each pixel's x values broadcast
+    and its dz row loaded as vectors. The tiles run in parallel, filters outer, so that the tiles of a
+    core share their slice of dz in cache."""
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("dW")
+    accumulators = sch.cache_write(block, 0, "local")
+    i, j, c, f, n, oh, ow = sch.get_loops(block)
+    n_lanes = lanes(wl, target)
+    vectors = next(v for v in ((4, 2, 1) if vector_bits(target) >= 512 else (2, 1)) if wl.filters % (v * n_lanes) == 0)
+    rows = max(r for r in range(1, 7) if wl.in_channels % r == 0)
+    f_outer, f_vector, f_lane = sch.split(f, [None, vectors, n_lanes])
+    c_outer, c_inner = sch.split(c, [None, rows])
+    sch.reorder(f_outer, c_outer, i, j, n, oh, ow, c_inner, f_vector, f_lane)
+    sch.reverse_compute_at(accumulators, c_outer)
+    sch.unroll(c_inner)
+    sch.unroll(f_vector)
+    sch.vectorize(f_lane)
+    sch.vectorize(sch.get_loops(accumulators)[-1])
+    sch.parallel(sch.fuse(f_outer, c_outer))
+    sch.decompose_reduction(block, n)
+    return sch
+
+
 def schedule_kernel_gradient_image(func, wl: ConvWorkload, target) -> s_tir.Schedule:
     """backward.kernel_gradient_image, a regrouping copy: rows in parallel, and per pixel the channels
     and samples in the order x holds them, so x is read along its rows. Scalar: vectors over the

@@ -19,6 +19,8 @@ CONFIGS = {
     "stride3-valid-uncovered": dict(filters=3, kernel_size=2, strides=3, activation="relu"),
     "pointwise-stride2-groups": dict(filters=6, kernel_size=1, strides=2, padding="same", groups=2),
     "pointwise-fewer-filters-groups": dict(filters=2, kernel_size=1, groups=2, activation="sigmoid"),
+    "pointwise-own-kernel-stride2": dict(filters=16, kernel_size=1, strides=2, activation="relu"),
+    "pointwise-own-kernel": dict(filters=32, kernel_size=1, use_bias=False, activation="tanh"),
     "depthwise-stride2-valid": dict(filters=4, kernel_size=3, strides=2, groups=4),
     "valid-groups-even-kernel": dict(filters=6, kernel_size=(2, 4), groups=2, activation="elu"),
     "same-even-kernel-dilation-groups": dict(filters=4, kernel_size=2, dilation_rate=(2, 3), padding="same",
@@ -30,6 +32,12 @@ CONFIGS = {
 
 def _input_shape(config):
     return (2, 4, 7, 9) if config.get("data_format") == "channels_first" else (2, 7, 8, 4)
+
+
+def test_the_configurations_cover_every_kernel_gradient_route():
+    routes = {backward.kernel_gradient_route(tvmconv.Conv2D(**config).workload(_input_shape(config)))
+              for config in CONFIGS.values()}
+    assert routes == {"depthwise", "pointwise", "matrix product", "samples as channels"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -120,11 +128,12 @@ def test_gradients_refuse_what_they_cannot_do(rng):
 
 
 def test_avx2_gradient_kernels_give_the_same_numbers(rng):
-    """The AVX2 builds (8 lanes, 16 registers: Zen 1's code, runnable on any AVX2 CPU) of the phase, grouped
-    and depthwise kernels, against the float64 host build that the finite-difference test checks."""
+    """The AVX2 builds (8 lanes, 16 registers: Zen 1's code, runnable on any AVX2 CPU) of the phase, grouped,
+    depthwise and pointwise kernels, against the float64 host build that the finite-difference test checks."""
     x = rng.standard_normal((2, 9, 8, 8)).astype(np.float32)
     for config in (dict(filters=8, kernel_size=3, strides=2, padding="same", groups=8, activation="relu"),
-                   dict(filters=16, kernel_size=3, strides=2, groups=2, activation="tanh")):
+                   dict(filters=16, kernel_size=3, strides=2, groups=2, activation="tanh"),
+                   dict(filters=16, kernel_size=1, strides=2)):
         avx2 = tvmconv.Conv2D(target="x86-avx2", **config)
         y = avx2(x)
         exact = tvmconv.Conv2D(dtype="float64", **config)

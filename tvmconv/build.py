@@ -195,6 +195,7 @@ GRADIENT_KERNELS = {
     "activation": (backward.activation_backward, "schedule_elementwise"),
     "activation-from-output": (lambda wl: backward.activation_backward(wl, from_output=True), "schedule_elementwise"),
     "depthwise-kernel": (backward.depthwise_kernel_backward, "schedule_depthwise_kernel_gradient"),
+    "pointwise-kernel": (backward.pointwise_kernel_backward, "schedule_pointwise_kernel_gradient"),
     "kernel-gradient-image": (backward.kernel_gradient_image, "schedule_kernel_gradient_image"),
 }
 

@@ -446,12 +446,15 @@ class Conv2D:
     def _kernel_gradient(self, wl: ConvWorkload, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
         """dW by the forward kernel of `backward.kernel_gradient_workload`:
         dW[i, j, c, f] = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, g·cg + c] · dz[n, oh, ow, f];
-        for depthwise layers by their own kernel, which reads x and dz channels-last."""
-        if backward.kernel_gradient_route(wl) == "depthwise":
+        for depthwise and channels-last 1x1 layers by their own kernels, which read x and dz channels-last."""
+        route = backward.kernel_gradient_route(wl)
+        if route in ("depthwise", "pointwise"):
             dw = runtime.aligned_empty(wl.kernel_shape, wl.dtype)
             if not wl.channels_last:
                 x, dz = x.transpose(0, 2, 3, 1), dz.transpose(0, 2, 3, 1)
-            self._gradient_kernel("depthwise-kernel", wl, x, dz, out=dw)
+            if route == "pointwise":
+                x = backward.pointwise_pixels(wl, x)
+            self._gradient_kernel(f"{route}-kernel", wl, x, dz, out=dw)
             return dw
         compiled = self._kernel_for(("kernel gradient", x.shape), lambda: backward.kernel_gradient_workload(wl))
         image, weights = backward.kernel_gradient_operands(wl, x, dz)
