@@ -150,6 +150,52 @@ def test_model_workloads_and_budget_split_by_flops():
     assert sorted(wl.kernel_size for wl in strided[2:6]) == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
+def test_gradient_kernels_tune_and_builds_use_a_record_only_where_it_is_faster(tmp_path, monkeypatch, rng):
+    """The dW kernels of their own (pointwise and depthwise layers) tune in MetaSchedule's generated space;
+    the record and the kernel's own schedule are re-timed, and builds take the record only if it won."""
+    model = tvmconv.Sequential([tvmconv.Conv2D(16, 1, input_shape=(6, 6, 8)),
+                                tvmconv.Conv2D(16, 3, padding="same", groups=16)])
+    kernels = [wl for wl in tuning.conv_workloads(model, None, gradients=True)
+               if isinstance(wl, backward.GradientKernel)]
+    assert [k.part for k in kernels] == ["pointwise-kernel", "depthwise-kernel"]
+    results = tuning.tune_workloads(kernels, trials=4, min_trials=4, log_dir=str(tmp_path), progress=False)
+    folder = records.folder(str(tmp_path), HOST)
+    summary = records.read_summary(folder)
+    monkeypatch.setenv("TVMCONV_TUNING_LOGS", str(tmp_path))
+    for kernel, result in zip(kernels, results, strict=True):
+        assert result.trials == 4 and result.errors == 0 and result.gflops > 0 and result.default_gflops > 0
+        assert summary[kernel.key]["retimed_gflops"] == result.gflops
+        assert summary[kernel.key]["default_gflops"] == result.default_gflops
+        func = build.gradient_function(kernel.part, kernel.workload)
+        used = records.best_gradient(kernel, func, HOST)
+        assert (used is not None) == (result.gflops >= result.default_gflops)
+        record = records.best_gradient(kernel, func, HOST, keep_slower=True)
+        assert record.trials == 4
+        # The record's schedule computes what the kernel's own schedule does.
+        arrays = [rng.standard_normal([int(d) for d in p.shape]).astype(np.float32) for p in func.params]
+        outputs = []
+        for choice in (record, False):
+            out = runtime.aligned_empty(arrays[-1].shape, np.float32)
+            build.get_gradient_kernel(kernel.part, kernel.workload, HOST, record=choice).function(
+                *[runtime.input_tensor(a) for a in arrays[:-1]], runtime.to_tensor(out))
+            outputs.append(out)
+        np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    # Whichever schedule the builds chose, the gradients are right.
+    x = rng.standard_normal((1, 6, 6, 8))
+    model(x)
+    for layer, inputs in ((model.layers[0], x), (model.layers[1], model.layers[0](x))):
+        dy = rng.standard_normal(layer(inputs).shape)
+        kernel = layer.gradients(inputs, dy)["kernel"]
+        exact = tvmconv.Conv2D(layer.filters, layer.kernel_size, padding=layer.padding, groups=layer.groups,
+                               dtype="float64")
+        exact.build(inputs.shape)
+        exact.set_weights([w.astype(np.float64) for w in layer.get_weights()])
+        expected = exact.gradients(inputs.astype(np.float64), dy)["kernel"]
+        np.testing.assert_allclose(kernel, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="this host only"):
+        tuning.tune_workloads(kernels, trials=4, log_dir=str(tmp_path), rpc="127.0.0.1:9", progress=False)
+
+
 def test_corrupt_log_names_the_file(tuned, tmp_path):
     root, _ = tuned
     copy = tmp_path / "logs"

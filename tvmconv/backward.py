@@ -220,6 +220,33 @@ def pointwise_pixels(wl: ConvWorkload, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[:, ::sh, ::sw][:, :wl.out_height, :wl.out_width])
 
 
+@dataclasses.dataclass(frozen=True)
+class GradientKernel:
+    """A training kernel that is not a forward convolution: the dW kernel of a depthwise or pointwise
+    layer (`part` "depthwise-kernel" or "pointwise-kernel", see build.GRADIENT_KERNELS) for the
+    layer's `workload`. Tuned and kept in the tuning logs like a forward workload."""
+    part: str
+    workload: ConvWorkload
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload.key}-grad-{self.part}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload.label} dW ({self.part.removesuffix('-kernel')})"
+
+    @property
+    def flops(self) -> int:
+        return self.workload.flops  # dW takes as many multiply-adds as the forward convolution
+
+
+def kernel_gradient_kernel(wl: ConvWorkload) -> GradientKernel | None:
+    """The dW kernel of its own that `kernel_gradient_route` picks for `wl`, if any."""
+    route = kernel_gradient_route(wl)
+    return GradientKernel(f"{route}-kernel", wl) if route in ("depthwise", "pointwise") else None
+
+
 # ---------------------------------------------------------------- gradients that are forward convolutions
 
 

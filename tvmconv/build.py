@@ -200,19 +200,38 @@ GRADIENT_KERNELS = {
 }
 
 
-def get_gradient_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target) -> runtime.Kernel:
-    """The `part` kernel of GRADIENT_KERNELS for `wl`, on this host."""
+def gradient_function(part: str, wl: ConvWorkload):
+    """The unscheduled PrimFunc of the `part` kernel of GRADIENT_KERNELS for `wl`, naming what it computes
+    in its attributes (as conv2d_forward does), so that tuning logs can hold its records."""
+    compute, _ = GRADIENT_KERNELS[part]
+    return compute(wl).with_attr({"tvmconv.workload": json.dumps(dataclasses.asdict(wl)), "tvmconv.gradient": part})
+
+
+def get_gradient_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target, log_roots=None,
+                        record: "bool | records.Tuned" = True) -> runtime.Kernel:
+    """The `part` kernel of GRADIENT_KERNELS for `wl`, on this host: scheduled by its best tuning record in
+    `log_roots` (default: records.search_roots()) when that re-timed faster than the rule's schedule,
+    else by the rule. `record`: False for the rule's schedule, or the record to use."""
     key = targets.target_key(target)
     with _lock:
-        cached = _memory.get((part, wl.key, key))
+        func = gradient_function(part, wl)
+        if record is True:
+            record = records.best_gradient(backward.GradientKernel(part, wl), func, target, log_roots)
+        tuned = record or None
+        cached = _memory.get((part, wl.key, key, tuned and str(tuned.trace)))
         if cached is not None:
             return cached
-        compute, scheduler = GRADIENT_KERNELS[part]
-        rule = schedules.find_rule(wl, target)
-        if not hasattr(rule, scheduler):
-            raise NotImplementedError(f"the {rule.__name__} schedules have no gradient kernels yet")
-        func = getattr(rule, scheduler)(compute(wl), wl, target).mod["main"]
+        if tuned is not None:
+            func = records.apply(tuned, func).mod["main"]
+        else:
+            rule = schedules.find_rule(wl, target)
+            scheduler = GRADIENT_KERNELS[part][1]
+            if not hasattr(rule, scheduler):
+                raise NotImplementedError(f"the {rule.__name__} schedules have no gradient kernels yet")
+            func = getattr(rule, scheduler)(func, wl, target).mod["main"]
         library, _, _ = _library(func, target, key, f"{wl.key}-grad-{part}",
-                                 {"workload": dataclasses.asdict(wl), "gradient": part})
-        kernel = _memory[(part, wl.key, key)] = runtime.Kernel(runtime.load_module(library))
+                                 {"workload": dataclasses.asdict(wl), "gradient": part,
+                                  "schedule": str(tuned) if tuned else "rule"})
+        kernel = runtime.Kernel(runtime.load_module(library))
+        _memory[(part, wl.key, key, tuned and str(tuned.trace))] = kernel
         return kernel

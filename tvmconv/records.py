@@ -24,6 +24,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from . import targets, tuning_logs  # tuning_logs: the shipped records (package data)
+from .backward import GradientKernel
 from .compute import ConvWorkload, conv2d_forward
 
 WORKLOADS_FILE = "database_workload.json"
@@ -77,14 +78,17 @@ def open_database(path: str, create: bool = False) -> ms.database.JSONDatabase:
         raise ValueError(f"corrupt tuning log in {path} ({files[0]} / {files[1]}): {err}") from None
 
 
-def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload, int] | None:
-    """The conv workload and packed kernel block a record tuned (None: not a tvmconv workload)."""
+def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload | GradientKernel, int] | None:
+    """What a record tuned: a conv workload and its packed kernel block, or a gradient kernel of its own
+    and 0 (None: not a tvmconv workload)."""
     attrs = record.workload.mod["main"].attrs
     if attrs is None or "tvmconv.workload" not in attrs:
         return None
     fields = json.loads(str(attrs["tvmconv.workload"]))
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    return ConvWorkload(**fields), int(attrs["tvmconv.kernel_block"])
+    wl = ConvWorkload(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    if "tvmconv.gradient" in attrs:
+        return GradientKernel(str(attrs["tvmconv.gradient"]), wl), 0
+    return wl, int(attrs["tvmconv.kernel_block"])
 
 
 def seconds(record: ms.database.TuningRecord) -> float | None:
@@ -114,10 +118,13 @@ def write_summary(path: str, summary: dict) -> None:
     os.replace(tmp, os.path.join(path, SUMMARY_FILE))
 
 
-def note_tuned(path: str, wl: ConvWorkload, trials: int, gflops: float | None) -> None:
-    """Record when `wl` was last tuned or re-timed here, its trial count and its best record's re-timed speed."""
+def note_tuned(path: str, wl: ConvWorkload | GradientKernel, trials: int, gflops: float | None,
+               default_gflops: float | None = None) -> None:
+    """Record when `wl` was last tuned or re-timed here, its trial count, its best record's re-timed speed
+    and that of the schedule without a record (template defaults, or a gradient kernel's rule)."""
     summary = read_summary(path)
     summary[wl.key] = {"workload": dataclasses.asdict(wl), "trials": trials, "retimed_gflops": gflops,
+                       "default_gflops": default_gflops,
                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     write_summary(path, summary)
 
@@ -229,6 +236,32 @@ def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = 
         if found:
             result = min(found, key=lambda t: t.seconds)
             break
+    _best[memo_key] = (state, result)
+    return result
+
+
+def best_gradient(kernel: GradientKernel, func, target: tvm.target.Target, roots: list[str] | None = None,
+                  keep_slower: bool = False) -> Tuned | None:
+    """The fastest record of a gradient kernel (`func`: its unscheduled PrimFunc) in the log roots, exact
+    matches only. A record that re-timed slower than the kernel's rule schedule (summary.json) is passed
+    over unless `keep_slower`: MetaSchedule's generated space, the one these kernels tune in, often
+    loses to the hand-written schedules within a few hundred trials."""
+    paths = [folder(root, target) for root in roots or search_roots()]
+    logs = [(path, idx) for path, idx in zip(paths, map(index, paths)) if idx is not None]
+    memo_key, state = (kernel.key, tuple(paths), keep_slower), tuple(idx.stamp for _, idx in logs)
+    memo = _best.get(memo_key)
+    if memo is not None and memo[0] == state:
+        return memo[1]
+    found = []
+    for path, idx in logs:
+        noted = read_summary(path).get(kernel.key, {})
+        if not keep_slower and (noted.get("retimed_gflops") or 0) < (noted.get("default_gflops") or 0):
+            continue
+        record = idx.database.query_tuning_record(tvm.IRModule({"main": func}), target, "main")
+        time = record and seconds(record)
+        if time is not None:
+            found.append(Tuned(path, 0, record.trace, time, idx.entries[kernel.key]["trials"], None))
+    result = min(found, key=lambda t: t.seconds) if found else None
     _best[memo_key] = (state, result)
     return result
 

@@ -37,7 +37,7 @@ from . import (
     targets,
     validation,
 )
-from .compute import ConvWorkload, conv2d_forward, packed_kernel_shape
+from .compute import ConvWorkload, conv2d_forward
 
 SPACES = ("template", "auto", "both")
 MIN_TRIALS_PER_WORKLOAD = 64  # a model's budget is split by FLOP share, but never below this per workload
@@ -48,7 +48,7 @@ RUN_TIMEOUT_S = 120
 
 @dataclasses.dataclass
 class TuneResult:
-    workload: ConvWorkload
+    workload: ConvWorkload | backward.GradientKernel
     folder: str                 # the log folder: <log_dir>/<target key>
     trials: int                 # records for this workload there, after this run
     measured: int               # candidates measured in this run
@@ -62,11 +62,13 @@ class TuneResult:
 # ---------------------------------------------------------------- what to tune
 
 
-def conv_workloads(layer_or_model, input_shape=None, gradients: bool = False) -> list[ConvWorkload]:
+def conv_workloads(layer_or_model, input_shape=None,
+                   gradients: bool = False) -> list[ConvWorkload | backward.GradientKernel]:
     """The distinct conv workloads of a Conv2D layer, a Sequential or a functional Model, in call order,
     for this input shape (batch included; 3D means batch 1; None: the model's declared input). With
-    `gradients`, also the forward workloads that training runs (Conv2D.gradients): the pre-activation
-    when there is an activation, the phases of dx and the convolution that gives dW (tvmconv.backward)."""
+    `gradients`, also what training runs (Conv2D.gradients): the pre-activation when there is an
+    activation, the phases of dx, and the convolution that gives dW, or dW's kernel of its own for
+    depthwise and pointwise layers (a backward.GradientKernel)."""
     found = []
     for call in model.layer_calls(layer_or_model, input_shape):
         wl = call.workload
@@ -74,7 +76,8 @@ def conv_workloads(layer_or_model, input_shape=None, gradients: bool = False) ->
         if gradients:
             phases, _ = backward.input_gradient_phases(wl)
             extra = [dataclasses.replace(wl, activation="linear") if wl.activation != "linear" else None,
-                     *(phase.workload for phase in phases), backward.kernel_gradient_workload(wl)]
+                     *(phase.workload for phase in phases),
+                     backward.kernel_gradient_workload(wl) or backward.kernel_gradient_kernel(wl)]
         for workload in [wl, *extra]:
             if workload is not None and workload not in found:
                 found.append(workload)
@@ -103,8 +106,13 @@ def _template_space(rule, wl: ConvWorkload, target, variants):
     return ms.space_generator.ScheduleFn(design_spaces)
 
 
-def tasks(wl: ConvWorkload, target, space: str) -> list[ms.TuneContext]:
-    """The MetaSchedule tasks that tune `wl` in this design space."""
+def tasks(wl: ConvWorkload | backward.GradientKernel, target, space: str) -> list[ms.TuneContext]:
+    """The MetaSchedule tasks that tune `wl` in this design space. A gradient kernel of its own has no
+    template: it tunes in MetaSchedule's generated space whatever `space` says."""
+    if isinstance(wl, backward.GradientKernel):
+        return [ms.TuneContext(tvm.IRModule({"main": build.gradient_function(wl.part, wl.workload)}), target=target,
+                               space_generator="post-order-apply",
+                               search_strategy=ms.search_strategy.EvolutionarySearch(), task_name=f"{wl.key}-auto")]
     rule = schedules.find_rule(wl, target)
     by_block: dict[int, list] = {}
     if space in ("template", "both"):
@@ -231,29 +239,29 @@ def _interruptible():
         signal.signal(signal.SIGINT, previous)
 
 
-def _random_arguments(wl: ConvWorkload, kernel_block: int, device) -> list:
+def _random_arguments(func, device) -> list:
+    """Random inputs and a zero output for each parameter buffer of the PrimFunc `func`."""
     rng = np.random.default_rng(0)
-    shapes = [wl.input_shape, packed_kernel_shape(wl, kernel_block)] + ([(wl.filters,)] if wl.use_bias else [])
-    arrays = [rng.standard_normal(shape).astype(wl.dtype) for shape in shapes]
-    arrays.append(np.zeros(wl.output_shape, wl.dtype))
+    buffers = list(func.params)  # TVM 0.27: the params are the buffers
+    arrays = [rng.standard_normal([int(d) for d in b.shape]).astype(str(b.dtype)) for b in buffers[:-1]]
+    arrays.append(np.zeros([int(d) for d in buffers[-1].shape], str(buffers[-1].dtype)))
     return [tvm.runtime.tensor(a, device) for a in arrays]
 
 
-def _gflops(compiled: build.CompiledKernel, rpc) -> float:
-    """The kernel re-timed by TVM's time evaluator, here or on the RPC device."""
-    if rpc is None:
-        kernel, device = compiled.kernel, tvm.cpu()
-    else:
-        kernel = remote.remote_kernel(remote.connect(rpc), compiled.library)
+def _gflops(kernel, func, flops: int, library: str | None, rpc) -> float:
+    """A loaded kernel (of the PrimFunc `func`) re-timed by TVM's time evaluator, here or, from its
+    `library`, on the RPC device."""
+    device = tvm.cpu()
+    if rpc is not None:
+        kernel = remote.remote_kernel(remote.connect(rpc), library)
         device = kernel.remote_device
     try:
         evaluator = kernel.module.time_evaluator(kernel.entry, device, number=1, repeat=15, min_repeat_ms=40)
-        arguments = _random_arguments(compiled.workload, compiled.kernel_block, device)
-        seconds = float(np.median(evaluator(*arguments).results))
+        seconds = float(np.median(evaluator(*_random_arguments(func, device)).results))
     finally:
         if rpc is not None:  # the device serves one session at a time: free it for the next round of tuning
             remote.disconnect(rpc)
-    return compiled.workload.flops / seconds / 1e9
+    return flops / seconds / 1e9
 
 
 # ---------------------------------------------------------------- tuning
@@ -265,7 +273,7 @@ def _trials_on_record(folder: str, wl: ConvWorkload) -> int:
     return entry["trials"] if entry else 0
 
 
-def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None, log_dir: str | None = None,
+def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], trials: int = 64, target=None, log_dir: str | None = None,
                    space: str = "template", rpc=None, time_budget: float | None = None,
                    threads: int | None = None, progress: bool = True,
                    min_trials: int = MIN_TRIALS_PER_WORKLOAD) -> list[TuneResult]:
@@ -282,6 +290,9 @@ def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None,
     if rpc is not None and not isinstance(rpc, (str, dict)):
         raise TypeError("`rpc` must be 'HOST:PORT' or {'tracker': 'HOST:PORT', 'key': KEY}: MetaSchedule's runner "
                         "opens its own sessions")
+    if rpc is not None and any(isinstance(wl, backward.GradientKernel) for wl in workloads):
+        raise NotImplementedError("the dW kernels of depthwise and pointwise layers run on this host only (as "
+                                  "Conv2D.gradients does): tune them without `rpc`")
     if rpc is not None:  # a layer's session in this process would keep the runner's workers waiting
         remote.disconnect(rpc)
     folder = records.folder(log_dir or records.user_root(), target)
@@ -322,18 +333,29 @@ def tune_workloads(workloads: list[ConvWorkload], trials: int = 64, target=None,
                         stopped = callback.stop_reason
             results.append(_result(wl, target, folder, rpc, callback, stopped))
             if results[-1].trials:  # also when only re-timed: the latest figure, from a quiet machine or not
-                records.note_tuned(folder, wl, results[-1].trials, results[-1].gflops)
+                records.note_tuned(folder, wl, results[-1].trials, results[-1].gflops, results[-1].default_gflops)
     return results
 
 
 def _result(wl, target, folder, rpc, callback, stopped) -> TuneResult:
-    compiled = build.get_kernel(wl, target, log_roots=[os.path.dirname(folder)])
-    tuned = compiled.tuning
-    default = build.get_kernel(wl, target, knobs=schedules.find_rule(wl, target).default_knobs(wl, target))
+    """The run's outcome, with the best record and the schedule without one rebuilt and re-timed."""
+    roots = [os.path.dirname(folder)]
+    if isinstance(wl, backward.GradientKernel):
+        func = build.gradient_function(wl.part, wl.workload)
+        tuned = records.best_gradient(wl, func, target, roots, keep_slower=True)
+        timed = {name: _gflops(build.get_gradient_kernel(wl.part, wl.workload, target, record=choice), func, wl.flops,
+                               None, None)
+                 for name, choice in (("record", tuned), ("default", False)) if choice is not None}
+    else:
+        compiled = build.get_kernel(wl, target, log_roots=roots)
+        tuned = compiled.tuning
+        default = build.get_kernel(wl, target, knobs=schedules.find_rule(wl, target).default_knobs(wl, target))
+        timed = {name: _gflops(kernel.kernel, conv2d_forward(wl, kernel.kernel_block), wl.flops, kernel.library, rpc)
+                 for name, kernel in (("record", compiled if tuned else None), ("default", default)) if kernel}
     return TuneResult(wl, folder, _trials_on_record(folder, wl), callback.measured if callback else 0,
                       callback.errors if callback else 0,
                       wl.flops / tuned.seconds / 1e9 if tuned else None,
-                      _gflops(compiled, rpc) if tuned else None, _gflops(default, rpc), stopped)
+                      timed.get("record"), timed["default"], stopped)
 
 
 def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: str | None = None,
@@ -348,7 +370,9 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     target's key. `rpc` measures on remote devices: {"tracker": "HOST:PORT", "key": KEY} or
     "HOST:PORT" of an RPC server; kernels are built (cross-compiled) here. `time_budget`
     (seconds) ends the run at the first round boundary past it; so does Ctrl-C. `gradients` also
-    tunes the forward workloads that training runs (see `conv_workloads`).
+    tunes what training runs (see `conv_workloads`): forward workloads, and the dW kernels of depthwise
+    and pointwise layers, which tune in MetaSchedule's generated space; builds use such a record only
+    where it re-timed faster than the kernel's own schedule.
     """
     return tune_workloads(conv_workloads(layer_or_model, input_shape, gradients), trials, target, log_dir, space,
                           rpc, time_budget)
