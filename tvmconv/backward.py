@@ -9,7 +9,8 @@ With z = conv(x, W) + b, y = act(z) and dy = dL/dy:
        output holds dW (`kernel_gradient_workload`), or for depthwise layers and channels-last 1x1 ones a
        TE compute of its own (`depthwise_kernel_backward`, `pointwise_kernel_backward`); db = Σ dz.
 dx and dW (but those two) thus run the forward compute (tvmconv.compute) with its schedules, and tune
-like any forward workload. Arrays are in the workload's data format and compute dtype; z and
+like any forward workload; the kernels that are not convolutions (`training_kernels`) tune in
+MetaSchedule's generated space. Arrays are in the workload's data format and compute dtype; z and
 dz have the conv's output shape (for glu: twice dy's last axis).
 """
 import dataclasses
@@ -220,11 +221,16 @@ def pointwise_pixels(wl: ConvWorkload, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[:, ::sh, ::sw][:, :wl.out_height, :wl.out_width])
 
 
+GRADIENT_KERNEL_NAMES = {"depthwise-kernel": "dW (depthwise)", "pointwise-kernel": "dW (pointwise)",
+                         "kernel-gradient-image": "dW image", "activation": "dz",
+                         "activation-from-output": "dz (from y)"}
+
+
 @dataclasses.dataclass(frozen=True)
 class GradientKernel:
-    """A training kernel that is not a forward convolution: the dW kernel of a depthwise or pointwise
-    layer (`part` "depthwise-kernel" or "pointwise-kernel", see build.GRADIENT_KERNELS) for the
-    layer's `workload`. Tuned and kept in the tuning logs like a forward workload."""
+    """A training kernel that is not a forward convolution, for the layer's `workload`: `part` names it
+    (build.GRADIENT_KERNELS, GRADIENT_KERNEL_NAMES). Tuned and kept in the tuning logs like a forward
+    workload."""
     part: str
     workload: ConvWorkload
 
@@ -234,17 +240,31 @@ class GradientKernel:
 
     @property
     def label(self) -> str:
-        return f"{self.workload.label} dW ({self.part.removesuffix('-kernel')})"
+        return f"{self.workload.label} {GRADIENT_KERNEL_NAMES[self.part]}"
 
     @property
     def flops(self) -> int:
-        return self.workload.flops  # dW takes as many multiply-adds as the forward convolution
+        """dW's multiply-adds, as many as the forward convolution's; for the copies and elementwise kernels
+        the elements they write (their "GFLOP/s" in tuning reports are billions of elements a second)."""
+        if self.part in ("depthwise-kernel", "pointwise-kernel"):
+            return self.workload.flops
+        if self.part == "kernel-gradient-image":
+            return math.prod(kernel_gradient_workload(self.workload).input_shape)
+        return math.prod(self.workload.conv_output_shape)
 
 
-def kernel_gradient_kernel(wl: ConvWorkload) -> GradientKernel | None:
-    """The dW kernel of its own that `kernel_gradient_route` picks for `wl`, if any."""
+def training_kernels(wl: ConvWorkload) -> list[GradientKernel]:
+    """The kernels of `wl`'s gradients (Conv2D.gradients in a training step, which passes the layer's
+    output) that are not forward convolutions."""
+    found = []
+    if wl.activation != "linear":
+        found.append(GradientKernel("activation-from-output" if wl.activation in FROM_OUTPUT else "activation", wl))
     route = kernel_gradient_route(wl)
-    return GradientKernel(f"{route}-kernel", wl) if route in ("depthwise", "pointwise") else None
+    if route in ("depthwise", "pointwise"):
+        found.append(GradientKernel(f"{route}-kernel", wl))
+    elif route == "samples as channels":
+        found.append(GradientKernel("kernel-gradient-image", wl))
+    return found
 
 
 # ---------------------------------------------------------------- gradients that are forward convolutions

@@ -67,8 +67,10 @@ def conv_workloads(layer_or_model, input_shape=None,
     """The distinct conv workloads of a Conv2D layer, a Sequential or a functional Model, in call order,
     for this input shape (batch included; 3D means batch 1; None: the model's declared input). With
     `gradients`, also what training runs (Conv2D.gradients): the pre-activation when there is an
-    activation, the phases of dx, and the convolution that gives dW, or dW's kernel of its own for
-    depthwise and pointwise layers (a backward.GradientKernel)."""
+    activation, the phases of dx and the convolution that gives dW, and the kernels that are not
+    convolutions (backward.training_kernels: the activation's
+    derivative, dW's kernel of its own for depthwise and pointwise layers, the regrouping for the
+    others)."""
     found = []
     for call in model.layer_calls(layer_or_model, input_shape):
         wl = call.workload
@@ -76,8 +78,8 @@ def conv_workloads(layer_or_model, input_shape=None,
         if gradients:
             phases, _ = backward.input_gradient_phases(wl)
             extra = [dataclasses.replace(wl, activation="linear") if wl.activation != "linear" else None,
-                     *(phase.workload for phase in phases),
-                     backward.kernel_gradient_workload(wl) or backward.kernel_gradient_kernel(wl)]
+                     *(phase.workload for phase in phases), backward.kernel_gradient_workload(wl),
+                     *backward.training_kernels(wl)]
         for workload in [wl, *extra]:
             if workload is not None and workload not in found:
                 found.append(workload)
@@ -291,7 +293,7 @@ def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], tria
         raise TypeError("`rpc` must be 'HOST:PORT' or {'tracker': 'HOST:PORT', 'key': KEY}: MetaSchedule's runner "
                         "opens its own sessions")
     if rpc is not None and any(isinstance(wl, backward.GradientKernel) for wl in workloads):
-        raise NotImplementedError("the dW kernels of depthwise and pointwise layers run on this host only (as "
+        raise NotImplementedError("the gradient kernels that are not convolutions run on this host only (as "
                                   "Conv2D.gradients does): tune them without `rpc`")
     if rpc is not None:  # a layer's session in this process would keep the runner's workers waiting
         remote.disconnect(rpc)
@@ -370,8 +372,8 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     target's key. `rpc` measures on remote devices: {"tracker": "HOST:PORT", "key": KEY} or
     "HOST:PORT" of an RPC server; kernels are built (cross-compiled) here. `time_budget`
     (seconds) ends the run at the first round boundary past it; so does Ctrl-C. `gradients` also
-    tunes what training runs (see `conv_workloads`): forward workloads, and the dW kernels of depthwise
-    and pointwise layers, which tune in MetaSchedule's generated space; builds use such a record only
+    tunes what training runs (see `conv_workloads`): forward workloads, and the gradient kernels that
+    are not convolutions, which tune in MetaSchedule's generated space; builds use such a record only
     where it re-timed faster than the kernel's own schedule.
     """
     return tune_workloads(conv_workloads(layer_or_model, input_shape, gradients), trials, target, log_dir, space,
