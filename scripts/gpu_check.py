@@ -88,12 +88,11 @@ def prepare(directory: pathlib.Path, arch: str, variants: int) -> None:
         stem = f"{len(entries):03d}"
         shutil.copy(compiled.library, directory / f"{stem}.so")
         shutil.copy(compiled.device_code, directory / f"{stem}.fatbin")
-        in_shape = wl.input_shape
         entries.append({
             "id": stem, "role": role, "name": name, "variant": variant, "schedule": compiled.schedule,
             "knobs": repr(compiled.knobs),
-            "input_shape": list(in_shape), "output_shape": list(wl.output_shape),
-            "kernel_shape": [*wl.kernel_size, wl.group_in_channels, wl.filters], "use_bias": wl.use_bias,
+            "input_shape": list(wl.input_shape), "output_shape": list(wl.output_shape),
+            "kernel_shape": list(wl.kernel_shape), "use_bias": wl.use_bias,
             "strides": list(wl.strides), "dilation": list(wl.dilation), "groups": wl.groups,
             "pads": list(wl.pads), "data_format": wl.data_format, "activation": wl.activation,
             "flops": wl.flops})
@@ -160,7 +159,7 @@ def _torch_reference(torch, entry, x, kernel, bias):
     return y.permute(0, 2, 3, 1) if channels_last else y
 
 
-def _median_cuda_ms(torch, function) -> tuple[float, int]:
+def _median_cuda_ms(torch, function) -> float:
     """Median milliseconds of `function()` by CUDA events, REPEATS repeats of enough calls for ~5 ms."""
     for _ in range(10):
         function()
@@ -178,7 +177,7 @@ def _median_cuda_ms(torch, function) -> tuple[float, int]:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / number)
-    return statistics.median(times), number
+    return statistics.median(times)
 
 
 def _gpu_description(torch) -> dict:
@@ -278,7 +277,7 @@ def _compare_with_cudnn(torch, results, gpu) -> list[dict]:
         for tf32 in (False, True):
             torch.backends.cudnn.allow_tf32 = tf32
             with torch.inference_mode():
-                timings[tf32] = _median_cuda_ms(torch, conv)[0]
+                timings[tf32] = _median_cuda_ms(torch, conv)
         torch.backends.cudnn.allow_tf32 = False
         default = next((r for r in rows if r["variant"] == 0), None)
         if default is None:  # its failure is listed; no comparison without it

@@ -218,7 +218,8 @@ def get_gradient_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target, 
         if record is True:
             record = records.best_gradient(backward.GradientKernel(part, wl), func, target, log_roots)
         tuned = record or None
-        cached = _memory.get((part, wl.key, key, tuned and str(tuned.trace)))
+        memory_key = (part, wl.key, key, tuned and str(tuned.trace))
+        cached = _memory.get(memory_key)
         if cached is not None:
             return cached
         if tuned is not None:
@@ -232,6 +233,5 @@ def get_gradient_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target, 
         library, _, _ = _library(func, target, key, f"{wl.key}-grad-{part}",
                                  {"workload": dataclasses.asdict(wl), "gradient": part,
                                   "schedule": str(tuned) if tuned else "rule"})
-        kernel = runtime.Kernel(runtime.load_module(library))
-        _memory[(part, wl.key, key, tuned and str(tuned.trace))] = kernel
+        kernel = _memory[memory_key] = runtime.Kernel(runtime.load_module(library))
         return kernel

@@ -5,6 +5,7 @@ module needs `tvm_ffi` and TVM's runtime library (libtvm_runtime.so, 3 MB), whic
 call into for their thread pool. An inference service loads bundles with this module alone.
 """
 import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -150,8 +151,10 @@ def _load_cuda_runtime() -> None:
     _cuda_runtime = library
 
 
+@functools.cache
 def cuda_available() -> bool:
-    """Whether this machine has a CUDA GPU that TVM's CUDA runtime can use."""
+    """Whether this machine has a CUDA GPU that TVM's CUDA runtime can use (asked once: a CPU machine's
+    failing library load is not retried at every build)."""
     try:
         _load_cuda_runtime()
     except (RuntimeError, ImportError):
