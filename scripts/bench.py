@@ -291,8 +291,11 @@ def describe_knobs(knobs) -> str:
     return str(knobs)
 
 
-def describe_tuning(compiled) -> str:
-    return "untuned" if compiled.tuning is None else str(compiled.tuning)
+def describe_tuning(env, compiled, target) -> str:
+    if compiled.tuning is not None:
+        return str(compiled.tuning)
+    passed_over = env["tvmconv"].records.best(compiled.workload, target, keep_slower=True)
+    return f"defaults (record of {passed_over.trials} trials re-timed slower)" if passed_over else "untuned"
 
 
 def untuned_kernel(env, layer, compiled, x):
@@ -375,7 +378,8 @@ def bench_workload(env, workload: Workload, batch: int, repeat: int, peak_gflops
         "timings": {"tvm_kernel": kernel_timing.as_json(), "tvm_call": call_timing.as_json(),
                     "torch": torch_timing.as_json(), "tvm_untuned": untuned_timing.as_json()},
         "schedule": str(compiled.schedule), "knobs": describe_knobs(compiled.knobs),
-        "tuning": describe_tuning(compiled), "kernel_origin": compiled.origin,
+        "tuned": compiled.tuning is not None, "tuning": describe_tuning(env, compiled, layer.target),
+        "kernel_origin": compiled.origin,
         "kernel_ready_s": prepared.kernel_ready_s, "other_load_pct": other_load_pct,
         **prepared.agreement,
     }
@@ -400,7 +404,7 @@ def summarize(results: list[dict], overhead: dict) -> dict:
         "resnet50_batch1_geomean_ratio": geomean(resnet_b1), "resnet50_batch1_count": len(resnet_b1),
         "resnet50_batch1_untuned_geomean_ratio": geomean(resnet_b1_untuned),
         "resnet50_batch1_min_ratio": min(resnet_b1) if resnet_b1 else None,
-        "tuned_count": sum(r["tuning"] != "untuned" for r in results),
+        "tuned_count": sum(r["tuned"] for r in results),
         "min_ratio": worst["ratio"] if worst else None,
         "min_ratio_workload": f"{worst['name']} batch {worst['batch']}" if worst else None,
         "depthwise_geomean_ratio": geomean(depthwise), "depthwise_count": len(depthwise),
@@ -422,7 +426,7 @@ def summary_lines(summary: dict) -> list[str]:
          f"({summary['resnet50_batch1_count']} of 23 workloads; "
          f"min {format_ratio(summary['resnet50_batch1_min_ratio'])}"
          f"; template defaults: {format_ratio(summary['resnet50_batch1_untuned_geomean_ratio'])})"),
-        f"workloads with a tuning record: {summary['tuned_count']}",
+        f"workloads built from a tuning record: {summary['tuned_count']}",
         f"min ratio: {format_ratio(summary['min_ratio'])} ({summary['min_ratio_workload']})",
         (f"depthwise geomean ratio: {format_ratio(summary['depthwise_geomean_ratio'])} "
          f"({summary['depthwise_count']} workloads)"),
@@ -551,6 +555,7 @@ def import_frameworks(threads: int) -> dict:
 
     import tvmconv
     import tvmconv.compute
+    import tvmconv.records
     import tvmconv.runtime
 
     return {"torch": torch, "tvm": tvm, "codegen": codegen, "tvmconv": tvmconv}

@@ -20,11 +20,21 @@ HOST = targets.resolve(None)
 WL = ConvWorkload(1, 8, 8, 8, 16, (3, 3), padding="same")
 
 
+def note_comparison(folder: str, wl: ConvWorkload, record_gflops: float | None, default_gflops: float | None):
+    """Overwrite the re-timed figures of `wl` in a log's summary.json, keeping its trial count."""
+    trials = records.read_summary(folder)[wl.key]["trials"]
+    records.note_tuned(folder, wl, trials, record_gflops, default_gflops)
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """WL tuned with 4 trials (one round) into a fresh log root."""
+    """WL tuned with 4 trials (one round) into a fresh log root. The comparison with the defaults is
+    dropped from its summary, as in a log of an older tvmconv, so that builds take the record whichever
+    of the two re-timed faster: these tests are about finding and applying records (the rule for a
+    record slower than the defaults has a test of its own)."""
     root = str(tmp_path_factory.mktemp("logs"))
     (result,) = tuning.tune_workloads([WL], trials=4, log_dir=root, progress=False)
+    note_comparison(result.folder, WL, result.gflops, None)
     return root, result
 
 
@@ -89,6 +99,31 @@ def test_records_never_apply_to_another_target(tuned):
     assert records.best(dataclasses.replace(WL, filters=17), HOST, [root]) is None
 
 
+def test_a_record_slower_than_the_defaults_gives_way_to_them(tuned, tmp_path, monkeypatch, rng):
+    """Builds pass over a record that re-timed slower than the defaults after tuning (summary.json), for the
+    workload and for the layers it would stand in for; `logs list` says so."""
+    root, _ = tuned
+    copy = str(tmp_path / "logs")
+    shutil.copytree(root, copy)
+    folder = records.folder(copy, HOST)
+    monkeypatch.setenv("TVMCONV_TUNING_LOGS", copy)
+    x = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
+    for record_gflops, default_gflops, used in ((1.0, 2.0, False), (2.0, 1.0, True), (1.0, None, True)):
+        note_comparison(folder, WL, record_gflops, default_gflops)
+        assert (records.best(WL, HOST, [copy]) is not None) == used
+        assert records.best(WL, HOST, [copy], keep_slower=True).trials == 4
+        (row,) = records.summarize(folder)
+        assert row["used"] == used and row["default_gflops"] == default_gflops
+        for wl in (WL, dataclasses.replace(WL, batch=2, activation="relu")):  # a stand-in follows the same rule
+            compiled = build.get_kernel(wl, HOST, log_roots=[copy])
+            assert (compiled.schedule == "tuning record") == used and (compiled.tuning is None) != used
+        layer = tvmconv.Conv2D(16, 3, padding="same", activation="relu")
+        layer.build(x.shape)
+        assert (layer.compiled_kernel(x.shape).tuning is not None) == used
+        z = reference.conv2d(x, *layer.get_weights(), padding="same")
+        np.testing.assert_allclose(layer(x), np.maximum(z, 0), rtol=1e-4, atol=1e-4)
+
+
 def test_rerun_resumes_and_adds_only_missing_trials(tuned, tmp_path):
     root, _ = tuned
     copy = str(tmp_path / "logs")
@@ -102,7 +137,8 @@ def test_rerun_resumes_and_adds_only_missing_trials(tuned, tmp_path):
     assert records.prune(folder, keep=2) == (8, 2)
     (row,) = records.summarize(folder)
     assert row["records"] == 2 and row["trials"] == 8 and row["tuner_gflops"] > 0
-    assert build.get_kernel(WL, HOST, log_roots=[copy]).tuning is not None
+    assert row["retimed_gflops"] == again.gflops and row["default_gflops"] == again.default_gflops
+    assert records.best(WL, HOST, [copy], keep_slower=True).trials == 8
 
 
 def test_time_budget_stops_after_a_round_and_keeps_its_records(tmp_path):
@@ -117,8 +153,8 @@ def test_auto_space_records_apply(tmp_path, rng):
     wl = ConvWorkload(1, 6, 6, 4, 8, (3, 3), padding="valid", use_bias=False)
     (result,) = tuning.tune_workloads([wl], trials=2, log_dir=str(tmp_path), space="auto", progress=False)
     assert result.measured == 2 and result.gflops > 0
-    compiled = build.get_kernel(wl, HOST, log_roots=[str(tmp_path)])
-    assert compiled.tuning is not None
+    compiled = build.get_kernel(wl, HOST, record=records.best(wl, HOST, [str(tmp_path)], keep_slower=True))
+    assert compiled.tuning is not None and compiled.schedule == "tuning record"
     x = rng.standard_normal(wl.input_shape).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
     y = runtime.aligned_empty(wl.output_shape, np.float32)
@@ -225,7 +261,7 @@ def test_tuning_through_a_tracker_on_localhost(tmp_path):
     with tracker_with_server(tmp_path, "tvmconv-tune-cpu") as rpc:
         (result,) = tuning.tune_workloads([WL], trials=2, log_dir=str(tmp_path / "logs"), rpc=rpc, progress=False)
     assert result.measured == 2 and result.errors == 0 and result.gflops > 0
-    assert records.best(WL, HOST, [str(tmp_path / "logs")]) is not None
+    assert records.best(WL, HOST, [str(tmp_path / "logs")], keep_slower=True).trials == 2
 
 
 @pytest.mark.arm
@@ -289,7 +325,7 @@ def test_ctrl_c_ends_the_run_after_a_round_and_keeps_its_records(tmp_path):
     assert process.returncode == 0, err
     assert "(interrupted)" in out
     trials = log.read_text().count("\n")
-    assert 0 < trials < 64 and records.best(WL, HOST, [str(tmp_path)]) is not None
+    assert 0 < trials < 64 and records.best(WL, HOST, [str(tmp_path)], keep_slower=True).trials == trials
 
 
 def test_shipped_logs_are_readable_and_apply_where_they_match():
@@ -298,6 +334,6 @@ def test_shipped_logs_are_readable_and_apply_where_they_match():
         rows = records.summarize(folder)
         assert rows and all(row["records"] >= 1 and row["trials"] >= row["records"] for row in rows)
     host_folder = records.folder(records.shipped_root(), HOST)
-    if host_folder in folders:  # on the CPU they were made for, the first one's record is used
-        wl = records.summarize(host_folder)[0]["workload"]
-        assert build.get_kernel(wl, HOST).tuning is not None
+    if host_folder in folders:  # on the CPU they were made for, records apply where they beat the defaults
+        for row in records.summarize(host_folder)[:4]:
+            assert (build.get_kernel(row["workload"], HOST).tuning is not None) == row["used"]

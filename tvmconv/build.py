@@ -109,11 +109,12 @@ def scheduled(rule, wl: ConvWorkload, target: tvm.target.Target, knobs):
     return rule.schedule(conv2d_forward(wl, knobs.kernel_block), wl, target, knobs).mod["main"]
 
 
-def _choice(wl: ConvWorkload, target: tvm.target.Target, knobs, log_roots) -> tuple:
-    """(rule, knobs, tuning record): `knobs` if given, else the best record in `log_roots` (default:
-    records.search_roots()), else the rule's default knobs. Cheap: the record lookup is memoized."""
+def _choice(wl: ConvWorkload, target: tvm.target.Target, knobs, log_roots, record=None) -> tuple:
+    """(rule, knobs, tuning record): `knobs` if given, else `record` if given, else the best record in
+    `log_roots` (default: records.search_roots()) unless it re-timed slower than the defaults, else the
+    rule's default knobs. Cheap: the record lookup is memoized."""
     rule = schedules.find_rule(wl, target)
-    tuned = records.best(wl, target, log_roots) if knobs is None else None
+    tuned = (record or records.best(wl, target, log_roots)) if knobs is None else None
     return rule, (None if tuned else knobs or rule.default_knobs(wl, target)), tuned
 
 
@@ -167,12 +168,14 @@ def _loaded(library: str, gpu_code: str | None) -> runtime.Kernel:
     return runtime.CudaKernel(runtime.load_module(library, gpu_code))
 
 
-def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None) -> CompiledKernel:
-    """The kernel for `wl` on `target`: with `knobs` if given, else from the best tuning record in
-    `log_roots` (default: records.search_roots()), else with the rule's default knobs."""
+def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None,
+               record: "records.Tuned | None" = None) -> CompiledKernel:
+    """The kernel for `wl` on `target`: with `knobs` if given, else from `record` if given, else from the
+    best tuning record in `log_roots` (default: records.search_roots()) unless that re-timed slower than
+    the defaults, else with the rule's default knobs."""
     key = targets.target_key(target)
     with _lock:
-        rule, knobs, tuned = _choice(wl, target, knobs, log_roots)
+        rule, knobs, tuned = _choice(wl, target, knobs, log_roots, record)
         # Kept under the choice, so a record that falls back to the defaults is replayed (and reported) once.
         choice = (wl.key, key, knobs, tuned and str(tuned.trace))
         cached = _memory.get(choice)

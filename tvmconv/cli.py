@@ -176,12 +176,14 @@ def logs(args) -> int:
     if args.logs_command == "list":
         for folder in records.target_folders(root):
             print(f"{folder}")
-            print(f"  {'workload':48} {'trials':>6} {'records':>7} {'tuner GF/s':>10} {'re-timed':>9}  date")
+            print(f"  {'workload':48} {'trials':>6} {'records':>7} {'tuner GF/s':>10} {'re-timed':>9} "
+                  f"{'defaults':>9} {'builds use':10}  date")
             for row in records.summarize(folder):
-                tuner = f"{row['tuner_gflops']:10.1f}" if row["tuner_gflops"] else f"{'-':>10}"
-                retimed = f"{row['retimed_gflops']:9.1f}" if row["retimed_gflops"] else f"{'-':>9}"
-                print(f"  {row['workload'].label:48} {row['trials']:6d} {row['records']:7d} {tuner} {retimed}  "
-                      f"{row['date'] or '-'}")
+                tuner, retimed, default = (f"{row[name]:{width}.1f}" if row[name] else f"{'-':>{width}}" for name, width
+                                           in (("tuner_gflops", 10), ("retimed_gflops", 9), ("default_gflops", 9)))
+                used = "record" if row["used"] else "defaults"
+                print(f"  {row['workload'].label:48} {row['trials']:6d} {row['records']:7d} {tuner} {retimed} "
+                      f"{default} {used:10}  {row['date'] or '-'}")
         return 0
     if args.logs_command == "merge":
         for source_root in args.sources:

@@ -146,9 +146,10 @@ class Tuned:
 
 class _Index:
     """Per log folder: its database and, per workload key, the workload, the kernel blocks on record,
-    its records, its fastest record's time, and the trials run (its records, or more when `logs prune`
-    dropped some: summary.json keeps the count). Re-read when a file changes (a tuning run in another
-    process appends to it)."""
+    its records, its fastest record's time, the trials run (its records, or more when `logs prune`
+    dropped some: summary.json keeps the count) and whether its best record re-timed slower than the
+    schedule without one (summary.json). Re-read when a file changes (a tuning run in another process
+    appends to it)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -169,7 +170,10 @@ class _Index:
                 entry["best_seconds"] = time
         summary = read_summary(path)
         for key, entry in self.entries.items():
-            entry["trials"] = max(entry["records"], summary.get(key, {}).get("trials", 0))
+            noted = summary.get(key, {})
+            entry["trials"] = max(entry["records"], noted.get("trials", 0))
+            # Re-timed after tuning, in one run: the best record against the schedule without one.
+            entry["slower_than_default"] = (noted.get("retimed_gflops") or 0) < (noted.get("default_gflops") or 0)
 
     def _stamp(self):
         files = [os.path.join(self.path, name) for name in (WORKLOADS_FILE, RECORDS_FILE, SUMMARY_FILE)]
@@ -212,32 +216,48 @@ def _stand_ins(wl: ConvWorkload) -> list[tuple[ConvWorkload, str | None]]:
 _best: dict[tuple, tuple] = {}
 
 
-def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = None) -> Tuned | None:
-    """The fastest valid record for `wl` on `target` in the log roots (default: `search_roots()`);
-    failing that, the fastest for its closest stand-in (`_stand_ins`). Memoized until a log changes."""
+def _logs(target: tvm.target.Target, roots: list[str] | None) -> list[tuple[str, _Index]]:
     paths = [folder(root, target) for root in roots or search_roots()]
-    logs = [(path, idx) for path, idx in zip(paths, map(index, paths)) if idx is not None]
-    memo_key, state = (wl.key, tuple(paths)), tuple(idx.stamp for _, idx in logs)
+    return [(path, idx) for path, idx in zip(paths, map(index, paths)) if idx is not None]
+
+
+def _memoized(key: tuple, logs, find):
+    """find(), memoized under `key` and the log folders until one of them changes."""
+    memo_key, state = (*key, tuple(path for path, _ in logs)), tuple(idx.stamp for _, idx in logs)
     memo = _best.get(memo_key)
-    if memo is not None and memo[0] == state:
-        return memo[1]
-    result = None
-    for candidate, reused in _stand_ins(wl):
-        found = []
-        for path, idx in logs:
-            entry = idx.entries.get(candidate.key)
-            for block in entry["blocks"] if entry else ():
-                mod = tvm.IRModule({"main": conv2d_forward(candidate, block)})
-                # Structural match: a record of an older compute (or of another workload) never applies.
-                record = idx.database.query_tuning_record(mod, target, "main")
-                time = record and seconds(record)
-                if time is not None:
-                    found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
-        if found:
-            result = min(found, key=lambda t: t.seconds)
-            break
-    _best[memo_key] = (state, result)
-    return result
+    if memo is None or memo[0] != state:
+        memo = _best[memo_key] = (state, find())
+    return memo[1]
+
+
+def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = None,
+         keep_slower: bool = False) -> Tuned | None:
+    """The fastest valid record for `wl` on `target` in the log roots (default: `search_roots()`);
+    failing that, the fastest for its closest stand-in (`_stand_ins`). A record that re-timed slower
+    than the template's defaults after tuning (summary.json) is passed over unless `keep_slower`, and
+    then the defaults apply rather than a further stand-in: tuning showed they win on this conv."""
+    logs = _logs(target, roots)
+
+    def find():
+        for candidate, reused in _stand_ins(wl):
+            found, passed_over = [], False
+            for path, idx in logs:
+                entry = idx.entries.get(candidate.key)
+                if entry and entry["slower_than_default"] and not keep_slower:
+                    passed_over = True
+                    continue
+                for block in entry["blocks"] if entry else ():
+                    mod = tvm.IRModule({"main": conv2d_forward(candidate, block)})
+                    # Structural match: a record of an older compute (or of another workload) never applies.
+                    record = idx.database.query_tuning_record(mod, target, "main")
+                    time = record and seconds(record)
+                    if time is not None:
+                        found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
+            if found or passed_over:
+                return min(found, key=lambda t: t.seconds) if found else None
+        return None
+
+    return _memoized((wl.key, keep_slower), logs, find)
 
 
 def best_gradient(kernel: GradientKernel, func, target: tvm.target.Target, roots: list[str] | None = None,
@@ -246,24 +266,21 @@ def best_gradient(kernel: GradientKernel, func, target: tvm.target.Target, roots
     matches only. A record that re-timed slower than the kernel's rule schedule (summary.json) is passed
     over unless `keep_slower`: MetaSchedule's generated space, the one these kernels tune in, often
     loses to the hand-written schedules within a few hundred trials."""
-    paths = [folder(root, target) for root in roots or search_roots()]
-    logs = [(path, idx) for path, idx in zip(paths, map(index, paths)) if idx is not None]
-    memo_key, state = (kernel.key, tuple(paths), keep_slower), tuple(idx.stamp for _, idx in logs)
-    memo = _best.get(memo_key)
-    if memo is not None and memo[0] == state:
-        return memo[1]
-    found = []
-    for path, idx in logs:
-        noted = read_summary(path).get(kernel.key, {})
-        if not keep_slower and (noted.get("retimed_gflops") or 0) < (noted.get("default_gflops") or 0):
-            continue
-        record = idx.database.query_tuning_record(tvm.IRModule({"main": func}), target, "main")
-        time = record and seconds(record)
-        if time is not None:
-            found.append(Tuned(path, 0, record.trace, time, idx.entries[kernel.key]["trials"], None))
-    result = min(found, key=lambda t: t.seconds) if found else None
-    _best[memo_key] = (state, result)
-    return result
+    logs = _logs(target, roots)
+
+    def find():
+        found = []
+        for path, idx in logs:
+            entry = idx.entries.get(kernel.key)
+            if entry is None or (entry["slower_than_default"] and not keep_slower):
+                continue
+            record = idx.database.query_tuning_record(tvm.IRModule({"main": func}), target, "main")
+            time = record and seconds(record)
+            if time is not None:
+                found.append(Tuned(path, 0, record.trace, time, entry["trials"], None))
+        return min(found, key=lambda t: t.seconds) if found else None
+
+    return _memoized((kernel.key, keep_slower), logs, find)
 
 
 def apply(tuned: Tuned, func) -> s_tir.Schedule:
@@ -284,7 +301,8 @@ def target_folders(root: str) -> list[str]:
 
 
 def summarize(path: str) -> list[dict]:
-    """Per tuned workload in a log folder: the workload, records, trials, best GFLOP/s and date."""
+    """Per tuned workload in a log folder: the workload, records, trials, best GFLOP/s (the tuner's, then
+    re-timed, with the defaults re-timed in the same run), whether builds use the record, and the date."""
     idx, summary = index(path), read_summary(path)
     rows = []
     for key, entry in (idx.entries.items() if idx else ()):
@@ -292,7 +310,8 @@ def summarize(path: str) -> list[dict]:
         best_seconds = entry["best_seconds"]
         rows.append({"workload": entry["workload"], "records": entry["records"], "trials": entry["trials"],
                      "tuner_gflops": entry["workload"].flops / best_seconds / 1e9 if best_seconds else None,
-                     "retimed_gflops": noted.get("retimed_gflops"), "date": noted.get("date")})
+                     "retimed_gflops": noted.get("retimed_gflops"), "default_gflops": noted.get("default_gflops"),
+                     "used": not entry["slower_than_default"], "date": noted.get("date")})
     return rows
 
 

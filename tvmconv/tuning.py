@@ -349,11 +349,13 @@ def _result(wl, target, folder, rpc, callback, stopped) -> TuneResult:
                                None, None)
                  for name, choice in (("record", tuned), ("default", False)) if choice is not None}
     else:
-        compiled = build.get_kernel(wl, target, log_roots=roots)
-        tuned = compiled.tuning
-        default = build.get_kernel(wl, target, knobs=schedules.find_rule(wl, target).default_knobs(wl, target))
+        tuned = records.best(wl, target, roots, keep_slower=True)
+        defaults = schedules.find_rule(wl, target).default_knobs(wl, target)
+        kernels = {"default": build.get_kernel(wl, target, knobs=defaults)}
+        if tuned is not None:
+            kernels["record"] = build.get_kernel(wl, target, record=tuned)
         timed = {name: _gflops(kernel.kernel, conv2d_forward(wl, kernel.kernel_block), wl.flops, kernel.library, rpc)
-                 for name, kernel in (("record", compiled if tuned else None), ("default", default)) if kernel}
+                 for name, kernel in kernels.items()}
     return TuneResult(wl, folder, _trials_on_record(folder, wl), callback.measured if callback else 0,
                       callback.errors if callback else 0,
                       wl.flops / tuned.seconds / 1e9 if tuned else None,
