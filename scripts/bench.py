@@ -298,15 +298,21 @@ def describe_tuning(env, compiled, target) -> str:
     return f"defaults (record of {passed_over.trials} trials re-timed slower)" if passed_over else "untuned"
 
 
+def kernel_arguments(env, compiled, x: np.ndarray, kernel: np.ndarray) -> list:
+    """The arguments of a bare kernel without bias: the input, the weights packed for it, an output."""
+    runtime = env["tvmconv"].runtime
+    packed = env["tvmconv"].compute.pack_kernel(kernel, compiled.kernel_block)
+    out = runtime.aligned_empty(compiled.workload.output_shape, np.float32)
+    return [runtime.input_tensor(x), *compiled.kernel.weights([packed]), runtime.to_tensor(out)]
+
+
 def untuned_kernel(env, layer, compiled, x):
     """The template's defaults for the same workload, and its arguments: the peer of a tuned kernel."""
     tvmconv = env["tvmconv"]
     wl, target = compiled.workload, layer.target
     knobs = tvmconv.schedules.find_rule(wl, target).default_knobs(wl, target)
     untuned = tvmconv.build.get_kernel(wl, target, knobs=knobs)
-    packed = tvmconv.compute.pack_kernel(layer.get_weights()[0], untuned.kernel_block)
-    out = tvmconv.runtime.aligned_empty(wl.output_shape, np.float32)
-    return untuned, [tvmconv.runtime.input_tensor(x), *untuned.kernel.weights([packed]), tvmconv.runtime.to_tensor(out)]
+    return untuned, kernel_arguments(env, untuned, x, layer.get_weights()[0])
 
 
 @dataclasses.dataclass
