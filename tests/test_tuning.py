@@ -139,6 +139,9 @@ def test_rerun_resumes_and_adds_only_missing_trials(tuned, tmp_path):
     assert row["records"] == 2 and row["trials"] == 8 and row["tuner_gflops"] > 0
     assert row["retimed_gflops"] == again.gflops and row["default_gflops"] == again.default_gflops
     assert records.best(WL, HOST, [copy], keep_slower=True).trials == 8
+    # Resuming after a prune counts the trials run before it, not the records left.
+    (resumed,) = tuning.tune_workloads([WL], trials=12, log_dir=copy, progress=False)
+    assert resumed.measured == 4 and resumed.trials == 12 and records.summarize(folder)[0]["trials"] == 12
 
 
 def test_time_budget_stops_after_a_round_and_keeps_its_records(tmp_path):

@@ -307,7 +307,8 @@ def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], tria
             stopped = "interrupted" if state["interrupted"] else None
             if deadline and time.monotonic() >= deadline:
                 stopped = "time budget"
-            remaining = budget - _trials_on_record(folder, wl)
+            done = _trials_on_record(folder, wl)
+            remaining = budget - done
             callback = None
             if remaining > 0 and not stopped:
                 def should_stop():
@@ -333,14 +334,15 @@ def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], tria
                         if not callback.stop_reason:
                             raise
                         stopped = callback.stop_reason
-            results.append(_result(wl, target, folder, rpc, callback, stopped))
+            results.append(_result(wl, target, folder, rpc, done, callback, stopped))
             if results[-1].trials:  # also when only re-timed: the latest figure, from a quiet machine or not
                 records.note_tuned(folder, wl, results[-1].trials, results[-1].gflops, results[-1].default_gflops)
     return results
 
 
-def _result(wl, target, folder, rpc, callback, stopped) -> TuneResult:
-    """The run's outcome, with the best record and the schedule without one rebuilt and re-timed."""
+def _result(wl, target, folder, rpc, done, callback, stopped) -> TuneResult:
+    """The run's outcome, with the best record and the schedule without one rebuilt and re-timed. Its
+    trials: `done` before the run (which counts records pruned since) plus those measured in it."""
     roots = [os.path.dirname(folder)]
     if isinstance(wl, backward.GradientKernel):
         func = build.gradient_function(wl.part, wl.workload)
@@ -356,7 +358,8 @@ def _result(wl, target, folder, rpc, callback, stopped) -> TuneResult:
             kernels["record"] = build.get_kernel(wl, target, record=tuned)
         timed = {name: _gflops(kernel.kernel, conv2d_forward(wl, kernel.kernel_block), wl.flops, kernel.library, rpc)
                  for name, kernel in kernels.items()}
-    return TuneResult(wl, folder, _trials_on_record(folder, wl), callback.measured if callback else 0,
+    measured = callback.measured if callback else 0
+    return TuneResult(wl, folder, max(done + measured, _trials_on_record(folder, wl)), measured,
                       callback.errors if callback else 0,
                       wl.flops / tuned.seconds / 1e9 if tuned else None,
                       timed.get("record"), timed["default"], stopped)
