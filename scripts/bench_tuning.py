@@ -37,8 +37,11 @@ def tune_and_time(env, workload, trials: int, repeat: int, seed: int) -> dict:
         (result,) = tuning.tune_workloads([wl], trials=trials, min_trials=trials, log_dir=log_dir, progress=False)
         tuning_minutes = (time.perf_counter() - started) / 60
         record = records.best(wl, target, [log_dir], keep_slower=True)
-        kernels = {"record": build.get_kernel(wl, target, record=record),
-                   "defaults": build.get_kernel(wl, target, knobs=schedules.find_rule(wl, target).default_knobs(wl, target))}
+    if record is None:  # without this check, get_kernel would look for records in the other logs
+        raise SystemExit(f"{workload.name}: no valid record after {trials} trials ({result.errors} failed)")
+    defaults = schedules.find_rule(wl, target).default_knobs(wl, target)
+    kernels = {"record": build.get_kernel(wl, target, record=record),
+               "defaults": build.get_kernel(wl, target, knobs=defaults)}
     x, kernel = random_inputs(workload, 1, seed, runtime.aligned_empty)
     with torch.inference_mode():
         run_torch, _ = torch_conv(torch, workload, x, kernel, compute.same_padding)

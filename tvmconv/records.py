@@ -14,6 +14,7 @@ record's trace is replayed on it.
 """
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import threading
@@ -230,6 +231,28 @@ def _memoized(key: tuple, logs, find):
     return memo[1]
 
 
+def _records_of(key: str, function, logs, target: tvm.target.Target, keep_slower: bool,
+                reused: str | None = None) -> tuple[list[Tuned], bool]:
+    """The valid records of the workload `key` in `logs`, one per log and kernel block (`function(block)`:
+    the unscheduled PrimFunc a record must match), and whether a log's records were passed over for
+    having re-timed slower than the schedule without one (unless `keep_slower`)."""
+    found, passed_over = [], False
+    for path, idx in logs:
+        entry = idx.entries.get(key)
+        if entry is None:
+            continue
+        if entry["slower_than_default"] and not keep_slower:
+            passed_over = True
+            continue
+        for block in entry["blocks"]:
+            # Structural match: a record of an older compute (or of another workload) never applies.
+            record = idx.database.query_tuning_record(tvm.IRModule({"main": function(block)}), target, "main")
+            time = record and seconds(record)
+            if time is not None:
+                found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
+    return found, passed_over
+
+
 def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = None,
          keep_slower: bool = False) -> Tuned | None:
     """The fastest valid record for `wl` on `target` in the log roots (default: `search_roots()`);
@@ -240,21 +263,10 @@ def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = 
 
     def find():
         for candidate, reused in _stand_ins(wl):
-            found, passed_over = [], False
-            for path, idx in logs:
-                entry = idx.entries.get(candidate.key)
-                if entry and entry["slower_than_default"] and not keep_slower:
-                    passed_over = True
-                    continue
-                for block in entry["blocks"] if entry else ():
-                    mod = tvm.IRModule({"main": conv2d_forward(candidate, block)})
-                    # Structural match: a record of an older compute (or of another workload) never applies.
-                    record = idx.database.query_tuning_record(mod, target, "main")
-                    time = record and seconds(record)
-                    if time is not None:
-                        found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
+            found, passed_over = _records_of(candidate.key, functools.partial(conv2d_forward, candidate), logs,
+                                             target, keep_slower, reused)
             if found or passed_over:
-                return min(found, key=lambda t: t.seconds) if found else None
+                return min(found, key=lambda t: t.seconds, default=None)
         return None
 
     return _memoized((wl.key, keep_slower), logs, find)
@@ -269,16 +281,8 @@ def best_gradient(kernel: GradientKernel, func, target: tvm.target.Target, roots
     logs = _logs(target, roots)
 
     def find():
-        found = []
-        for path, idx in logs:
-            entry = idx.entries.get(kernel.key)
-            if entry is None or (entry["slower_than_default"] and not keep_slower):
-                continue
-            record = idx.database.query_tuning_record(tvm.IRModule({"main": func}), target, "main")
-            time = record and seconds(record)
-            if time is not None:
-                found.append(Tuned(path, 0, record.trace, time, entry["trials"], None))
-        return min(found, key=lambda t: t.seconds) if found else None
+        found, _ = _records_of(kernel.key, lambda _block: func, logs, target, keep_slower)
+        return min(found, key=lambda t: t.seconds, default=None)
 
     return _memoized((kernel.key, keep_slower), logs, find)
 

@@ -68,9 +68,8 @@ def conv_workloads(layer_or_model, input_shape=None,
     for this input shape (batch included; 3D means batch 1; None: the model's declared input). With
     `gradients`, also what training runs (Conv2D.gradients): the pre-activation when there is an
     activation, the phases of dx and the convolution that gives dW, and the kernels that are not
-    convolutions (backward.training_kernels: the activation's
-    derivative, dW's kernel of its own for depthwise and pointwise layers, the regrouping for the
-    others)."""
+    convolutions (backward.training_kernels: the activation's derivative, dW's kernel of its own for
+    depthwise and pointwise layers, the regrouping for the others)."""
     found = []
     for call in model.layer_calls(layer_or_model, input_shape):
         wl = call.workload
@@ -269,14 +268,14 @@ def _gflops(kernel, func, flops: int, library: str | None, rpc) -> float:
 # ---------------------------------------------------------------- tuning
 
 
-def _trials_on_record(folder: str, wl: ConvWorkload) -> int:
+def _trials_on_record(folder: str, wl: ConvWorkload | backward.GradientKernel) -> int:
     idx = records.index(folder)
     entry = idx and idx.entries.get(wl.key)
     return entry["trials"] if entry else 0
 
 
-def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], trials: int = 64, target=None, log_dir: str | None = None,
-                   space: str = "template", rpc=None, time_budget: float | None = None,
+def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], trials: int = 64, target=None,
+                   log_dir: str | None = None, space: str = "template", rpc=None, time_budget: float | None = None,
                    threads: int | None = None, progress: bool = True,
                    min_trials: int = MIN_TRIALS_PER_WORKLOAD) -> list[TuneResult]:
     """Tune each workload until its log holds its share of `trials` records (see `tune`)."""
@@ -347,9 +346,10 @@ def _result(wl, target, folder, rpc, done, callback, stopped) -> TuneResult:
     if isinstance(wl, backward.GradientKernel):
         func = build.gradient_function(wl.part, wl.workload)
         tuned = records.best_gradient(wl, func, target, roots, keep_slower=True)
-        timed = {name: _gflops(build.get_gradient_kernel(wl.part, wl.workload, target, record=choice), func, wl.flops,
-                               None, None)
-                 for name, choice in (("record", tuned), ("default", False)) if choice is not None}
+        choices = {"default": False, **({"record": tuned} if tuned else {})}
+        timed = {name: _gflops(build.get_gradient_kernel(wl.part, wl.workload, target, record=choice), func,
+                               wl.flops, None, None)
+                 for name, choice in choices.items()}
     else:
         tuned = records.best(wl, target, roots, keep_slower=True)
         defaults = schedules.find_rule(wl, target).default_knobs(wl, target)
