@@ -1,17 +1,34 @@
-"""Schedule registry: an ordered list of rules, the first that accepts a (workload, target) schedules it.
+"""Schedule rules: an ordered list; the first rule that applies to a target schedules its workloads.
 
-A rule is a module with `applies(workload, target) -> bool`, `default_knobs(workload, target)` and
-`schedule(func, workload, target, knobs=None) -> s_tir.Schedule`; its knobs name the kernel layout
-they expect (`kernel_block`, see `compute.pack_kernel`). Family modules go before the generic
-CPU rule, which accepts every LLVM target.
+Each rule is an object keeping this contract (like dlight's rules, per target family as topi's
+schedule modules):
+
+  name                                    "x86", "arm", "cuda" or "cpu": what builds report
+  applies(target) -> bool                 whether it schedules code for this target
+  default_knobs(workload, target)         the template's knobs for a workload by default; None for a
+                                          workload whose schedule has no knobs (a gradient kernel)
+  schedule(workload, sch, target, knobs)  schedule `sch`, an s_tir.Schedule of
+                                          workload.prim_func(knobs.weight_block) (0 without knobs), in
+                                          place; NotImplementedError for a kind of workload it has no
+                                          schedule for. Knobs may hold sampled decisions (tuning).
+  tunable_knobs(workload, target)         the template's structural variants for a workload, one
+                                          MetaSchedule design space each; [] where it has no template
+                                          (tuning then searches MetaSchedule's generated space)
+  sample_tiles(sch, workload, target, knobs)  `knobs` with its tile sizes turned into decisions
+                                          sampled in `sch`
+
+Knobs are frozen dataclasses; `weight_block` names the packed weight layout they read
+(`compute.pack_weights`). Workloads are a `compute.ConvWorkload` or a `backward.GradientKernel`.
+The x86 and arm rules are instances of cpu.CpuRule, each with its model of a core; the generic CPU
+rule, last, accepts any LLVM target.
 """
 from . import arm, cpu, cuda, x86
 
-RULES = [x86, arm, cuda, cpu]
+RULES = [x86.RULE, arm.RULE, cuda.RULE, cpu.GENERIC]
 
 
-def find_rule(wl, target):
+def find_rule(target):
     for rule in RULES:
-        if rule.applies(wl, target):
+        if rule.applies(target):
             return rule
     raise NotImplementedError(f"no schedule in schedules/ handles target kind {target.kind.name!r}")

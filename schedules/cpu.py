@@ -1,26 +1,37 @@
-"""The direct-convolution template for LLVM CPUs, and the generic rule that uses it on any of them.
+"""The direct-convolution template for LLVM CPUs, and the rule class that x86, arm and any other CPU use.
 
 Register blocking, as topi's x86 and arm_cpu schedules do it: each register tile is
 `ow_tile` output columns x `f_vectors` vectors of filters, kept in registers (a "local"
 accumulator) over the whole reduction, so every loaded weight vector feeds `ow_tile` FMAs and
-every broadcast input value feeds `f_vectors`. The weights are packed (`compute.pack_kernel`)
+every broadcast input value feeds `f_vectors`. The weights are packed (`compute.pack_weights`)
 so a tile's weights are one contiguous stream. The epilogue (bias, activation, cast, and the
 channels-first transpose) runs on the tile while it is still in registers.
 
-Knobs are data: `default_knobs` picks defaults from the shape, the vector width and the
-register count that family modules (x86, arm) know. The autotuner (tvmconv.tuning) tunes the same
-template: `tunable_knobs` lists the variants that change the program's structure or the packed
-kernel's shape (one MetaSchedule design space each), and `sample_tiles` turns the tile sizes
-into sampled decisions, which `apply` takes as it takes plain integers.
+Knobs are data: `default_knobs` picks defaults from the shape and a model of the core (`CpuCore`:
+vector width, register count), which each family (x86.py, arm.py) derives from the target. The
+autotuner (tvmconv.tuning) tunes the same template: `tunable_knobs` lists the variants that change
+the program's structure or the packed weights' shape (one MetaSchedule design space each), and
+`sample_tiles` turns the tile sizes into sampled decisions, which `apply` takes as it takes plain
+integers. The gradient kernels that are not convolutions (tvmconv.backward) have fixed schedules here.
 """
 import dataclasses
+import functools
 import itertools
 import math
+from collections.abc import Callable
 
 from tvm import DataType, s_tir
 
+from tvmconv import backward
 from tvmconv.compute import ConvWorkload
-from tvmconv.targets import vector_bits
+from tvmconv.targets import architecture, vector_bits
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuCore:
+    """What the template's tile choice knows of a CPU core."""
+    vector_bits: int  # SIMD register width
+    registers: int    # vector registers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +46,13 @@ class Knobs:
     unroll_window: bool = False  # unroll the kernel window: neighbouring taps share loaded input vectors
 
     @property
-    def kernel_block(self) -> int:
+    def weight_block(self) -> int:
         """Filters per packed weight block: one register tile's width."""
         return self.lanes * self.f_vectors
 
 
-def lanes(wl: ConvWorkload, target) -> int:
-    return max(vector_bits(target) // (64 if wl.accum_dtype == "float64" else 32), 1)
-
-
-def applies(wl: ConvWorkload, target) -> bool:
-    return target.kind.name == "llvm"
+def lanes(wl: ConvWorkload, core: CpuCore) -> int:
+    return max(core.vector_bits // (64 if wl.accum_dtype == "float64" else 32), 1)
 
 
 # At least this many independent accumulators hide the FMA latency (4 cycles, 2 pipes).
@@ -61,14 +68,13 @@ def _tile_score(wl: ConvWorkload, lanes: int, ow: int, fv: int) -> float:
     return ow * fv / (ow + fv) * latency * width_used * filters_used
 
 
-# Any LLVM CPU is assumed to have 16 vector registers; the family modules pass their own count.
-def default_knobs(wl: ConvWorkload, target, registers: int = 16) -> Knobs:
-    """Default knobs for a CPU with `registers` vector registers: the register tile that scores best."""
+def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
+    """Default knobs for this core: the register tile that scores best."""
     depthwise = wl.groups == wl.in_channels == wl.filters
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
     # So small groups get narrower vectors, e.g. 4 lanes for ResNeXt's 4 filters per group.
-    n_lanes = lanes(wl, target)
+    n_lanes = lanes(wl, core)
     while (wl.filters if depthwise else wl.filters // wl.groups) % n_lanes:
         n_lanes //= 2
     if depthwise:
@@ -80,17 +86,11 @@ def default_knobs(wl: ConvWorkload, target, registers: int = 16) -> Knobs:
         return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=_window_unrollable(wl))
     candidates = [(ow, fv) for ow, fv in itertools.product(range(1, min(wl.out_width, 16) + 1),
                                                            _vector_counts(wl, n_lanes))
-                  if _fits(registers, fv, ow)]
+                  if _fits(core.registers, fv, ow)]
     # Tiles that divide the output width: a tail tile cost 1x1 layers up to 20% (Zen 4, ResNet-50).
     candidates = [c for c in candidates if c[0] > 1 and wl.out_width % c[0] == 0] or candidates
     ow, fv = max(candidates, key=lambda c: (_tile_score(wl, n_lanes, *c), c[0]))
     return Knobs(n_lanes, fv, ow)
-
-
-def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_tir.Schedule:
-    sch = s_tir.Schedule(func)
-    apply(sch, wl, knobs or default_knobs(wl, target))
-    return sch
 
 
 def _vector_counts(wl: ConvWorkload, n_lanes: int) -> list[int]:
@@ -112,11 +112,12 @@ def _window_unrollable(wl: ConvWorkload) -> bool:
     return 1 < wl.kernel_size[0] * wl.kernel_size[1] <= 49
 
 
-def tunable_knobs(wl: ConvWorkload, target, registers: int = 16) -> list[Knobs]:
+def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
     """The template's structural variants, tile sizes left at their defaults (`sample_tiles` samples them):
     every filter-vector count that fits and is not wasted, each with every loop order, padding
     method and window unrolling that applies."""
-    default = default_knobs(wl, target, registers)
+    registers = core.registers
+    default = default_knobs(wl, core)
     vector_counts = [fv for fv in _vector_counts(wl, default.lanes) if _fits(registers, fv, 1)]
     variants = []
     for fv, filters_first, pad_inline, unroll_window in itertools.product(
@@ -128,13 +129,13 @@ def tunable_knobs(wl: ConvWorkload, target, registers: int = 16) -> list[Knobs]:
     return variants
 
 
-def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, target, knobs: Knobs, registers: int = 16) -> Knobs:
+def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore, knobs: Knobs) -> Knobs:
     """`knobs` with ow_tile, oh_tile and rc_tile replaced by decisions sampled in `sch`: register tiles
     that fit (with one output row; taller tiles may spill, the tuner measures it), and input-channel
     steps that divide the group's channels."""
     def sample(candidates):
         return sch.sample_categorical(candidates, [1 / len(candidates)] * len(candidates))
-    widths = [c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, knobs.f_vectors, c)]
+    widths = [c for c in range(1, min(wl.out_width, 16) + 1) if _fits(core.registers, knobs.f_vectors, c)]
     heights = [c for c in (1, 2, 4) if c <= wl.out_height]
     cg = wl.group_in_channels
     steps = sorted({cg} | {c for c in (4, 8, 16, 32, 64, 128) if c < cg and cg % c == 0})
@@ -180,15 +181,14 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         sch.vectorize(loops[-1])
 
 
-def schedule_depthwise_kernel_gradient(func, wl: ConvWorkload, target) -> s_tir.Schedule:
-    """backward.depthwise_kernel_backward: each vector of filters (in parallel) keeps its kh·kw taps' sums
+def schedule_depthwise_weight_gradient(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore) -> None:
+    """backward.depthwise_weight_gradient: each vector of filters (in parallel) keeps its kh·kw taps' sums
     in registers over the whole reduction, so every dz vector loaded feeds kh·kw FMAs. (Loop transforms
     come before decompose_reduction: they need the block whole.)"""
-    sch = s_tir.Schedule(func)
     block = sch.get_sblock("dW")
     accumulators = sch.cache_write(block, 0, "local")
     i, j, _, f, n, oh, ow = sch.get_loops(block)
-    f_outer, f_inner = sch.split(f, [None, math.gcd(wl.filters, lanes(wl, target))])
+    f_outer, f_inner = sch.split(f, [None, math.gcd(wl.filters, lanes(wl, core))])
     sch.reorder(f_outer, n, oh, ow, i, j, f_inner)
     sch.reverse_compute_at(accumulators, f_outer)
     sch.unroll(i)
@@ -197,20 +197,18 @@ def schedule_depthwise_kernel_gradient(func, wl: ConvWorkload, target) -> s_tir.
     sch.vectorize(sch.get_loops(accumulators)[-1])
     sch.parallel(f_outer)
     sch.decompose_reduction(block, n)
-    return sch
 
 
-def schedule_pointwise_kernel_gradient(func, wl: ConvWorkload, target) -> s_tir.Schedule:
-    """backward.pointwise_kernel_backward, dW = xᵀ·dz over the pixels: a tile of up to 6 input channels x
+def schedule_pointwise_weight_gradient(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore) -> None:
+    """backward.pointwise_weight_gradient, dW = xᵀ·dz over the pixels: a tile of up to 6 input channels x
     2-4 vectors of filters kept in registers over the whole reduction, each pixel's x values broadcast
     and its dz row loaded as vectors. The tiles run in parallel, filters outer, so that the tiles of a
     core share their slice of dz in cache."""
-    sch = s_tir.Schedule(func)
     block = sch.get_sblock("dW")
     accumulators = sch.cache_write(block, 0, "local")
     i, j, c, f, n, oh, ow = sch.get_loops(block)
-    n_lanes = lanes(wl, target)
-    vectors = next(v for v in ((4, 2, 1) if vector_bits(target) >= 512 else (2, 1)) if wl.filters % (v * n_lanes) == 0)
+    n_lanes = lanes(wl, core)
+    vectors = next(v for v in ((4, 2, 1) if core.vector_bits >= 512 else (2, 1)) if wl.filters % (v * n_lanes) == 0)
     rows = max(r for r in range(1, 7) if wl.in_channels % r == 0)
     f_outer, f_vector, f_lane = sch.split(f, [None, vectors, n_lanes])
     c_outer, c_inner = sch.split(c, [None, rows])
@@ -222,38 +220,93 @@ def schedule_pointwise_kernel_gradient(func, wl: ConvWorkload, target) -> s_tir.
     sch.vectorize(sch.get_loops(accumulators)[-1])
     sch.parallel(sch.fuse(f_outer, c_outer))
     sch.decompose_reduction(block, n)
-    return sch
 
 
-def schedule_kernel_gradient_image(func, wl: ConvWorkload, target) -> s_tir.Schedule:
-    """backward.kernel_gradient_image, a regrouping copy: rows in parallel, and per pixel the channels
+def schedule_weight_gradient_image(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore) -> None:
+    """backward.weight_gradient_image, a regrouping copy: rows in parallel, and per pixel the channels
     and samples in the order x holds them, so x is read along its rows. Scalar: vectors over the
     output's (channel, sample) axes gather or scatter (ResNet-50's 56x56x64: 0.06 ms at batch 1 and
     0.40 at batch 8, against 1.18 and 0.80 for the vectorized elementwise schedule)."""
-    sch = s_tir.Schedule(func)
     block = sch.get_sblock("image")
     c, h, w, k = sch.get_loops(block)
     sch.reorder(h, w, c, k)
     sch.parallel(h)
-    return sch
 
 
-def schedule_elementwise(func, wl: ConvWorkload, target) -> s_tir.Schedule:
+def schedule_elementwise(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore) -> None:
     """Elementwise computes such as the activation's derivative (tvmconv.backward): each block's loops
     fused, split into vectors, and the rest run in parallel. Blocks with a reduction (the last-axis
     activations) run their two outer data-parallel loops in parallel."""
-    sch = s_tir.Schedule(func)
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         iter_vars = sch.get(block).iter_vars
         loops = sch.get_loops(block)
         if all(iv.iter_type == 0 for iv in iter_vars):  # 0: data-parallel
             bits = DataType(str(sch.get(block).writes[0].source.dtype)).bits
             total = math.prod(int(sch.get(loop).extent) for loop in loops)
-            n_lanes = math.gcd(total, max(vector_bits(target) // bits, 1))  # no tail for the vector loop
+            n_lanes = math.gcd(total, max(core.vector_bits // bits, 1))  # no tail for the vector loop
             outer, inner = sch.split(sch.fuse(*loops), [None, n_lanes])
             sch.parallel(outer)
             sch.vectorize(inner)
         else:
             outer = loops[:min(2, sum(1 for iv in iter_vars if iv.iter_type == 0))]
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    return sch
+
+
+# ---------------------------------------------------------------- the rule
+
+
+class CpuRule:
+    """The schedule rule of a family of LLVM CPUs (see schedules/__init__.py for the contract): the template
+    above for convolutions, the fixed schedules above for the gradient kernels. `architectures` are the
+    LLVM triple's first parts it accepts (None: any LLVM target); `core` models a target's core."""
+
+    def __init__(self, name: str, architectures: tuple[str, ...] | None, core: Callable[[object], CpuCore]):
+        self.name, self.architectures, self.core = name, architectures, core
+
+    def __repr__(self):
+        return f"<CpuRule {self.name}>"
+
+    def applies(self, target) -> bool:
+        return target.kind.name == "llvm" and (self.architectures is None
+                                                or architecture(target) in self.architectures)
+
+    def default_knobs(self, workload, target) -> Knobs | None:
+        return default_knobs(workload, self.core(target)) if isinstance(workload, ConvWorkload) else None
+
+    def tunable_knobs(self, workload, target) -> list[Knobs]:
+        return tunable_knobs(workload, self.core(target)) if isinstance(workload, ConvWorkload) else []
+
+    def sample_tiles(self, sch: s_tir.Schedule, workload: ConvWorkload, target, knobs: Knobs) -> Knobs:
+        return sample_tiles(sch, workload, self.core(target), knobs)
+
+    @functools.singledispatchmethod
+    def schedule(self, workload, sch: s_tir.Schedule, target, knobs) -> None:
+        raise NotImplementedError(f"the {self.name} rule has no schedule for {type(workload).__name__}")
+
+    @schedule.register
+    def _(self, workload: ConvWorkload, sch: s_tir.Schedule, target, knobs: Knobs) -> None:
+        apply(sch, workload, knobs)
+
+    @schedule.register
+    def _(self, workload: backward.ActivationGradient, sch: s_tir.Schedule, target, knobs=None) -> None:
+        schedule_elementwise(sch, workload.workload, self.core(target))
+
+    @schedule.register
+    def _(self, workload: backward.DepthwiseWeightGradient, sch: s_tir.Schedule, target, knobs=None) -> None:
+        schedule_depthwise_weight_gradient(sch, workload.workload, self.core(target))
+
+    @schedule.register
+    def _(self, workload: backward.PointwiseWeightGradient, sch: s_tir.Schedule, target, knobs=None) -> None:
+        schedule_pointwise_weight_gradient(sch, workload.workload, self.core(target))
+
+    @schedule.register
+    def _(self, workload: backward.WeightGradientImage, sch: s_tir.Schedule, target, knobs=None) -> None:
+        schedule_weight_gradient_image(sch, workload.workload, self.core(target))
+
+
+def generic_core(target) -> CpuCore:
+    """Any LLVM CPU no family module knows: its vector width, and 16 vector registers assumed."""
+    return CpuCore(vector_bits(target), 16)
+
+
+GENERIC = CpuRule("cpu", None, generic_core)

@@ -24,11 +24,7 @@ class Knobs:
     rc_tile: int = 8          # input channels per shared-memory stage
     window_stage: bool = True  # stage the whole kh x kw window per step (False: one tap per step)
 
-    kernel_block = 0  # Keras's kernel layout (compute.pack_kernel)
-
-
-def applies(wl: ConvWorkload, target) -> bool:
-    return target.kind.name == "cuda"
+    weight_block = 0  # Keras's weight layout (compute.pack_weights)
 
 
 def _fit(extent: int, wanted: int) -> int:
@@ -79,9 +75,7 @@ def _bind_elementwise(sch: s_tir.Schedule, block, threads: int = 128) -> None:
     sch.bind(thread, "threadIdx.x")
 
 
-def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_tir.Schedule:
-    knobs = knobs or default_knobs(wl, target)
-    sch = s_tir.Schedule(func)
+def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     conv = sch.get_sblock("conv")
     n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)
     # A block covers a segment of one output row; a thread a (pixels x filters) register tile.
@@ -115,4 +109,34 @@ def schedule(func, wl: ConvWorkload, target, knobs: Knobs | None = None) -> s_ti
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(sch.get_loops(block)[0]).thread_binding is None:
             _bind_elementwise(sch, block)
-    return sch
+
+
+class CudaRule:
+    """The schedule rule of CUDA targets (see schedules/__init__.py): the implicit-GEMM template above for
+    convolutions; no template space to tune yet, and no gradient kernels."""
+
+    name = "cuda"
+
+    def __repr__(self):
+        return "<CudaRule>"
+
+    def applies(self, target) -> bool:
+        return target.kind.name == "cuda"
+
+    def default_knobs(self, workload, target) -> Knobs | None:
+        return default_knobs(workload, target) if isinstance(workload, ConvWorkload) else None
+
+    def tunable_knobs(self, workload, target) -> list[Knobs]:
+        return []
+
+    def sample_tiles(self, sch, workload, target, knobs):
+        raise NotImplementedError("the cuda rule has no template space yet")
+
+    def schedule(self, workload, sch: s_tir.Schedule, target, knobs: Knobs) -> None:
+        if not isinstance(workload, ConvWorkload):
+            raise NotImplementedError(f"the cuda rule has no schedule for {type(workload).__name__} (gradients "
+                                      "run on this host's CPU)")
+        apply(sch, workload, knobs)
+
+
+RULE = CudaRule()

@@ -301,7 +301,7 @@ def describe_tuning(env, compiled, target) -> str:
 def kernel_arguments(env, compiled, x: np.ndarray, kernel: np.ndarray) -> list:
     """The arguments of a bare kernel without bias: the input, the weights packed for it, an output."""
     runtime = env["tvmconv"].runtime
-    packed = env["tvmconv"].compute.pack_kernel(kernel, compiled.kernel_block)
+    packed = env["tvmconv"].compute.pack_weights(kernel, compiled.weight_block)
     out = runtime.aligned_empty(compiled.workload.output_shape, np.float32)
     return [runtime.input_tensor(x), *compiled.kernel.weights([packed]), runtime.to_tensor(out)]
 
@@ -310,8 +310,7 @@ def untuned_kernel(env, layer, compiled, x):
     """The template's defaults for the same workload, and its arguments: the peer of a tuned kernel."""
     tvmconv = env["tvmconv"]
     wl, target = compiled.workload, layer.target
-    knobs = tvmconv.schedules.find_rule(wl, target).default_knobs(wl, target)
-    untuned = tvmconv.build.get_kernel(wl, target, knobs=knobs)
+    untuned = tvmconv.build.get_kernel(wl, target, record=False)
     return untuned, kernel_arguments(env, untuned, x, layer.get_weights()[0])
 
 

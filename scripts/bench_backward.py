@@ -48,12 +48,12 @@ def torch_gradients(torch, wl, tx, tw, tdz):
 
 def bench_layer(env, workload, batch, repeat, rng):
     """dx and dW of one layer, each timed as Conv2D.gradients runs it: dx as the forward kernels of its
-    stride phases (Conv2D._input_gradient), dW as one forward kernel (Conv2D._kernel_gradient), both with
+    stride phases (Engine._input_gradient), dW as one forward kernel (Engine._weight_gradient), both with
     their numpy rearrangements."""
     torch, tvmconv = env["torch"], env["tvmconv"]
     wl = conv_workload(workload, batch)
     x = rng.standard_normal(wl.input_shape).astype(np.float32)
-    kernel = (rng.standard_normal(wl.kernel_shape) * 0.1).astype(np.float32)
+    kernel = (rng.standard_normal(wl.weights_shape) * 0.1).astype(np.float32)
     dz = rng.standard_normal(wl.output_shape).astype(np.float32)
     layer = tvmconv.Conv2D(wl.filters, wl.kernel_size, strides=wl.strides, padding=wl.padding, groups=wl.groups,
                            use_bias=False)
@@ -69,11 +69,11 @@ def bench_layer(env, workload, batch, repeat, rng):
         torch_dx_s, torch_dw_s = time_call(torch_dx, repeat).median, time_call(torch_dw, repeat).median
     phases, _ = backward.input_gradient_phases(wl)
     return {"name": workload.name, "batch": batch, "flops": wl.flops,
-            "dx": {"tvm_s": time_call(lambda: layer._input_gradient(wl, dz), repeat).median, "torch_s": torch_dx_s,
+            "dx": {"tvm_s": time_call(lambda: layer._engine._input_gradient(wl, dz), repeat).median, "torch_s": torch_dx_s,
                    "max_abs_error": error_dx, "path": f"{len(phases)} phase{'s' * (len(phases) > 1)}"},
-            "dw": {"tvm_s": time_call(lambda: layer._kernel_gradient(wl, x, dz), repeat).median,
+            "dw": {"tvm_s": time_call(lambda: layer._engine._weight_gradient(wl, x, dz), repeat).median,
                    "torch_s": torch_dw_s, "max_abs_error": error_dw,
-                   "path": backward.kernel_gradient_route(wl)}}
+                   "path": backward.weight_gradient_route(wl)}}
 
 
 def bench_training_step(env, batch, repeat, rng):

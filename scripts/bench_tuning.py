@@ -19,10 +19,21 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import (OtherLoad, check_agreement, cpu_model_name, geomean, import_frameworks,  # noqa: E402
-                   kernel_arguments, measure_fma_peak, random_inputs, time_call, time_tvm_kernel, torch_conv)
+from bench import (  # noqa: E402
+    OtherLoad,
+    check_agreement,
+    cpu_model_name,
+    geomean,
+    import_frameworks,
+    kernel_arguments,
+    measure_fma_peak,
+    random_inputs,
+    time_call,
+    time_tvm_kernel,
+    torch_conv,
+)
 
-from tvmconv import build, compute, records, runtime, schedules, targets, tuning  # noqa: E402
+from tvmconv import build, compute, records, runtime, targets, tuning  # noqa: E402
 from tvmconv.networks import all_workloads, conv_workload  # noqa: E402
 
 DEFAULT_FILTER = "resnet50/conv3x3"
@@ -39,9 +50,8 @@ def tune_and_time(env, workload, trials: int, repeat: int, seed: int) -> dict:
         record = records.best(wl, target, [log_dir], keep_slower=True)
     if record is None:  # without this check, get_kernel would look for records in the other logs
         raise SystemExit(f"{workload.name}: no valid record after {trials} trials ({result.errors} failed)")
-    defaults = schedules.find_rule(wl, target).default_knobs(wl, target)
     kernels = {"record": build.get_kernel(wl, target, record=record),
-               "defaults": build.get_kernel(wl, target, knobs=defaults)}
+               "defaults": build.get_kernel(wl, target, record=False)}
     x, kernel = random_inputs(workload, 1, seed, runtime.aligned_empty)
     with torch.inference_mode():
         run_torch, _ = torch_conv(torch, workload, x, kernel, compute.same_padding)

@@ -64,20 +64,22 @@ def _check_workloads():
     ]
 
 
-def _knob_variants(rule, wl, target) -> list:
+def _knob_variants(wl, target) -> list:
     """The template's default knobs, then a grid around what won in earlier runs (docs/benchmarks.md):
     blocks of 4-8 pixels x 16-32 filter threads, 1-2 pixels x 4 filters per thread, 8-16 channels per
     stage, the stage holding the whole window or one tap."""
-    default = rule.default_knobs(wl, target)
-    grid = [rule.Knobs(px_t, f_t, px, 4, rc, window)
+    from tvmconv.schedules import cuda
+    default = cuda.RULE.default_knobs(wl, target)
+    grid = [cuda.Knobs(px_t, f_t, px, 4, rc, window)
             for px_t, f_t, px, rc, window in itertools.product((4, 8), (16, 32), (1, 2), (8, 16), (True, False))
             if rc <= wl.group_in_channels and 4 * f_t <= 2 * wl.filters]
     return [default] + [knobs for knobs in grid if knobs != default]
 
 
 def prepare(directory: pathlib.Path, arch: str, variants: int) -> None:
-    from tvmconv import build, schedules, targets
+    from tvmconv import build, targets
     from tvmconv.networks import conv_workload, resnet50_workloads
+    from tvmconv.schedules import cuda
 
     target = targets.resolve(f"cuda-{arch}")
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,21 +94,18 @@ def prepare(directory: pathlib.Path, arch: str, variants: int) -> None:
             "id": stem, "role": role, "name": name, "variant": variant, "schedule": compiled.schedule,
             "knobs": repr(compiled.knobs),
             "input_shape": list(wl.input_shape), "output_shape": list(wl.output_shape),
-            "kernel_shape": list(wl.kernel_shape), "use_bias": wl.use_bias,
+            "weights_shape": list(wl.weights_shape), "use_bias": wl.use_bias,
             "strides": list(wl.strides), "dilation": list(wl.dilation), "groups": wl.groups,
             "pads": list(wl.pads), "data_format": wl.data_format, "activation": wl.activation,
             "flops": wl.flops})
 
     for wl in _check_workloads():
-        rule = schedules.find_rule(wl, target)
         add(wl, "check", wl.label)
-        if hasattr(rule.Knobs, "window_stage"):  # both ways of staging the input
-            default = rule.default_knobs(wl, target)
-            add(wl, "check", wl.label, dataclasses.replace(default, window_stage=not default.window_stage))
+        default = cuda.RULE.default_knobs(wl, target)  # and the other way of staging the input
+        add(wl, "check", wl.label, dataclasses.replace(default, window_stage=not default.window_stage))
     for workload in resnet50_workloads():
         wl = conv_workload(workload)
-        rule = schedules.find_rule(wl, target)
-        for variant, knobs in enumerate(_knob_variants(rule, wl, target)[:variants + 1]):
+        for variant, knobs in enumerate(_knob_variants(wl, target)[:variants + 1]):
             try:
                 add(wl, "bench", workload.name, knobs, variant)
             except RuntimeError as err:  # e.g. more shared memory than a block may have: not a candidate
@@ -237,12 +236,13 @@ def run(directory: pathlib.Path, out: pathlib.Path) -> int:
 
 def _check_and_time(torch, runtime, directory, entry, generator) -> dict:
     """One kernel: its output against PyTorch in float64, and for the ResNet-50 set its median time."""
+    from tvmconv import timing
     kernel_module = runtime.CudaKernel(runtime.load_module(str(directory / f"{entry['id']}.so"),
                                                            str(directory / f"{entry['id']}.fatbin")))
     x = generator.standard_normal(entry["input_shape"]).astype(np.float32)
-    w = (generator.standard_normal(entry["kernel_shape"]) / math.sqrt(math.prod(entry["kernel_shape"][:3])))
+    w = (generator.standard_normal(entry["weights_shape"]) / math.sqrt(math.prod(entry["weights_shape"][:3])))
     w = w.astype(np.float32)
-    b = generator.standard_normal(entry["kernel_shape"][-1]).astype(np.float32) if entry["use_bias"] else None
+    b = generator.standard_normal(entry["weights_shape"][-1]).astype(np.float32) if entry["use_bias"] else None
     weights = kernel_module.weights([w] + ([b] if b is not None else []))
     y = np.empty(entry["output_shape"], np.float32)
     kernel_module(x, weights, y)
@@ -252,9 +252,9 @@ def _check_and_time(torch, runtime, directory, entry, generator) -> dict:
     row = {**entry, "relative_error": error}
     if entry["role"] == "bench":
         arguments = [runtime.to_device(x, "cuda"), *weights, runtime.device_empty(y.shape, y.dtype, "cuda")]
-        probe = runtime.time_evaluator(kernel_module.module, kernel_module.entry, "cuda", 1, 1)(*arguments)[0]
+        probe = timing.time_evaluator(kernel_module.module, kernel_module.entry, "cuda", 1, 1)(*arguments)[0]
         number = max(1, int(REPEAT_SECONDS / max(probe, 1e-7)))
-        seconds = runtime.time_evaluator(kernel_module.module, kernel_module.entry, "cuda", number, REPEATS)(*arguments)
+        seconds = timing.time_evaluator(kernel_module.module, kernel_module.entry, "cuda", number, REPEATS)(*arguments)
         row["tvmconv_ms"] = statistics.median(seconds) * 1e3
     print(f"{entry['id']} {entry['role']:5} {entry['name'][:40]:40} {entry['knobs'][:60]:60} err {error:.1e}"
           + (f" {row['tvmconv_ms']:.4f} ms" if "tvmconv_ms" in row else ""), flush=True)
@@ -270,7 +270,7 @@ def _compare_with_cudnn(torch, results, gpu) -> list[dict]:
         x = torch.randn(first["input_shape"], device="cuda").permute(0, 3, 1, 2)  # NHWC memory, NCHW view
         top, left, bottom, right = first["pads"]
         x = torch.nn.functional.pad(x, (left, right, top, bottom)).contiguous(memory_format=torch.channels_last)
-        kh, kw, cin, filters = first["kernel_shape"]
+        kh, kw, cin, filters = first["weights_shape"]
         w = torch.randn(filters, cin, kh, kw, device="cuda").contiguous(memory_format=torch.channels_last)
         conv = lambda: torch.nn.functional.conv2d(x, w, None, tuple(first["strides"]), 0, 1, first["groups"])  # noqa: E731
         timings = {}

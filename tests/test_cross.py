@@ -16,14 +16,14 @@ from paths import PATHS
 
 import tvmconv
 from tvmconv import build, reference, targets
-from tvmconv import remote as remote_devices
+from tvmconv import rpc_devices
 from tvmconv.compute import ConvWorkload
 from tvmconv.schedules import arm, cuda, find_rule
 
 
 def _compiled_source(wl, target, kind="asm"):
-    rule = find_rule(wl, target)
-    func = build.scheduled(rule, wl, target, rule.default_knobs(wl, target))
+    rule = find_rule(target)
+    func = build.scheduled(wl, target, rule, rule.default_knobs(wl, target))
     module = tvm.compile(func, target=target).mod
     if kind == "asm":
         return module.inspect_source("asm")
@@ -34,7 +34,7 @@ def _compiled_source(wl, target, kind="asm"):
 @pytest.mark.parametrize("name", PATHS)
 def test_arm_builds_use_neon_fmas(preset, name):
     target = targets.resolve(preset)
-    assert find_rule(PATHS[name], target) is arm
+    assert find_rule(target) is arm.RULE
     asm = _compiled_source(PATHS[name], target)
     assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) >= 4
 
@@ -96,7 +96,7 @@ def test_paths_run_on_the_board(name, board):
                                 ConvWorkload(1, 6, 6, 4, 8, (1, 1), activation="softmax")], ids=repr)
 def test_cuda_sources_build(preset, wl):
     target = targets.resolve(preset)
-    assert find_rule(wl, target) is cuda
+    assert find_rule(target) is cuda.RULE
     source = _compiled_source(wl, target, kind="cuda")
     for construct in ("__global__", "__shared__", "__syncthreads()", "threadIdx.x", "blockIdx.x"):
         assert construct in source
@@ -121,7 +121,7 @@ def test_remote_through_a_tracker_on_localhost(tmp_path):
         expected = np.maximum(reference.conv2d(x, kernel, bias, padding="same"), 0)
         np.testing.assert_allclose(layer(x), expected, rtol=1e-4, atol=1e-5)
         assert layer.get_config()["remote"] == remote
-        remote_devices.disconnect(remote)
+        rpc_devices.disconnect(remote)
 
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

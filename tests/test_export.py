@@ -139,7 +139,8 @@ def test_runtime_alone_loads_and_runs(bundle, tmp_path, rng):
         import importlib.abc, sys
         # tvmconv's compiler side, and all of TVM's Python package: the runtime needs tvm_ffi only.
         BLOCKED = ("tvm.", "tvmconv.compute", "tvmconv.schedules", "tvmconv.build", "tvmconv.tuning",
-                   "tvmconv.records", "tvmconv.layer", "tvmconv.model", "tvmconv.bundle", "tvmconv.remote")
+                   "tvmconv.records", "tvmconv.layer", "tvmconv.model", "tvmconv.bundle", "tvmconv.rpc_devices",
+                   "tvmconv.engine", "tvmconv.graph", "tvmconv.keras", "tvmconv.backward")
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name == "tvm" or name.startswith(BLOCKED):

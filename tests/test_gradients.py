@@ -34,8 +34,8 @@ def _input_shape(config):
     return (2, 4, 7, 9) if config.get("data_format") == "channels_first" else (2, 7, 8, 4)
 
 
-def test_the_configurations_cover_every_kernel_gradient_route():
-    routes = {backward.kernel_gradient_route(tvmconv.Conv2D(**config).workload(_input_shape(config)))
+def test_the_configurations_cover_every_weight_gradient_route():
+    routes = {backward.weight_gradient_route(tvmconv.Conv2D(**config).workload(_input_shape(config)))
               for config in CONFIGS.values()}
     assert routes == {"depthwise", "pointwise", "matrix product", "samples as channels"}
 

@@ -37,7 +37,7 @@ def test_object_sequential_appends_and_returns_the_model():
 def test_object_symbolic_tensor_returns_the_output_tensor():
     inputs = tvmconv.layer_input(shape=(9, 9, 2))
     hidden = layer_conv_2d(inputs, 4, 3, padding="same", activation="relu")
-    assert isinstance(hidden, tvmconv.symbolic.KerasTensor) and hidden.shape == (None, 9, 9, 4)
+    assert isinstance(hidden, tvmconv.keras.symbolic.KerasTensor) and hidden.shape == (None, 9, 9, 4)
     outputs = layer_conv_2d(hidden, 6, 3, strides=2)
     assert outputs.shape == (None, 4, 4, 6)
     model = tvmconv.Model(inputs, outputs)

@@ -7,7 +7,7 @@ import tvm
 from paths import PATHS
 
 from tvmconv import build, reference, runtime, targets
-from tvmconv.compute import ConvWorkload, pack_kernel
+from tvmconv.compute import ConvWorkload, pack_weights
 from tvmconv.schedules import cpu, find_rule, x86
 
 HOST = targets.resolve(None)
@@ -16,12 +16,12 @@ HOST = targets.resolve(None)
 def _check(wl: ConvWorkload, knobs, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(wl.input_shape)
-    kernel = rng.standard_normal(wl.kernel_shape)
+    kernel = rng.standard_normal(wl.weights_shape)
     bias = rng.standard_normal(wl.filters) if wl.use_bias else None
     compiled = build.get_kernel(wl, HOST, knobs)
     assert compiled.knobs == knobs
     y = runtime.aligned_empty(wl.output_shape, wl.dtype)
-    weights = [pack_kernel(kernel.astype(wl.dtype), knobs.kernel_block)] + ([bias.astype(wl.dtype)] if wl.use_bias else [])
+    weights = [pack_weights(kernel.astype(wl.dtype), knobs.weight_block)] + ([bias.astype(wl.dtype)] if wl.use_bias else [])
     compiled.kernel(x.astype(wl.dtype), compiled.kernel.weights(weights), y)  # x at numpy's alignment
     expected = reference.conv2d(x, kernel, bias, wl.strides, wl.padding, wl.dilation, wl.groups, wl.channels_last)
     expected = reference.ACTIVATIONS[wl.activation](expected)
@@ -48,7 +48,7 @@ WORKLOADS = {
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_default_knobs(name):
     wl = WORKLOADS[name]
-    _check(wl, find_rule(wl, HOST).default_knobs(wl, HOST))
+    _check(wl, find_rule(HOST).default_knobs(wl, HOST))
 
 
 EDGE_KNOBS = [
@@ -72,9 +72,9 @@ def test_x86_builds_use_vector_fmas(preset, register, absent, name):
     """Whichever CPU runs this, both x86 paths compile, and the FMAs are on full-width registers."""
     target = targets.resolve(preset)
     wl = PATHS[name]
-    rule = find_rule(wl, target)
-    assert rule is x86
-    func = build.scheduled(rule, wl, target, rule.default_knobs(wl, target))
+    rule = find_rule(target)
+    assert rule is x86.RULE
+    func = build.scheduled(wl, target, rule, rule.default_knobs(wl, target))
     asm = tvm.compile(func, target=target).mod.inspect_source("asm")
     fmas = re.findall(rf"vfmadd\d+ps\s+[^\n]*%{register}", asm)
     assert len(fmas) >= 4, f"no {register} FMAs in the {preset} build"
@@ -85,7 +85,7 @@ def test_x86_builds_use_vector_fmas(preset, register, absent, name):
 def test_x86_defaults_fit_the_register_file():
     wl = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
     for preset, registers, lanes in (("x86-avx2", 16, 8), ("x86-avx512", 32, 16)):
-        knobs = x86.default_knobs(wl, targets.resolve(preset))
+        knobs = x86.RULE.default_knobs(wl, targets.resolve(preset))
         assert knobs.lanes == lanes
         accumulators = knobs.ow_tile * knobs.oh_tile * knobs.f_vectors
         assert 8 <= accumulators and accumulators + knobs.f_vectors + 1 <= registers
@@ -94,27 +94,27 @@ def test_x86_defaults_fit_the_register_file():
 def test_window_unrolling_only_for_small_windows():
     target = targets.resolve("x86-avx512")
     small = ConvWorkload(1, 14, 14, 32, 32, (3, 3), padding="same", groups=32)
-    # The kernel gradient's layout: dz as a 14x14 kernel (tvmconv.backward.kernel_gradient_workload).
+    # The weight gradient's layout: dz as 14x14 weights (tvmconv.backward.weight_gradient_workload).
     huge = ConvWorkload(32, 16, 16, 1, 32, (14, 14))
-    assert x86.default_knobs(small, target).unroll_window
-    assert {k.unroll_window for k in x86.tunable_knobs(small, target)} == {False, True}
-    assert not any(k.unroll_window for k in x86.tunable_knobs(huge, target))
-    assert not x86.default_knobs(ConvWorkload(1, 16, 16, 32, 32, (14, 14), groups=32), target).unroll_window
+    assert x86.RULE.default_knobs(small, target).unroll_window
+    assert {k.unroll_window for k in x86.RULE.tunable_knobs(small, target)} == {False, True}
+    assert not any(k.unroll_window for k in x86.RULE.tunable_knobs(huge, target))
+    assert not x86.RULE.default_knobs(ConvWorkload(1, 16, 16, 32, 32, (14, 14), groups=32), target).unroll_window
 
 
-def test_pack_kernel_layout():
+def test_pack_weights_layout():
     kernel = np.arange(3 * 2 * 5 * 20, dtype=np.float32).reshape(3, 2, 5, 20)
-    packed = pack_kernel(kernel, 8)
+    packed = pack_weights(kernel, 8)
     assert packed.shape == (3, 3, 2, 5, 8)
     for f in range(24):
         expected = kernel[..., f] if f < 20 else 0
         np.testing.assert_array_equal(packed[f // 8, ..., f % 8], expected)
-    assert pack_kernel(kernel, 0) is kernel
+    assert pack_weights(kernel, 0) is kernel
 
 
 def test_x86_vectors_never_straddle_groups_or_the_last_filter():
     avx512 = targets.resolve("x86-avx512")
-    lanes = {name: x86.default_knobs(wl, avx512).lanes for name, wl in {
+    lanes = {name: x86.RULE.default_knobs(wl, avx512).lanes for name, wl in {
         "resnext, 4 filters per group": ConvWorkload(1, 56, 56, 128, 128, (3, 3), padding="same", groups=32),
         "8 filters per group": ConvWorkload(1, 28, 28, 256, 256, (3, 3), padding="same", groups=32),
         "24 filters": ConvWorkload(1, 8, 8, 8, 24, (3, 3)),

@@ -110,14 +110,13 @@ def test_weights_are_packed_once_per_change():
     x = np.random.default_rng(0).standard_normal((1, 7, 7, 3)).astype(np.float32)
     first = layer(x)
     compiled = layer.compiled_kernel(x.shape)
-    assert compiled.kernel_block > 0  # the default x86 template reads packed weights
-    packed = layer._weights_on_device(compiled, compiled.kernel)
+    assert compiled.weight_block > 0  # the default x86 template reads packed weights
+    packed = layer.kernel_arguments(x)[1]
     layer(x)
-    assert layer._weights_on_device(compiled, compiled.kernel) is packed  # not repacked by a call
-    np.testing.assert_array_equal(
-        packed[0].numpy(), tvmconv.compute.pack_kernel(layer.kernel, compiled.kernel_block))
+    assert layer.kernel_arguments(x)[1] is packed  # not repacked by a call
+    np.testing.assert_array_equal(packed.numpy(), tvmconv.compute.pack_weights(layer.kernel, compiled.weight_block))
     layer.set_weights([w * 2 for w in layer.get_weights()])
-    assert layer._weights_on_device(compiled, compiled.kernel) is not packed
+    assert layer.kernel_arguments(x)[1] is not packed
     np.testing.assert_allclose(layer(x), 2 * first, rtol=1e-6, atol=1e-6)
 
 

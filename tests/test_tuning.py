@@ -70,7 +70,7 @@ def test_larger_batch_reuses_the_batch_1_record(tuned, rng):
     layer.build(x.shape)
     kernel, bias = layer.get_weights()
     y = runtime.aligned_empty(wl.output_shape, np.float32)
-    packed = tvmconv.compute.pack_kernel(kernel, compiled.kernel_block)
+    packed = tvmconv.compute.pack_weights(kernel, compiled.weight_block)
     compiled.kernel(x, compiled.kernel.weights([packed, bias]), y)
     np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
 
@@ -161,7 +161,7 @@ def test_auto_space_records_apply(tmp_path, rng):
     x = rng.standard_normal(wl.input_shape).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
     y = runtime.aligned_empty(wl.output_shape, np.float32)
-    packed = tvmconv.compute.pack_kernel(kernel, compiled.kernel_block)
+    packed = tvmconv.compute.pack_weights(kernel, compiled.weight_block)
     compiled.kernel(x, compiled.kernel.weights([packed]), y)
     np.testing.assert_allclose(y, reference.conv2d(x, kernel, None), rtol=1e-4, atol=1e-4)
 
@@ -180,8 +180,8 @@ def test_model_workloads_and_budget_split_by_flops():
     # for these linear layers.
     training = tuning.conv_workloads(model, None, gradients=True)
     (phase,), _ = backward.input_gradient_phases(workloads[0])
-    assert training[:3] == [workloads[0], phase.workload, backward.kernel_gradient_workload(workloads[0])]
-    assert len(training) == len(set(training)) and backward.kernel_gradient_workload(workloads[2]) in training
+    assert training[:3] == [workloads[0], phase.workload, backward.weight_gradient_workload(workloads[0])]
+    assert len(training) == len(set(training)) and backward.weight_gradient_workload(workloads[2]) in training
     relu = tvmconv.Conv2D(4, 3, strides=2, padding="same", activation="relu")
     strided = tuning.conv_workloads(relu, (1, 9, 9, 2), gradients=True)
     # the layer, its pre-activation, dx in 4 stride phases (3x3 taps split 2+1 per axis), dW, and the
@@ -212,17 +212,17 @@ def test_gradient_kernels_tune_and_builds_use_a_record_only_where_it_is_faster(t
         assert 1 <= result.trials <= 4 and result.errors == 0 and result.gflops > 0 and result.default_gflops > 0
         assert summary[kernel.key]["retimed_gflops"] == result.gflops
         assert summary[kernel.key]["default_gflops"] == result.default_gflops
-        func = build.gradient_function(kernel.part, kernel.workload)
-        used = records.best_gradient(kernel, func, HOST)
+        func = kernel.prim_func()
+        used = records.best(kernel, HOST)
         assert (used is not None) == (result.gflops >= result.default_gflops)
-        record = records.best_gradient(kernel, func, HOST, keep_slower=True)
+        record = records.best(kernel, HOST, keep_slower=True)
         assert record.trials == result.trials
         # The record's schedule computes what the kernel's own schedule does.
         arrays = [rng.standard_normal([int(d) for d in p.shape]).astype(np.float32) for p in func.params]
         outputs = []
         for choice in (record, False):
             out = runtime.aligned_empty(arrays[-1].shape, np.float32)
-            build.get_gradient_kernel(kernel.part, kernel.workload, HOST, record=choice).function(
+            build.get_kernel(kernel, HOST, record=choice).kernel.function(
                 *[runtime.input_tensor(a) for a in arrays[:-1]], runtime.to_tensor(out))
             outputs.append(out)
         np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
@@ -240,8 +240,8 @@ def test_gradient_kernels_tune_and_builds_use_a_record_only_where_it_is_faster(t
         for name in ("input", "kernel", "bias"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
         inputs = y
-    with pytest.raises(NotImplementedError, match="this host only"):
-        tuning.tune_workloads(kernels, trials=4, log_dir=str(tmp_path), rpc="127.0.0.1:9", progress=False)
+    with pytest.raises(NotImplementedError, match="this host's CPU only"):
+        tuning.tune(model, None, trials=4, log_dir=str(tmp_path), rpc="127.0.0.1:9", gradients=True)
 
 
 def test_corrupt_log_names_the_file(tuned, tmp_path):

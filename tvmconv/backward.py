@@ -1,20 +1,24 @@
-"""The training gradients of Conv2D (keras_conv2d_spec.md §8).
+"""The training gradients of Conv2D, declared next to the forward compute they differentiate.
 
-With z = conv(x, W) + b, y = act(z) and dy = dL/dy:
+With z = conv(x, W) + b, y = act(z) and dy = dL/dy (Keras's Conv2D gradients):
   dz — dy · act'(z), a TE compute (`activation_backward`) from the pre-activation z: exact for every
        activation; the last-axis ones take the Jacobian product along the output's last axis;
   dx — the transposed convolution, split by stride phase into stride-1 forward convolutions of dz with
-       the kernel's taps flipped and transposed per group (`input_gradient_phases`);
+       the weights' taps flipped and transposed per group (`input_gradient_phases`);
   dW — the correlation of x with dz, laid out as one forward convolution (grouped like the layer) whose
-       output holds dW (`kernel_gradient_workload`), or for depthwise layers and channels-last 1x1 ones a
-       TE compute of its own (`depthwise_kernel_backward`, `pointwise_kernel_backward`); db = Σ dz.
+       output holds dW (`weight_gradient_workload`), or for depthwise layers and channels-last 1x1 ones a
+       TE compute of its own (`depthwise_weight_gradient`, `pointwise_weight_gradient`); db = Σ dz.
 dx and dW (but those two) thus run the forward compute (tvmconv.compute) with its schedules, and tune
-like any forward workload; the kernels that are not convolutions (`training_kernels`) tune in
-MetaSchedule's generated space. Arrays are in the workload's data format and compute dtype; z and
-dz have the conv's output shape (for glu: twice dy's last axis).
+like any forward workload. The kernels that are not convolutions are workloads of their own
+(`GradientKernel`: the same interface as a ConvWorkload) and tune in MetaSchedule's generated space.
+Arrays are in the workload's data format and compute dtype; z and dz have the conv's output shape
+(for glu: twice dy's last axis).
 """
 import dataclasses
+import functools
+import json
 import math
+from typing import ClassVar
 
 import numpy as np
 from tvm import te, tirx
@@ -22,6 +26,7 @@ from tvm import te, tirx
 from .compute import (
     SELU_ALPHA,
     SELU_SCALE,
+    WORKLOAD_ATTR,
     ConvWorkload,
     _softmax,
     _sparsemax,
@@ -165,7 +170,7 @@ def activation_backward(wl: ConvWorkload, from_output: bool = False):
     return read_unaligned(te.create_prim_func([saved, dy, dz]), (name, "dy"))
 
 
-def depthwise_kernel_backward(wl: ConvWorkload):
+def depthwise_weight_gradient(wl: ConvWorkload):
     """PrimFunc (x, dz) -> dW for one input channel per group (depthwise, with any multiplier): dW[i, j, 0, f]
     = Σ_{n, oh, ow} x_pad[n, oh·s + i·d, ow·s + j·d, f // m] · dz[n, oh, ow, f], m = filters per group, x and
     dz channels-last. A correlation with nothing to reduce across channels, which no forward convolution
@@ -191,12 +196,12 @@ def depthwise_kernel_backward(wl: ConvWorkload):
     return read_unaligned(te.create_prim_func([x, dz, dw_out]), ("x", "dz"))
 
 
-def pointwise_kernel_backward(wl: ConvWorkload):
+def pointwise_weight_gradient(wl: ConvWorkload):
     """PrimFunc (x_read, dz) -> dW for a 1x1 convolution, one group, channels-last: dW[0, 0, c, f] =
-    Σ_{n, oh, ow} x_read[n, oh, ow, c] · dz[n, oh, ow, f], where x_read holds the pixels the kernel reads
+    Σ_{n, oh, ow} x_read[n, oh, ow, c] · dz[n, oh, ow, f], where x_read holds the pixels the layer reads
     (x itself at stride 1, else `pointwise_pixels(wl, x)`). A matrix product over the pixels that reads
     x and dz where they are. As a forward convolution, one of them would be transposed and the other
-    packed as its kernel at every step: at ResNet-50's 14x14x1024 -> 256 and batch 8 those copies took
+    packed as its weights at every step: at ResNet-50's 14x14x1024 -> 256 and batch 8 those copies took
     longer than the product."""
     acc = wl.accum_dtype
     x = te.placeholder((wl.batch, wl.out_height, wl.out_width, wl.in_channels), wl.dtype, name="x")
@@ -221,18 +226,19 @@ def pointwise_pixels(wl: ConvWorkload, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[:, ::sh, ::sw][:, :wl.out_height, :wl.out_width])
 
 
-GRADIENT_KERNEL_NAMES = {"depthwise-kernel": "dW (depthwise)", "pointwise-kernel": "dW (pointwise)",
-                         "kernel-gradient-image": "dW image", "activation": "dz",
-                         "activation-from-output": "dz (from y)"}
+# The PrimFunc attribute naming a gradient kernel's `part`: tuning logs hold records of these kernels too.
+GRADIENT_ATTR = "tvmconv.gradient"
 
 
 @dataclasses.dataclass(frozen=True)
 class GradientKernel:
-    """A training kernel that is not a forward convolution, for the layer's `workload`: `part` names it
-    (build.GRADIENT_KERNELS, GRADIENT_KERNEL_NAMES). Tuned and kept in the tuning logs like a forward
-    workload."""
-    part: str
+    """A kernel of the training gradients that is not a forward convolution, for the layer's `workload`.
+    It has a ConvWorkload's interface (key, label, flops, prim_func, stand_ins: see tvmconv.compute), so
+    it builds, tunes and keeps records like one. Each kind declares its compute; `part` is its name in
+    tuning logs and cache files (stored data: never renamed)."""
     workload: ConvWorkload
+    part: ClassVar[str]
+    description: ClassVar[str]
 
     @property
     def key(self) -> str:
@@ -240,30 +246,103 @@ class GradientKernel:
 
     @property
     def label(self) -> str:
-        return f"{self.workload.label} {GRADIENT_KERNEL_NAMES[self.part]}"
+        return f"{self.workload.label} {self.description}"
 
     @property
     def flops(self) -> int:
-        """dW's multiply-adds, as many as the forward convolution's; for the copies and elementwise kernels
-        the elements they write (their "GFLOP/s" in tuning reports are billions of elements a second)."""
-        if self.part in ("depthwise-kernel", "pointwise-kernel"):
-            return self.workload.flops
-        if self.part == "kernel-gradient-image":
-            return math.prod(kernel_gradient_workload(self.workload).input_shape)
+        """For the copies and elementwise kernels: the elements they write (their "GFLOP/s" in tuning reports
+        are billions of elements a second)."""
         return math.prod(self.workload.conv_output_shape)
+
+    def compute(self):
+        raise NotImplementedError
+
+    def prim_func(self, weight_block: int = 0):
+        return _gradient_prim_func(self)
+
+    def stand_ins(self) -> list[tuple["GradientKernel", None]]:
+        return [(self, None)]
+
+
+@functools.lru_cache(maxsize=256)
+def _gradient_prim_func(kernel: GradientKernel):
+    """The kernel's PrimFunc, naming what it computes in its attributes (as conv2d_forward does)."""
+    return kernel.compute().with_attr({WORKLOAD_ATTR: json.dumps(dataclasses.asdict(kernel.workload)),
+                                       GRADIENT_ATTR: kernel.part})
+
+
+class ActivationGradient(GradientKernel):
+    """dz from the pre-activation z (`activation_backward`)."""
+    part, description = "activation", "dz"
+
+    def compute(self):
+        return activation_backward(self.workload)
+
+
+class ActivationGradientFromOutput(ActivationGradient):
+    """dz from the output y, for the activations in FROM_OUTPUT."""
+    part, description = "activation-from-output", "dz (from y)"
+
+    def compute(self):
+        return activation_backward(self.workload, from_output=True)
+
+
+class DepthwiseWeightGradient(GradientKernel):
+    part, description = "depthwise-kernel", "dW (depthwise)"
+
+    @property
+    def flops(self) -> int:  # dW's multiply-adds, as many as the forward convolution's
+        return self.workload.flops
+
+    def compute(self):
+        return depthwise_weight_gradient(self.workload)
+
+
+class PointwiseWeightGradient(GradientKernel):
+    part, description = "pointwise-kernel", "dW (pointwise)"
+
+    @property
+    def flops(self) -> int:
+        return self.workload.flops
+
+    def compute(self):
+        return pointwise_weight_gradient(self.workload)
+
+
+class WeightGradientImage(GradientKernel):
+    """dW's regrouped input for the "samples as channels" route (`weight_gradient_image`)."""
+    part, description = "kernel-gradient-image", "dW image"
+
+    @property
+    def flops(self) -> int:
+        return math.prod(weight_gradient_workload(self.workload).input_shape)
+
+    def compute(self):
+        return weight_gradient_image(self.workload)
+
+
+# Every kind, by its name in the logs (records read them back from a PrimFunc's attributes).
+GRADIENT_KERNELS = {kind.part: kind for kind in (ActivationGradient, ActivationGradientFromOutput,
+                                                 DepthwiseWeightGradient, PointwiseWeightGradient, WeightGradientImage)}
+
+
+def activation_gradient(wl: ConvWorkload, from_output: bool) -> ActivationGradient:
+    return (ActivationGradientFromOutput if from_output else ActivationGradient)(wl)
 
 
 def training_kernels(wl: ConvWorkload) -> list[GradientKernel]:
-    """The kernels of `wl`'s gradients (Conv2D.gradients in a training step, which passes the layer's
-    output) that are not forward convolutions."""
+    """The kernels of `wl`'s gradients (in a training step, which passes the layer's output) that are not
+    forward convolutions."""
     found = []
     if wl.activation != "linear":
-        found.append(GradientKernel("activation-from-output" if wl.activation in FROM_OUTPUT else "activation", wl))
-    route = kernel_gradient_route(wl)
-    if route in ("depthwise", "pointwise"):
-        found.append(GradientKernel(f"{route}-kernel", wl))
+        found.append(activation_gradient(wl, wl.activation in FROM_OUTPUT))
+    route = weight_gradient_route(wl)
+    if route == "depthwise":
+        found.append(DepthwiseWeightGradient(wl))
+    elif route == "pointwise":
+        found.append(PointwiseWeightGradient(wl))
     elif route == "samples as channels":
-        found.append(GradientKernel("kernel-gradient-image", wl))
+        found.append(WeightGradientImage(wl))
     return found
 
 
@@ -272,7 +351,7 @@ def training_kernels(wl: ConvWorkload) -> list[GradientKernel]:
 
 @dataclasses.dataclass(frozen=True)
 class AxisPhase:
-    """The dx rows (or columns) `first`, `first + stride`, ... (`count` of them) that the kernel taps
+    """The dx rows (or columns) `first`, `first + stride`, ... (`count` of them) that the weights' taps
     `taps` reach (`tap_count` of them), and the zeros dz needs `before` and `after` along that axis
     (negative: rows dropped)."""
     taps: slice
@@ -283,20 +362,21 @@ class AxisPhase:
     after: int
 
 
-def _axis_phases(length: int, out_length: int, kernel: int, stride: int, dilation: int, pad: int) -> list[AxisPhase]:
+def _axis_phases(length: int, out_length: int, taps_in_window: int, stride: int, dilation: int,
+                 pad: int) -> list[AxisPhase]:
     """Padded row p = stride·m + q gathers dz[m - t]·W[q + stride·t] (dilation 1 with strides: Keras refuses
     both), a stride-1 correlation of dz with the taps q, q + stride, ... flipped; with stride 1 the one
-    phase is the whole kernel, dilated. Phases whose taps or rows are empty are left out: dx is 0 there."""
+    phase is the whole window, dilated. Phases whose taps or rows are empty are left out: dx is 0 there."""
     phases = []
     for q in range(stride):
-        taps = len(range(q, kernel, stride))
+        taps = len(range(q, taps_in_window, stride))
         first_m = -((q - pad) // stride)  # ceil((pad - q) / stride): the first m whose row is inside x
         count = (pad + length - 1 - q) // stride - first_m + 1
         if taps == 0 or count <= 0:
             continue
         extent = (taps - 1) * dilation + 1
         before = extent - 1 - first_m
-        phases.append(AxisPhase(slice(q, kernel, stride), taps, stride * first_m + q - pad, count, before,
+        phases.append(AxisPhase(slice(q, taps_in_window, stride), taps, stride * first_m + q - pad, count, before,
                                 count + extent - 1 - out_length - before))
     return phases
 
@@ -311,8 +391,9 @@ class InputGradientPhase:
     cols: AxisPhase
     strides: tuple[int, int]  # the layer's: the spacing of this phase's rows and columns in dx
 
-    def kernel(self, kernel, groups: int):
-        return transposed_kernel(kernel[self.rows.taps, self.cols.taps], groups)
+    def weights(self, weights, groups: int):
+        """The layer's weights (Keras's layout) as this phase's convolution reads them."""
+        return transposed_weights(weights[self.rows.taps, self.cols.taps], groups)
 
     def output_gradient(self, dz):
         """dz as this phase's forward convolution reads it."""
@@ -359,24 +440,24 @@ def input_gradient_phases(wl: ConvWorkload) -> tuple[list[InputGradientPhase], b
     return phases, covered
 
 
-def transposed_kernel(kernel, groups: int):
-    """Keras's (kh, kw, cin/groups, filters) kernel flipped in space, with (cin, filters) swapped per group."""
-    kh, kw, cg, filters = kernel.shape
+def transposed_weights(weights, groups: int):
+    """Keras's (kh, kw, cin/groups, filters) weights flipped in space, with (cin, filters) swapped per group."""
+    kh, kw, cg, filters = weights.shape
     fg = filters // groups
-    flipped = kernel[::-1, ::-1].reshape(kh, kw, cg, groups, fg)
+    flipped = weights[::-1, ::-1].reshape(kh, kw, cg, groups, fg)
     return flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, fg, groups * cg)
 
 
-def kernel_gradient_route(wl: ConvWorkload) -> str:
+def weight_gradient_route(wl: ConvWorkload) -> str:
     """How dW is computed, cg = input channels per group, G = groups, S = samples:
-      "depthwise" (cg = 1): its own kernel, `depthwise_kernel_backward`;
+      "depthwise" (cg = 1): its own kernel, `depthwise_weight_gradient`;
       "pointwise" (1x1, one group, channels-last, filters a multiple of 16, the widest vector): its own
-          kernel, `pointwise_kernel_backward`;
-    else as one forward convolution (`kernel_gradient_workload`, laid out by `kernel_gradient_operands`):
+          kernel, `pointwise_weight_gradient`;
+    else as one forward convolution (`weight_gradient_workload`, laid out by `weight_gradient_operands`):
       "matrix product" (1x1): per group, the smaller of x and dz transposed as the image (its channels
-          as pixels), the other as a 1x1 kernel, their (sample, pixel) pairs as the input channels;
+          as pixels), the other as the 1x1 weights, their (sample, pixel) pairs as the input channels;
       "samples as channels" (k x k): the padded input with its cg channels as the batch and each
-          group's samples as input channels, convolved with dz as an (OH x OW) kernel, the stride and
+          group's samples as input channels, convolved with dz as (OH x OW) weights, the stride and
           dilation swapped."""
     if wl.group_in_channels == 1:
         return "depthwise"
@@ -390,9 +471,9 @@ def _pointwise_dz_is_image(wl: ConvWorkload) -> bool:
     return wl.filters < wl.in_channels  # transpose the smaller operand
 
 
-def kernel_gradient_workload(wl: ConvWorkload) -> ConvWorkload | None:
-    """The forward workload whose output holds dW, as `kernel_gradient_route` says (None: a kernel of its own)."""
-    groups, route = wl.groups, kernel_gradient_route(wl)
+def weight_gradient_workload(wl: ConvWorkload) -> ConvWorkload | None:
+    """The forward workload whose output holds dW, as `weight_gradient_route` says (None: a kernel of its own)."""
+    groups, route = wl.groups, weight_gradient_route(wl)
     if route in ("depthwise", "pointwise"):
         return None
     if route == "matrix product":
@@ -413,7 +494,7 @@ def _per_group_transposed(matrix, groups: int):
     return matrix.reshape(samples, groups, width // groups).transpose(2, 1, 0).reshape(width // groups, -1)
 
 
-def kernel_gradient_image(wl: ConvWorkload):
+def weight_gradient_image(wl: ConvWorkload):
     """PrimFunc x -> the image of the "samples as channels" route: image[c', h, w, g·S + s] =
     x_pad[s, h, w, g·cg + c'], x in the workload's layout. A TVM kernel rather than numpy, because it
     runs on every core and pads in the same pass (0.40 against 2.4 ms for ResNet-50's 56x56x64 at
@@ -433,25 +514,25 @@ def kernel_gradient_image(wl: ConvWorkload):
     return read_unaligned(te.create_prim_func([x, image]), ("x",))
 
 
-def kernel_gradient_operands(wl: ConvWorkload, x, dz):
-    """(image, kernel) of `kernel_gradient_workload` from x and dz (numpy, the workload's layout); for
-    "samples as channels" the image is None: `kernel_gradient_image` makes it."""
+def weight_gradient_operands(wl: ConvWorkload, x, dz):
+    """(image, weights) of `weight_gradient_workload` from x and dz (numpy, the workload's layout); for
+    "samples as channels" the image is None: `weight_gradient_image` makes it."""
     dz_nhwc = dz if wl.channels_last else dz.transpose(0, 2, 3, 1)
-    if kernel_gradient_route(wl) == "matrix product":
+    if weight_gradient_route(wl) == "matrix product":
         x_nhwc = x if wl.channels_last else x.transpose(0, 2, 3, 1)
         sh, sw = wl.strides
         pixels = wl.batch * wl.out_height * wl.out_width
         x_matrix = x_nhwc[:, ::sh, ::sw][:, :wl.out_height, :wl.out_width].reshape(pixels, wl.in_channels)
         dz_matrix = dz_nhwc.reshape(pixels, wl.filters)
-        image, kernel = (dz_matrix, x_matrix) if _pointwise_dz_is_image(wl) else (x_matrix, dz_matrix)
+        image, weights = (dz_matrix, x_matrix) if _pointwise_dz_is_image(wl) else (x_matrix, dz_matrix)
         image = _per_group_transposed(image, wl.groups)
-        return image.reshape(1, 1, *image.shape), kernel.reshape(1, 1, *kernel.shape)
+        return image.reshape(1, 1, *image.shape), weights.reshape(1, 1, *weights.shape)
     return None, dz_nhwc.transpose(1, 2, 0, 3)  # dz as (OH, OW, samples, filters)
 
 
-def kernel_gradient_from_output(wl: ConvWorkload, out):
-    """dW in Keras's layout from the output of `kernel_gradient_workload`."""
-    route, (kh, kw) = kernel_gradient_route(wl), wl.kernel_size
+def weight_gradient_from_output(wl: ConvWorkload, out):
+    """dW in Keras's layout from the output of `weight_gradient_workload`."""
+    route, (kh, kw) = weight_gradient_route(wl), wl.kernel_size
     if route == "matrix product":
         if not _pointwise_dz_is_image(wl):
             return out.reshape(1, 1, wl.group_in_channels, wl.filters)

@@ -1,4 +1,8 @@
-"""Compute + schedule → compiled kernel, cached in memory and on disk per (workload, target).
+"""Workload + schedule rule (+ tuning record) → compiled kernel, cached in memory and on disk per target.
+
+One path for every workload, a forward convolution or a gradient kernel (the interface in
+tvmconv.compute): its PrimFunc, scheduled by a tuning record or by its rule (schedules/), compiled
+for the target and loaded where this host can run it.
 
 The disk cache lives under $TVMCONV_CACHE_DIR (default ~/.cache/tvmconv)/kernels/<target key>/.
 Each entry is a shared library and a JSON sidecar holding its checksum; both are written to a
@@ -16,35 +20,31 @@ import threading
 import warnings
 
 import tvm
+from tvm import s_tir
 
-from . import backward, records, runtime, schedules, targets
-from .compute import ConvWorkload, conv2d_forward
+from . import records, runtime, schedules, targets, timing
 
 
 @dataclasses.dataclass
 class CompiledKernel:
-    workload: ConvWorkload
+    workload: object  # a compute.ConvWorkload or a backward.GradientKernel
     target_key: str
-    schedule: str   # the schedules/ rule that produced it, or "tuning record"
-    knobs: object   # the rule's knob values (None when a tuning record scheduled it)
+    schedule: str   # the schedules/ rule that produced it ("x86", "arm", "cuda", "cpu"), or "tuning record"
+    knobs: object   # the rule's knob values (None: a tuning record, or a schedule without knobs)
+    weight_block: int  # filters per block of the packed weights it reads (0: Keras's layout)
     origin: str     # "compiled", "disk cache" or "memory cache"
     library: str    # the shared library in the kernel cache
     kernel: runtime.Kernel | None  # loaded here, when this host can run the target's code
     device_code: str | None = None  # GPU targets: the fatbin nvcc built, beside the library
-    tuning: records.Tuned | None = None  # the tuning record it was built from (None: the template's defaults)
-
-    @property
-    def kernel_block(self) -> int:
-        """Filters per block of the packed kernel this kernel reads (0: Keras's layout)."""
-        return self.tuning.kernel_block if self.tuning else self.knobs.kernel_block
+    tuning: records.Tuned | None = None  # the tuning record it was built from (None: the rule's schedule)
 
     def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
         """TVM's time evaluator for this kernel on this machine's CPU or GPU: call it with
         `Conv2D.kernel_arguments(x)`."""
         if self.kernel is None:
             raise ValueError(f"kernels for {self.target_key} do not run on this host: time them on their device")
-        return runtime.time_evaluator(self.kernel.module, self.kernel.entry, self.kernel.device, number, repeat,
-                                      min_repeat_ms)
+        return timing.time_evaluator(self.kernel.module, self.kernel.entry, self.kernel.device, number, repeat,
+                                     min_repeat_ms)
 
 
 _memory: dict[tuple, CompiledKernel] = {}
@@ -104,38 +104,50 @@ def device_code(module, target: tvm.target.Target) -> bytes:
             arch=["-gencode", f"arch=compute_{version},code=[sm_{version},compute_{version}]"]))
 
 
-def scheduled(rule, wl: ConvWorkload, target: tvm.target.Target, knobs):
-    """The PrimFunc of our compute for `wl`, scheduled by a schedules/ rule with these knobs."""
-    return rule.schedule(conv2d_forward(wl, knobs.kernel_block), wl, target, knobs).mod["main"]
+def weight_block(knobs) -> int:
+    """The packed weight layout that knobs read; 0 (Keras's layout) for a schedule without knobs."""
+    return 0 if knobs is None else knobs.weight_block
 
 
-def _choice(wl: ConvWorkload, target: tvm.target.Target, knobs, log_roots, record=None) -> tuple:
-    """(rule, knobs, tuning record): `knobs` if given, else `record` if given, else the best record in
-    `log_roots` (default: records.search_roots()) unless it re-timed slower than the defaults, else the
-    rule's default knobs. Cheap: the record lookup is memoized."""
-    rule = schedules.find_rule(wl, target)
-    tuned = (record or records.best(wl, target, log_roots)) if knobs is None else None
-    return rule, (None if tuned else knobs or rule.default_knobs(wl, target)), tuned
+def scheduled(workload, target: tvm.target.Target, rule, knobs):
+    """The PrimFunc of `workload` scheduled by a schedules/ rule with these knobs."""
+    sch = s_tir.Schedule(workload.prim_func(weight_block(knobs)))
+    rule.schedule(workload, sch, target, knobs)
+    return sch.mod["main"]
 
 
-def _function(rule, wl: ConvWorkload, target: tvm.target.Target, knobs, tuned) -> tuple:
+def _choice(workload, target: tvm.target.Target, knobs, record, log_roots) -> tuple:
+    """(rule, knobs, tuning record): `knobs` if given; else `record` if given (False: none, the rule's
+    default schedule); else the best record in `log_roots` (default: records.search_roots()) unless it
+    re-timed slower than the rule's schedule; else the rule's default knobs. Cheap: record lookups are
+    memoized."""
+    rule = schedules.find_rule(target)
+    tuned = None
+    if knobs is None and record is not False:
+        tuned = record or records.best(workload, target, log_roots)
+    if tuned is None and knobs is None:
+        knobs = rule.default_knobs(workload, target)
+    return rule, (None if tuned else knobs), tuned
+
+
+def _scheduled_choice(workload, target: tvm.target.Target, rule, knobs, tuned) -> tuple:
     """(scheduled PrimFunc, knobs, tuned) for a choice; a record whose trace does not replay on this
-    workload gives way to the default knobs."""
+    workload gives way to the rule's default schedule."""
     if tuned is not None:
         try:
-            return records.apply(tuned, conv2d_forward(wl, tuned.kernel_block)).mod["main"], None, tuned
+            return records.apply(tuned, workload.prim_func(tuned.weight_block)).mod["main"], None, tuned
         except Exception as err:  # e.g. a batch-1 trace whose tile sizes do not fit this batch
             warnings.warn(f"tvmconv: the tuning record in {tuned.folder} does not apply to this workload ({err}); "
                           "using the template's defaults", RuntimeWarning)
-            knobs = rule.default_knobs(wl, target)
-    return scheduled(rule, wl, target, knobs), knobs, None
+            knobs = rule.default_knobs(workload, target)
+    return scheduled(workload, target, rule, knobs), knobs, None
 
 
-def scheduled_function(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None) -> tuple:
+def scheduled_function(workload, target: tvm.target.Target, knobs=None, log_roots=None) -> tuple:
     """(the scheduled PrimFunc, its knobs or None, its tuning record or None), chosen as `get_kernel`
     chooses, without compiling it (export links several into one library)."""
-    rule, knobs, tuned = _choice(wl, target, knobs, log_roots)
-    return _function(rule, wl, target, knobs, tuned)
+    rule, knobs, tuned = _choice(workload, target, knobs, None, log_roots)
+    return _scheduled_choice(workload, target, rule, knobs, tuned)
 
 
 def _library(func, target: tvm.target.Target, key: str, name: str, meta: dict) -> tuple:
@@ -168,73 +180,28 @@ def _loaded(library: str, gpu_code: str | None) -> runtime.Kernel:
     return runtime.CudaKernel(runtime.load_module(library, gpu_code))
 
 
-def get_kernel(wl: ConvWorkload, target: tvm.target.Target, knobs=None, log_roots=None,
-               record: "records.Tuned | None" = None) -> CompiledKernel:
-    """The kernel for `wl` on `target`: with `knobs` if given, else from `record` if given, else from the
-    best tuning record in `log_roots` (default: records.search_roots()) unless that re-timed slower than
-    the defaults, else with the rule's default knobs."""
+def get_kernel(workload, target: tvm.target.Target, knobs=None, log_roots=None,
+               record: "records.Tuned | bool | None" = None) -> CompiledKernel:
+    """The kernel for `workload` (a ConvWorkload or a GradientKernel) on `target`: with `knobs` if given,
+    else from `record` if given (False: no record, the rule's default schedule), else from the best tuning
+    record in `log_roots` (default: records.search_roots()) unless that re-timed slower than the rule's
+    schedule, else with the rule's default knobs."""
     key = targets.target_key(target)
     with _lock:
-        rule, knobs, tuned = _choice(wl, target, knobs, log_roots, record)
+        rule, knobs, tuned = _choice(workload, target, knobs, record, log_roots)
         # Kept under the choice, so a record that falls back to the defaults is replayed (and reported) once.
-        choice = (wl.key, key, knobs, tuned and str(tuned.trace))
+        choice = (workload.key, key, knobs, tuned and str(tuned.trace))
         cached = _memory.get(choice)
         if cached is not None:
             return dataclasses.replace(cached, origin="memory cache")
-        func, knobs, tuned = _function(rule, wl, target, knobs, tuned)
-        library, gpu_code, origin = _library(func, target, key, wl.key, {
-            "workload": dataclasses.asdict(wl), "schedule": str(tuned) if tuned else rule.__name__,
-            "knobs": repr(knobs)})
+        func, knobs, tuned = _scheduled_choice(workload, target, rule, knobs, tuned)
+        library, gpu_code, origin = _library(func, target, key, workload.key, {
+            "workload": dataclasses.asdict(workload), "label": workload.label,
+            "schedule": str(tuned) if tuned else rule.name, "knobs": repr(knobs)})
         # Loaded from the library in both cases: what runs is what the cache holds.
         kernel = _loaded(library, gpu_code) if targets.runnable_here(target) else None
-        schedule = "tuning record" if tuned else rule.__name__.rsplit(".", 1)[-1]
-        compiled = CompiledKernel(wl, key, schedule, knobs, origin, library, kernel, gpu_code, tuned)
+        compiled = CompiledKernel(workload, key, "tuning record" if tuned else rule.name, knobs,
+                                  tuned.weight_block if tuned else weight_block(knobs), origin, library, kernel,
+                                  gpu_code, tuned)
         _memory[choice] = compiled
         return compiled
-
-
-# The gradient kernels that are not forward convolutions: (compute, the schedule rule's function for it).
-GRADIENT_KERNELS = {
-    "activation": (backward.activation_backward, "schedule_elementwise"),
-    "activation-from-output": (lambda wl: backward.activation_backward(wl, from_output=True), "schedule_elementwise"),
-    "depthwise-kernel": (backward.depthwise_kernel_backward, "schedule_depthwise_kernel_gradient"),
-    "pointwise-kernel": (backward.pointwise_kernel_backward, "schedule_pointwise_kernel_gradient"),
-    "kernel-gradient-image": (backward.kernel_gradient_image, "schedule_kernel_gradient_image"),
-}
-
-
-def gradient_function(part: str, wl: ConvWorkload):
-    """The unscheduled PrimFunc of the `part` kernel of GRADIENT_KERNELS for `wl`, naming what it computes
-    in its attributes (as conv2d_forward does), so that tuning logs can hold its records."""
-    compute, _ = GRADIENT_KERNELS[part]
-    return compute(wl).with_attr({"tvmconv.workload": json.dumps(dataclasses.asdict(wl)), "tvmconv.gradient": part})
-
-
-def get_gradient_kernel(part: str, wl: ConvWorkload, target: tvm.target.Target, log_roots=None,
-                        record: "bool | records.Tuned" = True) -> runtime.Kernel:
-    """The `part` kernel of GRADIENT_KERNELS for `wl`, on this host: scheduled by its best tuning record in
-    `log_roots` (default: records.search_roots()) when that re-timed faster than the rule's schedule,
-    else by the rule. `record`: False for the rule's schedule, or the record to use."""
-    key = targets.target_key(target)
-    with _lock:
-        func = gradient_function(part, wl)
-        if record is True:
-            record = records.best_gradient(backward.GradientKernel(part, wl), func, target, log_roots)
-        tuned = record or None
-        memory_key = (part, wl.key, key, tuned and str(tuned.trace))
-        cached = _memory.get(memory_key)
-        if cached is not None:
-            return cached
-        if tuned is not None:
-            func = records.apply(tuned, func).mod["main"]
-        else:
-            rule = schedules.find_rule(wl, target)
-            scheduler = GRADIENT_KERNELS[part][1]
-            if not hasattr(rule, scheduler):
-                raise NotImplementedError(f"the {rule.__name__} schedules have no gradient kernels yet")
-            func = getattr(rule, scheduler)(func, wl, target).mod["main"]
-        library, _, _ = _library(func, target, key, f"{wl.key}-grad-{part}",
-                                 {"workload": dataclasses.asdict(wl), "gradient": part,
-                                  "schedule": str(tuned) if tuned else "rule"})
-        kernel = _memory[memory_key] = runtime.Kernel(runtime.load_module(library))
-        return kernel

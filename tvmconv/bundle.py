@@ -18,8 +18,9 @@ import numpy as np
 import tvm
 
 from . import __version__, build, runtime, targets
-from .compute import pack_kernel
-from .model import Model, layer_calls, output_calls
+from .compute import pack_weights
+from .graph import layer_calls
+from .model import Model, output_calls
 
 
 def _x86_flags(target) -> list[str]:
@@ -43,13 +44,13 @@ def export(model_or_layer, input_shape, path: str, target="host") -> dict:
     functions, weights, layers = {}, {}, []
     for i, call in enumerate(calls):
         function, knobs, tuned = build.scheduled_function(call.workload, target)
-        kernel_block = tuned.kernel_block if tuned else knobs.kernel_block
+        weight_block = tuned.weight_block if tuned else build.weight_block(knobs)
         symbol = f"layer_{i}"
         functions[symbol] = function.with_attr("global_symbol", symbol)
-        kernel, bias = call.layer.kernel, call.layer.bias
-        dtype = call.workload.dtype
+        bias, dtype = call.layer.bias, call.workload.dtype
+        # "<symbol>.kernel": Keras's name for the convolution's weights (bundles keep it).
         names = [f"{symbol}.kernel"] + ([f"{symbol}.bias"] if bias is not None else [])
-        weights[names[0]] = pack_kernel(kernel.astype(dtype), kernel_block)
+        weights[names[0]] = pack_weights(call.layer.kernel.astype(dtype), weight_block)
         if bias is not None:
             weights[names[1]] = bias.astype(dtype)
         layers.append({"name": call.layer.name, "function": symbol, "reads": call.source, "weights": names,

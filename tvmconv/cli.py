@@ -85,47 +85,15 @@ def parse_workload(text: str, batch: int):
     return tuning.conv_workloads(layer, (batch, *spatial))
 
 
-def keras_model(path: str):
-    """A saved Keras model (.keras, .h5) of Conv2D layers in a chain, as a tvmconv Sequential with its weights."""
-    if "KERAS_BACKEND" not in os.environ:  # Keras defaults to TensorFlow; use whichever backend is installed
-        import importlib.util
-        installed = [name for name in ("tensorflow", "jax", "torch") if importlib.util.find_spec(name)]
-        if installed:
-            os.environ["KERAS_BACKEND"] = installed[0]
-    try:
-        import keras
-    except ImportError as err:
-        raise ValueError(f"reading {path} needs Keras and one of its backends (tensorflow, jax or torch): "
-                         f"{err}") from None
-    import tvmconv
-    source = keras.models.load_model(path, compile=False)
-    model = tvmconv.Sequential(name=source.name)
-    model.add(tvmconv.layer_input(tuple(source.inputs[0].shape[1:])))
-    for layer in source.layers:
-        kind = type(layer).__name__
-        if kind == "InputLayer":
-            continue
-        if kind != "Conv2D":
-            raise ValueError(f"{path}: layer '{layer.name}' is a {kind}; tvmconv handles models of Conv2D layers")
-        activation = layer.activation.__name__
-        model.add(tvmconv.Conv2D(layer.filters, layer.kernel_size, strides=layer.strides, padding=layer.padding,
-                                 data_format=layer.data_format, dilation_rate=layer.dilation_rate, groups=layer.groups,
-                                 activation=activation, use_bias=layer.use_bias, name=layer.name))
-        model.layers[-1].set_weights(layer.get_weights())
-    if not model.layers:
-        raise ValueError(f"{path} has no Conv2D layers")
-    return model
-
-
 def tune(args) -> int:
     """Tune convolutions for a target; records go to the log dir under the target's key."""
-    from tvmconv import networks, tuning
+    from tvmconv import from_keras, networks, tuning
     workloads = []
     for item in args.workloads:
         if item in networks.NETWORKS:
             workloads += [networks.conv_workload(w, args.batch) for w in networks.NETWORKS[item]()]
         elif item.endswith((".keras", ".h5")):
-            model = keras_model(item)
+            model = from_keras(item)
             workloads += tuning.conv_workloads(model, (args.batch, *model.batch_input_shape[1:]), args.gradients)
         else:
             workloads += parse_workload(item, args.batch)
@@ -151,7 +119,7 @@ def tune(args) -> int:
 def export(args) -> int:
     """Compile a saved Keras model of Conv2D layers for a target into a bundle (tvmconv.runtime.load runs it)."""
     import tvmconv
-    model = keras_model(args.model)
+    model = tvmconv.from_keras(args.model)
     shape = (args.batch, *model.batch_input_shape[1:])
     manifest = tvmconv.export(model, shape, args.output, target=args.target)
     print(f"{args.output}: {len(manifest['layers'])} layers for {manifest['target_key']}, input {tuple(shape)}, "

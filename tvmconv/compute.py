@@ -3,8 +3,23 @@
 Target-free, like topi's `nn/`: schedules and builds consume what is declared here.
 Block names are part of the contract with `schedules/` (see `conv2d_forward`). Last-axis
 activations (softmax, log_softmax, sparsemax, glu) add blocks after "epilogue".
+
+Every compiled workload, a forward convolution (`ConvWorkload`) or a gradient kernel
+(`tvmconv.backward`), has one interface for builds, records and tuning:
+  key          a stable identity (cache file names, tuning logs);
+  label        a short readable description;
+  flops        the work it does, for GFLOP/s figures;
+  prim_func(weight_block)  the unscheduled PrimFunc (weights packed in blocks of `weight_block` filters,
+               0: Keras's layout; kernels without weights ignore it), built once per workload and block;
+  stand_ins()  the workloads whose tuning records may serve it, closest first, itself first.
+How a workload is scheduled by default is its schedule rule's business (schedules/).
+
+Words: "weights" are the layer's parameters (the convolution's filter taps and the bias); a
+"kernel" is compiled code. Keras's own names (`Conv2D.kernel`, `kernel_size`, `kernel_initializer`)
+keep Keras's meaning at the layer's API.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -24,6 +39,20 @@ def conv_output_length(length: int, kernel: int, stride: int, dilation: int, pad
     return (length - effective) // stride + 1
 
 
+def conv_output_shape(input_shape, filters: int, kernel_size, strides, dilation, padding: str,
+                      channels_last: bool) -> tuple:
+    """Keras's compute_conv_output_shape: the convolution's output shape for an input shape whose axes may
+    be None (unknown: None in the output too); a zero or negative size raises Keras's ValueError."""
+    spatial = input_shape[1:3] if channels_last else input_shape[2:4]
+    out = [None if n is None else conv_output_length(n, k, s, d, padding)
+           for n, k, s, d in zip(spatial, kernel_size, strides, dilation)]
+    if any(n is not None and n <= 0 for n in out):
+        raise ValueError("Computed output size would be zero or negative. Received "
+                         f"`inputs shape={tuple(input_shape)}`, `kernel shape={tuple(kernel_size)}`, "
+                         f"`dilation_rate={tuple(dilation)}`, `strides={tuple(strides)}`, `padding={padding}`.")
+    return (input_shape[0], *out, filters) if channels_last else (input_shape[0], filters, *out)
+
+
 def same_padding(length: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
     """Keras/TF "same": the extra pixel of an odd total goes at the end (bottom/right)."""
     out = conv_output_length(length, kernel, stride, dilation, "same")
@@ -36,7 +65,8 @@ def same_padding(length: int, kernel: int, stride: int, dilation: int) -> tuple[
 
 @dataclasses.dataclass(frozen=True)
 class ConvWorkload:
-    """Everything that determines a compiled forward kernel, in the user's data format."""
+    """Everything that determines a compiled forward kernel, in the user's data format. Derived shapes are
+    computed once per workload (cached properties): a layer's every call reads them."""
 
     batch: int
     in_height: int
@@ -71,7 +101,7 @@ class ConvWorkload:
         # float16 multiplies and accumulates in float32, then rounds once at the end.
         return "float64" if self.dtype == "float64" else "float32"
 
-    @property
+    @functools.cached_property
     def pads(self) -> tuple[int, int, int, int]:
         """(top, left, bottom, right)"""
         if self.padding == "valid":
@@ -85,12 +115,12 @@ class ConvWorkload:
         """Whether the forward compute copies the input into a "data_pad" stage (padded, channels-last)."""
         return not self.channels_last or any(self.pads)
 
-    @property
+    @functools.cached_property
     def out_height(self) -> int:
         return conv_output_length(self.in_height, self.kernel_size[0], self.strides[0], self.dilation[0],
                                   self.padding)
 
-    @property
+    @functools.cached_property
     def out_width(self) -> int:
         return conv_output_length(self.in_width, self.kernel_size[1], self.strides[1], self.dilation[1],
                                   self.padding)
@@ -102,36 +132,58 @@ class ConvWorkload:
     def _layout(self, h, w, c) -> tuple:
         return (self.batch, h, w, c) if self.channels_last else (self.batch, c, h, w)
 
-    @property
+    @functools.cached_property
     def input_shape(self) -> tuple:
         return self._layout(self.in_height, self.in_width, self.in_channels)
 
     @property
-    def kernel_shape(self) -> tuple:
+    def weights_shape(self) -> tuple:
+        """The convolution's weights in Keras's layout: (kh, kw, in_channels // groups, filters)."""
         return (*self.kernel_size, self.group_in_channels, self.filters)
 
-    @property
+    @functools.cached_property
     def conv_output_shape(self) -> tuple:
         """The convolution's own output, before a last-axis activation may reshape it."""
-        return self._layout(self.out_height, self.out_width, self.filters)
+        return conv_output_shape(self.input_shape, self.filters, self.kernel_size, self.strides, self.dilation,
+                                 self.padding, self.channels_last)
 
-    @property
+    @functools.cached_property
     def output_shape(self) -> tuple:
         shape = self.conv_output_shape
         # glu halves the last axis: the filters for channels_last, the width for channels_first.
         return (*shape[:-1], shape[-1] // 2) if self.activation == "glu" else shape
 
-    @property
+    @functools.cached_property
     def flops(self) -> int:
         """Multiply-adds of the convolution counted as 2 FLOPs each."""
         return (2 * self.batch * self.out_height * self.out_width * self.filters
                 * self.group_in_channels * self.kernel_size[0] * self.kernel_size[1])
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """A stable identity (a hash of every field), used in cache file names and tuning logs."""
         fields = dataclasses.astuple(self)
         return "conv2d-" + hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+    def prim_func(self, weight_block: int = 0):
+        return conv2d_forward(self, weight_block)
+
+    def stand_ins(self) -> list[tuple["ConvWorkload", str | None]]:
+        """This workload, then those whose records may stand in for it, closest first, each with how it
+        differs: the same convolution at batch 1, then with a plain epilogue (with or without bias,
+        linear), which is what tuning logs of network layers (tvmconv.networks) hold. A template's
+        trace replays on any of them."""
+        options = [self]
+        for batch in dict.fromkeys((self.batch, 1)):
+            for use_bias, activation in dict.fromkeys(((self.use_bias, self.activation), (False, "linear"),
+                                                       (True, "linear"))):
+                options.append(dataclasses.replace(self, batch=batch, use_bias=use_bias, activation=activation))
+        found = {}
+        for option in options:
+            differences = [f"{name}={getattr(option, name)}" for name in ("batch", "use_bias", "activation")
+                           if getattr(option, name) != getattr(self, name)]
+            found.setdefault(option.key, (option, ", ".join(differences) or None))
+        return list(found.values())
 
 
 # ---------------------------------------------------------------- activations as expressions
@@ -265,30 +317,39 @@ LAST_AXIS_ACTIVATIONS = {
 # ---------------------------------------------------------------- forward compute
 
 
-def packed_kernel_shape(wl: ConvWorkload, block: int) -> tuple:
-    """The kernel in blocks of `block` filters: (ceil(filters / block), kh, kw, in_channels // groups, block),
+def packed_weights_shape(wl: ConvWorkload, block: int) -> tuple:
+    """The weights in blocks of `block` filters: (ceil(filters / block), kh, kw, in_channels // groups, block),
     so one register tile's weights are contiguous. block == 0 means Keras's layout."""
     if not block:
-        return wl.kernel_shape
+        return wl.weights_shape
     return (-(-wl.filters // block), *wl.kernel_size, wl.group_in_channels, block)
 
 
-def pack_kernel(kernel: np.ndarray, block: int) -> np.ndarray:
-    """Keras's (kh, kw, cin/groups, filters) kernel → `packed_kernel_shape` (zero-filled past `filters`)."""
+def pack_weights(weights: np.ndarray, block: int) -> np.ndarray:
+    """Keras's (kh, kw, cin/groups, filters) weights → `packed_weights_shape` (zero-filled past `filters`)."""
     if not block:
-        return kernel
-    kh, kw, cg, filters = kernel.shape
+        return weights
+    kh, kw, cg, filters = weights.shape
     blocks = -(-filters // block)
-    padded = np.zeros((kh, kw, cg, blocks * block), dtype=kernel.dtype)
-    padded[..., :filters] = kernel
+    padded = np.zeros((kh, kw, cg, blocks * block), dtype=weights.dtype)
+    padded[..., :filters] = weights
     return np.ascontiguousarray(padded.reshape(kh, kw, cg, blocks, block).transpose(3, 0, 1, 2, 4))
 
 
-def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
-    """The forward PrimFunc with arguments (x, kernel[, bias], y), x and y in the workload's layout.
+# The PrimFunc's attribute holding its ConvWorkload's fields (for a gradient kernel: its layer's).
+WORKLOAD_ATTR = "tvmconv.workload"
+# The PrimFunc's attribute naming its weight layout. Its name predates the word "weights" here and
+# stays: tuning logs match records by the PrimFunc's structure, attributes included.
+WEIGHT_BLOCK_ATTR = "tvmconv.kernel_block"
 
-    The kernel is in Keras's layout (kh, kw, in_channels // groups, filters), or packed by
-    `pack_kernel` when kernel_block > 0. Stages, by block name:
+
+@functools.lru_cache(maxsize=512)
+def conv2d_forward(wl: ConvWorkload, weight_block: int = 0):
+    """The forward PrimFunc with arguments (x, weights[, bias], y), x and y in the workload's layout.
+    Built once per workload and layout (PrimFuncs are immutable): builds, record lookups and tuning share it.
+
+    The weights are in Keras's layout (kh, kw, in_channels // groups, filters), or packed by
+    `pack_weights` when weight_block > 0. Stages, by block name:
       "data_pad" — the input, zero-padded and channels-last; absent when the input already is both.
       "conv"     — the convolution in the accumulator dtype, always (batch, height, width, filters).
       "epilogue" — bias + activation + cast, written in the workload's layout.
@@ -300,7 +361,7 @@ def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
     cg, fg = wl.group_in_channels, wl.filters // wl.groups
     acc = wl.accum_dtype
     x = te.placeholder(wl.input_shape, wl.dtype, name="x")
-    w = te.placeholder(packed_kernel_shape(wl, kernel_block), wl.dtype, name="kernel")
+    w = te.placeholder(packed_weights_shape(wl, weight_block), wl.dtype, name="weights")
     b = te.placeholder((wl.filters,), wl.dtype, name="bias") if wl.use_bias else None
 
     def input_at(n, h, ww, c):
@@ -318,8 +379,8 @@ def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
                           padded, name="data_pad")
 
     def weight(rh, rw, rc, f):
-        if kernel_block:
-            return w[f // kernel_block, rh, rw, rc, f % kernel_block]
+        if weight_block:
+            return w[f // weight_block, rh, rw, rc, f % weight_block]
         return w[rh, rw, rc, f]
 
     rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, cg), "rc")
@@ -350,7 +411,7 @@ def conv2d_forward(wl: ConvWorkload, kernel_block: int = 0):
     args = [x, w] + ([b] if b is not None else []) + [y]
     # The workload and weight layout ride along as attributes: tuning logs name what they tuned.
     func = te.create_prim_func(args).with_attr(
-        {"tvmconv.workload": json.dumps(dataclasses.asdict(wl)), "tvmconv.kernel_block": kernel_block})
+        {WORKLOAD_ATTR: json.dumps(dataclasses.asdict(wl)), WEIGHT_BLOCK_ATTR: weight_block})
     return read_unaligned(func)
 
 

@@ -1,13 +1,14 @@
 """Models of conv layers and R's composition rule: Sequential, functional Model, layer_input, layer_conv_2d."""
-import dataclasses
 import inspect
 import warnings
 
 import numpy as np
 
-from . import training, validation
-from .layer import Conv2D, to_array, unique_name
-from .symbolic import KerasTensor, _input_names
+from . import training
+from .keras import settings, validation
+from .keras.arrays import to_array
+from .keras.symbolic import KerasTensor, _input_names
+from .layer import Conv2D
 
 
 def layer_input(shape, batch_size=None, dtype=None, name=None) -> KerasTensor:
@@ -66,7 +67,7 @@ class _Network:
         """The graph, and a training.OutputLoss for each output, from compile's `loss` and `loss_weights`."""
         if getattr(self, "_loss", None) is None:
             raise RuntimeError(f"You must call `compile()` before training or evaluating model '{self.name}'.")
-        graph = _graph(self)
+        graph = self._layer_graph()
         calls = output_calls(self)
         names = [graph[call][0].name for call in calls]
         losses = _per_output(self._loss, names, "loss", lambda function: function)
@@ -180,7 +181,7 @@ class Sequential(_Network):
     def __init__(self, layers=None, name=None):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"The `name` argument must be a string. Received: name={name!r}")
-        self.name = name or unique_name("sequential")
+        self.name = name or settings.unique_name("sequential")
         self.layers: list[Conv2D] = []
         self._input: KerasTensor | None = None
         if layers is not None and not isinstance(layers, (list, tuple)):
@@ -216,6 +217,10 @@ class Sequential(_Network):
             raise TypeError("There are no layers in the model.")
         return self.layers.pop()
 
+    def _layer_graph(self) -> list[tuple[Conv2D, int]]:
+        """(layer, the index of the call whose output it reads; -1: the input), in call order (tvmconv.graph)."""
+        return [(layer, i - 1) for i, layer in enumerate(self.layers)]
+
     def _output_shapes(self) -> dict:
         shape, shapes = self.batch_input_shape, {}
         if shape is None:
@@ -247,7 +252,7 @@ class Model(_Network):
         outputs_list = [outputs] if self._single_output else list(outputs)
         if not outputs_list or not all(isinstance(o, KerasTensor) for o in outputs_list):
             raise ValueError(f"`outputs` must be symbolic tensors from layer calls. Received: outputs={outputs!r}")
-        self.name = name or unique_name("functional")
+        self.name = name or settings.unique_name("functional")
         self.input, self.outputs = inputs_list[0], outputs_list
         self.layers, self._nodes = [], []  # nodes: the output tensors of layer calls, in call order
         for out in outputs_list:
@@ -266,6 +271,16 @@ class Model(_Network):
     def _output_shapes(self) -> dict:
         return {id(node.producer): node.shape for node in self._nodes}
 
+    @property
+    def batch_input_shape(self):
+        return self.input.shape
+
+    def _layer_graph(self) -> list[tuple[Conv2D, int]]:
+        """(layer, the index of the call whose output it reads; -1: the input), in call order (tvmconv.graph):
+        each call reads its parent node's output."""
+        index = {id(node): i for i, node in enumerate(self._nodes)}
+        return [(node.producer, index.get(id(node.parent), -1)) for node in self._nodes]
+
     def __call__(self, x):
         x = to_array(x)
         _warn_if_incompatible(self.input.shape, x.shape, self.name)
@@ -274,26 +289,6 @@ class Model(_Network):
             values[id(node)] = node.producer(values[id(node.parent)])
         results = [values[id(o)] for o in self.outputs]
         return results[0] if self._single_output else results
-
-
-@dataclasses.dataclass
-class LayerCall:
-    """One call of a layer in a model's graph, at concrete shapes."""
-    layer: Conv2D
-    source: int    # the call whose output it reads; -1: the model's input
-    workload: object  # compute.ConvWorkload
-
-
-def _graph(layer_or_model) -> list[tuple[Conv2D, int]]:
-    """(layer, the index of the call whose output it reads; -1: the input), in call order."""
-    if isinstance(layer_or_model, Conv2D):
-        return [(layer_or_model, -1)]
-    if isinstance(layer_or_model, Model):  # each call reads its parent node's output
-        index = {id(node): i for i, node in enumerate(layer_or_model._nodes)}
-        return [(node.producer, index.get(id(node.parent), -1)) for node in layer_or_model._nodes]
-    if isinstance(layer_or_model, Sequential):
-        return [(layer, i - 1) for i, layer in enumerate(layer_or_model.layers)]
-    raise TypeError(f"Expected a tvmconv Conv2D layer, Sequential or Model, got {type(layer_or_model).__name__}")
 
 
 def _per_output(spec, names: list[str], argument: str, convert) -> list:
@@ -314,39 +309,11 @@ def _per_output(spec, names: list[str], argument: str, convert) -> list:
     return [convert(spec)] * len(names)
 
 
-def output_calls(layer_or_model) -> list[int]:
-    """The indices (in `_graph`'s order) of the calls whose outputs the model returns."""
-    if isinstance(layer_or_model, Model):
-        return [next(i for i, node in enumerate(layer_or_model._nodes) if node is output)
-                for output in layer_or_model.outputs]
-    return [len(_graph(layer_or_model)) - 1]
-
-
-def layer_calls(layer_or_model, input_shape=None) -> list[LayerCall]:
-    """The layer calls of a Conv2D, Sequential or functional Model, in order, at this input shape
-    (batch included; 3D means batch 1; None: the model's declared input, batch 1 if unknown)."""
-    graph = _graph(layer_or_model)
-    if not graph:
-        raise ValueError(f"Model '{layer_or_model.name}' has no layers")
-    if input_shape is None:
-        declared = (layer_or_model.input.shape if isinstance(layer_or_model, Model)
-                    else getattr(layer_or_model, "batch_input_shape", None))
-        if declared is None or any(d is None for d in declared[1:]):
-            raise ValueError("`input_shape` is needed, e.g. (1, 224, 224, 3): the model does not declare one")
-        input_shape = (declared[0] or 1, *declared[1:])
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"`input_shape` must be 4D (batch, then the data format's three axes) or 3D without the "
-                         f"batch, got {input_shape!r}")
-    calls: list[LayerCall] = []
-    for layer, source in graph:
-        in_shape = shape if source < 0 else calls[source].workload.output_shape
-        if not layer.built:
-            layer.build(in_shape)
-        calls.append(LayerCall(layer, source, layer.workload(in_shape)))
-    return calls
+def output_calls(network) -> list[int]:
+    """The indices (in its `_layer_graph()` order) of the calls whose outputs a network returns."""
+    if isinstance(network, Model):
+        return [next(i for i, node in enumerate(network._nodes) if node is output) for output in network.outputs]
+    return [len(network._layer_graph()) - 1]
 
 
 def layer_conv_2d(object=None, filters=None, kernel_size=None, **kwargs):

@@ -14,7 +14,6 @@ record's trace is replayed on it.
 """
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import threading
@@ -25,8 +24,8 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from . import targets, tuning_logs  # tuning_logs: the shipped records (package data)
-from .backward import GradientKernel
-from .compute import ConvWorkload, conv2d_forward
+from .backward import GRADIENT_ATTR, GRADIENT_KERNELS, GradientKernel
+from .compute import WEIGHT_BLOCK_ATTR, WORKLOAD_ATTR, ConvWorkload
 
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
@@ -80,16 +79,16 @@ def open_database(path: str, create: bool = False) -> ms.database.JSONDatabase:
 
 
 def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload | GradientKernel, int] | None:
-    """What a record tuned: a conv workload and its packed kernel block, or a gradient kernel of its own
-    and 0 (None: not a tvmconv workload)."""
+    """What a record tuned, read from its PrimFunc's attributes (compute.conv2d_forward,
+    backward.GradientKernel): the workload and its packed weight block (None: not a tvmconv workload)."""
     attrs = record.workload.mod["main"].attrs
-    if attrs is None or "tvmconv.workload" not in attrs:
+    if attrs is None or WORKLOAD_ATTR not in attrs:
         return None
-    fields = json.loads(str(attrs["tvmconv.workload"]))
+    fields = json.loads(str(attrs[WORKLOAD_ATTR]))
     wl = ConvWorkload(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    if "tvmconv.gradient" in attrs:
-        return GradientKernel(str(attrs["tvmconv.gradient"]), wl), 0
-    return wl, int(attrs["tvmconv.kernel_block"])
+    if GRADIENT_ATTR in attrs:
+        return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), 0
+    return wl, int(attrs[WEIGHT_BLOCK_ATTR])
 
 
 def seconds(record: ms.database.TuningRecord) -> float | None:
@@ -134,7 +133,7 @@ def note_tuned(path: str, wl: ConvWorkload | GradientKernel, trials: int, gflops
 class Tuned:
     """The record a kernel was built from."""
     folder: str          # the log folder (root/target key) it came from
-    kernel_block: int    # the packed weight layout of the tuned PrimFunc
+    weight_block: int    # the packed weight layout of the tuned PrimFunc
     trace: object        # the schedule, as a MetaSchedule trace
     seconds: float       # its time as the tuner measured it
     trials: int          # trials run for this workload in that folder
@@ -146,7 +145,7 @@ class Tuned:
 
 
 class _Index:
-    """Per log folder: its database and, per workload key, the workload, the kernel blocks on record,
+    """Per log folder: its database and, per workload key, the workload, the weight blocks on record,
     its records, its fastest record's time, the trials run (its records, or more when `logs prune`
     dropped some: summary.json keeps the count) and whether its best record re-timed slower than the
     schedule without one (summary.json). Re-read when a file changes (a tuning run in another process
@@ -198,22 +197,6 @@ def index(path: str) -> _Index | None:
         return found
 
 
-def _stand_ins(wl: ConvWorkload) -> list[tuple[ConvWorkload, str | None]]:
-    """`wl`, then the workloads whose records may stand in for it, closest first: the same convolution
-    at batch 1, then with a plain epilogue (with or without bias, linear), which is what tuning logs of
-    network layers (tvmconv.networks) hold. A template's trace replays on any of them."""
-    options = [wl]
-    for batch in dict.fromkeys((wl.batch, 1)):
-        for use_bias, activation in dict.fromkeys(((wl.use_bias, wl.activation), (False, "linear"), (True, "linear"))):
-            options.append(dataclasses.replace(wl, batch=batch, use_bias=use_bias, activation=activation))
-    found = {}
-    for option in options:
-        differences = [f"{name}={getattr(option, name)}" for name in ("batch", "use_bias", "activation")
-                       if getattr(option, name) != getattr(wl, name)]
-        found.setdefault(option.key, (option, ", ".join(differences) or None))
-    return list(found.values())
-
-
 _best: dict[tuple, tuple] = {}
 
 
@@ -231,14 +214,13 @@ def _memoized(key: tuple, logs, find):
     return memo[1]
 
 
-def _records_of(key: str, function, logs, target: tvm.target.Target, keep_slower: bool,
-                reused: str | None = None) -> tuple[list[Tuned], bool]:
-    """The valid records of the workload `key` in `logs`, one per log and kernel block (`function(block)`:
-    the unscheduled PrimFunc a record must match), and whether a log's records were passed over for
-    having re-timed slower than the schedule without one (unless `keep_slower`)."""
+def _records_of(workload, logs, target: tvm.target.Target, keep_slower: bool,
+                reused: str | None) -> tuple[list[Tuned], bool]:
+    """The valid records of `workload` in `logs`, one per log and weight block, and whether a log's records
+    were passed over for having re-timed slower than the schedule without one (unless `keep_slower`)."""
     found, passed_over = [], False
     for path, idx in logs:
-        entry = idx.entries.get(key)
+        entry = idx.entries.get(workload.key)
         if entry is None:
             continue
         if entry["slower_than_default"] and not keep_slower:
@@ -246,49 +228,34 @@ def _records_of(key: str, function, logs, target: tvm.target.Target, keep_slower
             continue
         for block in entry["blocks"]:
             # Structural match: a record of an older compute (or of another workload) never applies.
-            record = idx.database.query_tuning_record(tvm.IRModule({"main": function(block)}), target, "main")
+            record = idx.database.query_tuning_record(tvm.IRModule({"main": workload.prim_func(block)}), target,
+                                                      "main")
             time = record and seconds(record)
             if time is not None:
                 found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
     return found, passed_over
 
 
-def best(wl: ConvWorkload, target: tvm.target.Target, roots: list[str] | None = None,
+def best(workload: ConvWorkload | GradientKernel, target: tvm.target.Target, roots: list[str] | None = None,
          keep_slower: bool = False) -> Tuned | None:
-    """The fastest valid record for `wl` on `target` in the log roots (default: `search_roots()`);
-    failing that, the fastest for its closest stand-in (`_stand_ins`). A record that re-timed slower
-    than the template's defaults after tuning (summary.json) is passed over unless `keep_slower`, and
-    then the defaults apply rather than a further stand-in: tuning showed they win on this conv."""
+    """The fastest valid record for `workload` on `target` in the log roots (default: `search_roots()`);
+    failing that, the fastest for its closest stand-in (`workload.stand_ins()`). A record that re-timed
+    slower than the schedule without one after tuning (summary.json) is passed over unless `keep_slower`,
+    and then no further stand-in is tried: tuning showed the rule's schedule wins on this workload."""
     logs = _logs(target, roots)
 
     def find():
-        for candidate, reused in _stand_ins(wl):
-            found, passed_over = _records_of(candidate.key, functools.partial(conv2d_forward, candidate), logs,
-                                             target, keep_slower, reused)
+        for candidate, reused in workload.stand_ins():
+            found, passed_over = _records_of(candidate, logs, target, keep_slower, reused)
             if found or passed_over:
                 return min(found, key=lambda t: t.seconds, default=None)
         return None
 
-    return _memoized((wl.key, keep_slower), logs, find)
-
-
-def best_gradient(kernel: GradientKernel, func, target: tvm.target.Target, roots: list[str] | None = None,
-                  keep_slower: bool = False) -> Tuned | None:
-    """The fastest record of a gradient kernel (`func`: its unscheduled PrimFunc) in the log roots, exact
-    matches only. A record that re-timed slower than the kernel's rule schedule (summary.json) is passed
-    over unless `keep_slower`: MetaSchedule's generated space, the one these kernels tune in, often
-    loses to the hand-written schedules within a few hundred trials."""
-    logs = _logs(target, roots)
-
-    def find():
-        found, _ = _records_of(kernel.key, lambda _block: func, logs, target, keep_slower)
-        return min(found, key=lambda t: t.seconds, default=None)
-
-    return _memoized((kernel.key, keep_slower), logs, find)
+    return _memoized((workload.key, keep_slower), logs, find)
 
 
 def apply(tuned: Tuned, func) -> s_tir.Schedule:
-    """The tuned schedule replayed on `func` (the same workload, or the same one at a larger batch)."""
+    """The tuned schedule replayed on `func` (the same workload, or one it stands in for)."""
     sch = s_tir.Schedule(func)
     tuned.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch

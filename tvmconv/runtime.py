@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import struct
 import sys
 import threading
 
@@ -74,23 +73,24 @@ _threads_lock = threading.Lock()
 _threads_in_use = threading.local()  # TVM keeps one pool per calling thread
 
 
-def use_threads(count: int) -> None:
-    """Size TVM's thread pool (the calling thread's) to `count` threads.
+def use_threads(count: int | None) -> None:
+    """Size TVM's thread pool (the calling thread's) to `count` threads (None: default_threads()).
 
     TVM reads TVM_NUM_THREADS at every parallel launch, caps the tasks at it, and when it is unset
     assumes hyper-threads on x86 and takes half the cores: on the 2-core machines here one task, half
     the speed, whatever the pool's size (measured: a 3x3 layer ran at 111 GFLOP/s instead of 223 with
     the variable unset). So the variable is left at least at `count`, and when unset is set to
-    default_threads(), which it then keeps reporting."""
-    current = os.environ.get("TVM_NUM_THREADS")
-    needed = str(max(count, default_threads()))
-    if getattr(_threads_in_use, "count", None) == count and current == needed:
+    default_threads(), which it then keeps reporting. Nothing is done when the calling thread's last
+    call asked for the same and the variable is as that call left it: the per-call cost is one lookup."""
+    if getattr(_threads_in_use, "state", None) == (count, os.environ.get("TVM_NUM_THREADS")):
         return
+    threads = count or default_threads()
+    needed = str(max(threads, default_threads()))
     with _threads_lock:
         os.environ["TVM_NUM_THREADS"] = needed
         _load_tvm_runtime()
-        tvm_ffi.get_global_func("runtime.config_threadpool")(1, count)  # 1: every core, fastest first
-        _threads_in_use.count = count
+        tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)  # 1: every core, fastest first
+        _threads_in_use.state = (count, needed)
 
 
 def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
@@ -159,24 +159,25 @@ def cuda_available() -> bool:
         _load_cuda_runtime()
     except (RuntimeError, ImportError):
         return False
-    return bool(_runtime_function("runtime.GetDeviceAttr")(CUDA, 0, 0))  # 0: kExist
+    return bool(global_function("runtime.GetDeviceAttr")(CUDA, 0, 0))  # 0: kExist
 
 
-def _runtime_function(name: str):
+def global_function(name: str):
+    """A function of TVM's runtime library, by its registered name."""
     _load_tvm_runtime()
     return tvm_ffi.get_global_func(name)
 
 
 def cuda_compute_version() -> str:
     """GPU 0's compute capability, e.g. "9.0"."""
-    return str(_runtime_function("runtime.GetDeviceAttr")(CUDA, 0, 4))  # 4: kComputeVersion
+    return str(global_function("runtime.GetDeviceAttr")(CUDA, 0, 4))  # 4: kComputeVersion
 
 
 def device_empty(shape, dtype, device: str) -> tvm_ffi.Tensor:
     """An uninitialized tensor on `device` ("cpu" or "cuda")."""
     if device == "cpu":
         return to_tensor(aligned_empty(shape, dtype))
-    alloc = _runtime_function("runtime.TVMTensorAllocWithScope")
+    alloc = global_function("runtime.TVMTensorAllocWithScope")
     return alloc(tvm_ffi.Shape(shape), tvm_ffi.dtype(str(np.dtype(dtype))), tvm_ffi.device("cuda", 0), None)
 
 
@@ -185,14 +186,14 @@ def to_device(array: np.ndarray, device: str) -> tvm_ffi.Tensor:
     if device == "cpu":
         return to_tensor(array)
     tensor = device_empty(array.shape, array.dtype, device)
-    _runtime_function("runtime.TVMTensorCopyFromTo")(input_tensor(array), tensor)
+    global_function("runtime.TVMTensorCopyFromTo")(input_tensor(array), tensor)
     return tensor
 
 
 def copy_to_host(tensor: tvm_ffi.Tensor, out: np.ndarray) -> np.ndarray:
     """Copy a device tensor into the C-contiguous array `out`."""
     host = as_aligned(out)
-    _runtime_function("runtime.TVMTensorCopyFromTo")(tensor, to_tensor(host))
+    global_function("runtime.TVMTensorCopyFromTo")(tensor, to_tensor(host))
     if host is not out:
         out[...] = host
     return out
@@ -245,7 +246,9 @@ class Kernel:
     def weights(self, arrays) -> list:
         return [to_tensor(np.ascontiguousarray(a)) for a in arrays]
 
-    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
+    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray, threads: int | None = None) -> None:
+        """Run on `threads` of this CPU's cores (None: default_threads())."""
+        use_threads(threads)
         self.function(input_tensor(x), *weights, to_tensor(out))
 
 
@@ -257,7 +260,7 @@ class CudaKernel(Kernel):
     def weights(self, arrays) -> list:
         return [to_device(np.ascontiguousarray(a), self.device) for a in arrays]
 
-    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
+    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray, threads: int | None = None) -> None:
         result = device_empty(out.shape, out.dtype, self.device)
         self.function(to_device(x, self.device), *weights, result)
         copy_to_host(result, out)
@@ -268,17 +271,6 @@ class CudaKernel(Kernel):
 BUNDLE_FORMAT = "tvmconv-bundle-1"
 BUNDLE_FILES = {"library": "kernels.so", "device_code": "kernels.fatbin", "weights": "weights.npz",
                 "manifest": "manifest.json"}
-
-
-def time_evaluator(module, entry: str, device: str, number: int, repeat: int, min_repeat_ms: int = 0):
-    """TVM's time evaluator with the runtime alone: a function that runs `entry` on its arguments
-    `number` times per repeat, synchronizing `device` ("cpu" or "cuda") around each repeat, and
-    returns the `repeat` mean times in seconds."""
-    dev = tvm_ffi.device(device, 0)
-    evaluate = _runtime_function("runtime.RPCTimeEvaluator")(
-        module, entry, dev.dlpack_device_type(), dev.index, number, repeat, min_repeat_ms,
-        100, 0, 1, 0, "")  # limit_zero_time_iterations, cooldown ms, repeats_to_cooldown, cache flush, f_preproc
-    return lambda *args: list(struct.unpack(f"@{repeat}d", evaluate(*args)))
 
 
 def file_sha256(path: str) -> str:

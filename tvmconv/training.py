@@ -12,7 +12,7 @@ import math
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import validation
+from .keras import validation
 
 # ---------------------------------------------------------------- losses: (loss, d loss / d y_pred)
 

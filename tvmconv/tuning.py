@@ -4,8 +4,12 @@ Design spaces ("space"):
   template — our schedules/ template: one MetaSchedule task per packed weight layout, each with
              one design space per structural variant (loop order, padding, window unrolling),
              the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`);
+             a workload its rule has no template for (the gradient kernels that are not
+             convolutions; CUDA so far) tunes in the generated space instead;
   auto     — MetaSchedule's own generated space ("post-order-apply") over our compute;
   both     — the two together: the best record wins at build time, whichever space made it.
+Every workload, a convolution or a gradient kernel, goes through the same steps (the workload
+interface of tvmconv.compute).
 Records go to `<log_dir>/<target key>/` (see records.py); tuning again resumes there, and
 `trials` is the number of records a workload should have, so an interrupted run continues
 where it stopped. The best record is rebuilt and re-timed with TVM's time evaluator after
@@ -26,18 +30,8 @@ from tqdm.auto import tqdm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import (
-    backward,
-    build,
-    model,
-    records,
-    remote,
-    runtime,
-    schedules,
-    targets,
-    validation,
-)
-from .compute import ConvWorkload, conv2d_forward
+from . import backward, build, graph, records, rpc_devices, runtime, schedules, targets
+from .compute import ConvWorkload
 
 SPACES = ("template", "auto", "both")
 MIN_TRIALS_PER_WORKLOAD = 64  # a model's budget is split by FLOP share, but never below this per workload
@@ -48,7 +42,7 @@ RUN_TIMEOUT_S = 120
 
 @dataclasses.dataclass
 class TuneResult:
-    workload: ConvWorkload | backward.GradientKernel
+    workload: object  # a ConvWorkload or a backward.GradientKernel
     folder: str                 # the log folder: <log_dir>/<target key>
     trials: int                 # records for this workload there, after this run
     measured: int               # candidates measured in this run
@@ -71,13 +65,13 @@ def conv_workloads(layer_or_model, input_shape=None,
     convolutions (backward.training_kernels: the activation's derivative, dW's kernel of its own for
     depthwise and pointwise layers, the regrouping for the others)."""
     found = []
-    for call in model.layer_calls(layer_or_model, input_shape):
+    for call in graph.layer_calls(layer_or_model, input_shape):
         wl = call.workload
         extra = []
         if gradients:
             phases, _ = backward.input_gradient_phases(wl)
             extra = [dataclasses.replace(wl, activation="linear") if wl.activation != "linear" else None,
-                     *(phase.workload for phase in phases), backward.kernel_gradient_workload(wl),
+                     *(phase.workload for phase in phases), backward.weight_gradient_workload(wl),
                      *backward.training_kernels(wl)]
         for workload in [wl, *extra]:
             if workload is not None and workload not in found:
@@ -101,37 +95,31 @@ def _template_space(rule, wl: ConvWorkload, target, variants):
         spaces = []
         for knobs in variants:
             space = sch.copy()
-            rule.apply(space, wl, rule.sample_tiles(space, wl, target, knobs))
+            rule.schedule(wl, space, target, rule.sample_tiles(space, wl, target, knobs))
             spaces.append(space)
         return spaces
     return ms.space_generator.ScheduleFn(design_spaces)
 
 
-def tasks(wl: ConvWorkload | backward.GradientKernel, target, space: str) -> list[ms.TuneContext]:
-    """The MetaSchedule tasks that tune `wl` in this design space. A gradient kernel of its own has no
-    template: it tunes in MetaSchedule's generated space whatever `space` says."""
-    if isinstance(wl, backward.GradientKernel):
-        return [ms.TuneContext(tvm.IRModule({"main": build.gradient_function(wl.part, wl.workload)}), target=target,
-                               space_generator="post-order-apply",
-                               search_strategy=ms.search_strategy.EvolutionarySearch(), task_name=f"{wl.key}-auto")]
-    rule = schedules.find_rule(wl, target)
+def _task(workload, target, weight_block: int, space_generator, space: str) -> ms.TuneContext:
+    return ms.TuneContext(tvm.IRModule({"main": workload.prim_func(weight_block)}), target=target,
+                          space_generator=space_generator, search_strategy=ms.search_strategy.EvolutionarySearch(),
+                          task_name=f"{workload.key}-b{weight_block}-{space}")
+
+
+def tasks(workload, target, space: str) -> list[ms.TuneContext]:
+    """The MetaSchedule tasks that tune `workload` in this design space. Where its rule has no template for
+    it, it tunes in MetaSchedule's generated space whatever `space` says."""
+    rule = schedules.find_rule(target)
     by_block: dict[int, list] = {}
     if space in ("template", "both"):
-        if not hasattr(rule, "tunable_knobs"):
-            raise NotImplementedError(f"the {rule.__name__} schedule has no tunable template yet: use space='auto'")
-        for knobs in rule.tunable_knobs(wl, target):
-            by_block.setdefault(knobs.kernel_block, []).append(knobs)
-    contexts = [ms.TuneContext(tvm.IRModule({"main": conv2d_forward(wl, block)}), target=target,
-                               space_generator=_template_space(rule, wl, target, variants),
-                               search_strategy=ms.search_strategy.EvolutionarySearch(),
-                               task_name=f"{wl.key}-b{block}-template")
+        for knobs in rule.tunable_knobs(workload, target):
+            by_block.setdefault(knobs.weight_block, []).append(knobs)
+    contexts = [_task(workload, target, block, _template_space(rule, workload, target, variants), "template")
                 for block, variants in by_block.items()]
-    if space in ("auto", "both"):
-        block = rule.default_knobs(wl, target).kernel_block
-        contexts.append(ms.TuneContext(tvm.IRModule({"main": conv2d_forward(wl, block)}), target=target,
-                                       space_generator="post-order-apply",
-                                       search_strategy=ms.search_strategy.EvolutionarySearch(),
-                                       task_name=f"{wl.key}-b{block}-auto"))
+    if space in ("auto", "both") or not contexts:
+        block = build.weight_block(rule.default_knobs(workload, target))
+        contexts.append(_task(workload, target, block, "post-order-apply", "auto"))
     return contexts
 
 
@@ -254,31 +242,32 @@ def _gflops(kernel, func, flops: int, library: str | None, rpc) -> float:
     `library`, on the RPC device."""
     device = tvm.cpu()
     if rpc is not None:
-        kernel = remote.remote_kernel(remote.connect(rpc), library)
+        kernel = rpc_devices.remote_kernel(rpc_devices.connect(rpc), library)
         device = kernel.remote_device
     try:
         evaluator = kernel.module.time_evaluator(kernel.entry, device, number=1, repeat=15, min_repeat_ms=40)
         seconds = float(np.median(evaluator(*_random_arguments(func, device)).results))
     finally:
         if rpc is not None:  # the device serves one session at a time: free it for the next round of tuning
-            remote.disconnect(rpc)
+            rpc_devices.disconnect(rpc)
     return flops / seconds / 1e9
 
 
 # ---------------------------------------------------------------- tuning
 
 
-def _trials_on_record(folder: str, wl: ConvWorkload | backward.GradientKernel) -> int:
+def _trials_on_record(folder: str, wl) -> int:
     idx = records.index(folder)
     entry = idx and idx.entries.get(wl.key)
     return entry["trials"] if entry else 0
 
 
-def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], trials: int = 64, target=None,
+def tune_workloads(workloads: list, trials: int = 64, target=None,
                    log_dir: str | None = None, space: str = "template", rpc=None, time_budget: float | None = None,
                    threads: int | None = None, progress: bool = True,
                    min_trials: int = MIN_TRIALS_PER_WORKLOAD) -> list[TuneResult]:
-    """Tune each workload until its log holds its share of `trials` records (see `tune`)."""
+    """Tune each workload (a ConvWorkload or a GradientKernel) until its log holds its share of `trials`
+    records (see `tune`)."""
     if space not in SPACES:
         raise ValueError(f"Invalid `space` {space!r}: expected one of {', '.join(SPACES)}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -287,15 +276,12 @@ def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], tria
                                     or time_budget <= 0):
         raise ValueError(f"`time_budget` must be a positive number of seconds, got {time_budget!r}")
     target = targets.resolve(target)
-    rpc = validation.remote(rpc, argument="rpc")
+    rpc = rpc_devices.standardize(rpc, argument="rpc")
     if rpc is not None and not isinstance(rpc, (str, dict)):
         raise TypeError("`rpc` must be 'HOST:PORT' or {'tracker': 'HOST:PORT', 'key': KEY}: MetaSchedule's runner "
                         "opens its own sessions")
-    if rpc is not None and any(isinstance(wl, backward.GradientKernel) for wl in workloads):
-        raise NotImplementedError("the gradient kernels that are not convolutions run on this host only (as "
-                                  "Conv2D.gradients does): tune them without `rpc`")
     if rpc is not None:  # a layer's session in this process would keep the runner's workers waiting
-        remote.disconnect(rpc)
+        rpc_devices.disconnect(rpc)
     folder = records.folder(log_dir or records.user_root(), target)
     database = records.open_database(folder, create=True)
     threads = threads or runtime.default_threads()
@@ -340,24 +326,14 @@ def tune_workloads(workloads: list[ConvWorkload | backward.GradientKernel], tria
 
 
 def _result(wl, target, folder, rpc, done, callback, stopped) -> TuneResult:
-    """The run's outcome, with the best record and the schedule without one rebuilt and re-timed. Its
-    trials: `done` before the run (which counts records pruned since) plus those measured in it."""
-    roots = [os.path.dirname(folder)]
-    if isinstance(wl, backward.GradientKernel):
-        func = build.gradient_function(wl.part, wl.workload)
-        tuned = records.best_gradient(wl, func, target, roots, keep_slower=True)
-        choices = {"default": False, **({"record": tuned} if tuned else {})}
-        timed = {name: _gflops(build.get_gradient_kernel(wl.part, wl.workload, target, record=choice), func,
-                               wl.flops, None, None)
-                 for name, choice in choices.items()}
-    else:
-        tuned = records.best(wl, target, roots, keep_slower=True)
-        defaults = schedules.find_rule(wl, target).default_knobs(wl, target)
-        kernels = {"default": build.get_kernel(wl, target, knobs=defaults)}
-        if tuned is not None:
-            kernels["record"] = build.get_kernel(wl, target, record=tuned)
-        timed = {name: _gflops(kernel.kernel, conv2d_forward(wl, kernel.kernel_block), wl.flops, kernel.library, rpc)
-                 for name, kernel in kernels.items()}
+    """The run's outcome, with the best record and the rule's schedule rebuilt and re-timed. Its trials:
+    `done` before the run (which counts records pruned since) plus those measured in it."""
+    tuned = records.best(wl, target, [os.path.dirname(folder)], keep_slower=True)
+    kernels = {"default": build.get_kernel(wl, target, record=False)}
+    if tuned is not None:
+        kernels["record"] = build.get_kernel(wl, target, record=tuned)
+    timed = {name: _gflops(kernel.kernel, wl.prim_func(kernel.weight_block), wl.flops, kernel.library, rpc)
+             for name, kernel in kernels.items()}
     measured = callback.measured if callback else 0
     return TuneResult(wl, folder, max(done + measured, _trials_on_record(folder, wl)), measured,
                       callback.errors if callback else 0,
@@ -379,7 +355,11 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     (seconds) ends the run at the first round boundary past it; so does Ctrl-C. `gradients` also
     tunes what training runs (see `conv_workloads`): forward workloads, and the gradient kernels that
     are not convolutions, which tune in MetaSchedule's generated space; builds use such a record only
-    where it re-timed faster than the kernel's own schedule.
+    where it re-timed faster than the kernel's own schedule. Gradients run on this host's CPU only (as
+    Conv2D.gradients does), so `gradients` and `rpc` do not go together.
     """
+    if gradients and rpc is not None:
+        raise NotImplementedError("gradients run on this host's CPU only (as Conv2D.gradients does): tune them "
+                                  "without `rpc`")
     return tune_workloads(conv_workloads(layer_or_model, input_shape, gradients), trials, target, log_dir, space,
                           rpc, time_budget)

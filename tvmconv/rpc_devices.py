@@ -11,6 +11,27 @@ import numpy as np
 import tvm.runtime
 from tvm import rpc
 
+
+def _address(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def standardize(value, argument: str = "remote"):
+    """A `remote` (or tuning's `rpc`) argument checked at the edge: None, "HOST:PORT" (an RPC server),
+    {"tracker": "HOST:PORT", "key": KEY} (a device from a tracker's pool) or an RPC session."""
+    if value is None or (isinstance(value, str) and _address(value)):
+        return value
+    if isinstance(value, dict) and set(value) == {"tracker", "key"} and isinstance(value["tracker"], str) \
+            and _address(value["tracker"]) and isinstance(value["key"], str) and value["key"]:
+        return dict(value)
+    if isinstance(value, rpc.RPCSession):
+        return value
+    raise ValueError(f"The `{argument}` argument must be None, 'HOST:PORT' of a TVM RPC server, "
+                     "{'tracker': 'HOST:PORT', 'key': KEY} for a device from an RPC tracker, or a "
+                     f"tvm.rpc session. Received: {argument}={value!r}")
+
+
 _sessions: dict[str, rpc.RPCSession] = {}
 _remote_kernels: dict[tuple, "RemoteKernel"] = {}
 _lock = threading.Lock()
@@ -72,7 +93,8 @@ class RemoteKernel:
     def weights(self, arrays) -> list:
         return [tvm.runtime.tensor(np.ascontiguousarray(a), device=self.remote_device) for a in arrays]
 
-    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray) -> None:
+    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray, threads: int | None = None) -> None:
+        """(The board's own thread pool runs it: `threads` is for this host's kernels.)"""
         result = tvm.runtime.empty(out.shape, str(out.dtype), self.remote_device)
         self.function(tvm.runtime.tensor(np.ascontiguousarray(x), device=self.remote_device), *weights, result)
         out[...] = result.numpy()

@@ -3,9 +3,8 @@ import math
 import numbers
 
 import numpy as np
-from tvm import rpc
 
-from . import keras_config
+from . import settings
 
 
 def is_int(value) -> bool:
@@ -48,7 +47,7 @@ def standardize_padding(value) -> str:
 
 def standardize_data_format(value) -> str:
     if value is None:
-        value = keras_config.image_data_format()
+        value = settings.image_data_format()
     data_format = value.lower() if isinstance(value, str) else value
     if data_format not in ("channels_first", "channels_last"):
         raise ValueError("The `data_format` argument must be one of {'channels_first', 'channels_last'}. "
@@ -81,20 +80,52 @@ def as_bool(value, name: str) -> bool:
     return bool(value)
 
 
-def _address(value: str) -> bool:
-    host, _, port = value.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+def _shape_tuple(value, name: str, length: int):
+    """None, or a tuple of `length` positive ints or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != length or not all(
+            v is None or (is_int(v) and v > 0) for v in value):
+        raise ValueError(f"The `{name}` argument must be a tuple of {length} positive integers or None. "
+                         f"Received: {name}={value!r}")
+    return tuple(None if v is None else int(v) for v in value)
 
 
-def remote(value, argument: str = "remote"):
-    """None, "HOST:PORT" (an RPC server), {"tracker": "HOST:PORT", "key": KEY} or an RPC session."""
-    if value is None or (isinstance(value, str) and _address(value)):
-        return value
-    if isinstance(value, dict) and set(value) == {"tracker", "key"} and isinstance(value["tracker"], str) \
-            and _address(value["tracker"]) and isinstance(value["key"], str) and value["key"]:
-        return dict(value)
-    if isinstance(value, rpc.RPCSession):
-        return value
-    raise ValueError(f"The `{argument}` argument must be None, 'HOST:PORT' of a TVM RPC server, "
-                     "{'tracker': 'HOST:PORT', 'key': KEY} for a device from an RPC tracker, or a "
-                     f"tvm.rpc session. Received: {argument}={value!r}")
+def batch_input_shape(input_shape, batch_input_shape, batch_size):
+    """R's input declaration (`input_shape` without the batch axis, or `batch_input_shape` with it, and
+    `batch_size`) as one shape with the batch axis (None: any size), or None when nothing is declared."""
+    input_shape = _shape_tuple(input_shape, "input_shape", 3)
+    declared = _shape_tuple(batch_input_shape, "batch_input_shape", 4)
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
+    if declared is None and input_shape is not None:
+        declared = (batch_size, *input_shape)
+    return declared
+
+
+def check_conv_input(shape: tuple, layer: str, channel_axis: int, channels: int | None, groups: int) -> None:
+    """Keras's input checks of a convolution `layer` (its InputSpec's and base_conv's): a 4D shape with a
+    known channel axis, `channels` of them once built, divisible into `groups`."""
+    if len(shape) != 4:
+        raise ValueError(f"Input 0 of layer '{layer}' is incompatible with the layer: expected ndim=4, "
+                         f"found ndim={len(shape)}. Full shape received: {shape}")
+    found = shape[channel_axis]
+    if found is None:
+        raise ValueError(f"The channel dimension of the inputs (axis {channel_axis}) should be defined. "
+                         f"Received input shape {shape}")
+    if channels is not None and found != channels:
+        raise ValueError(f"Input 0 of layer '{layer}' is incompatible with the layer: expected axis "
+                         f"{channel_axis} of input shape to have value {channels}, but received input with shape "
+                         f"{shape}")
+    if found % groups:
+        raise ValueError("The number of input channels must be evenly divisible by the number of groups. "
+                         f"Received groups={groups}, but the input has {found} channels (full input shape is "
+                         f"{shape}).")
+
+
+def weight_list(value, name: str):
+    """A list or tuple of arrays, like get_weights() returns (None passes)."""
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise TypeError(f"The `{name}` argument must be a list of arrays like get_weights(). "
+                        f"Received: {name} of type {type(value).__name__}")
+    return value

@@ -4,7 +4,7 @@ Named activations run inside the compiled kernel (`compute.ELEMENTWISE_ACTIVATIO
 blocks of it (`compute.LAST_AXIS_ACTIVATIONS`, along the output's last axis as Keras does).
 A user's callable runs on the kernel's output array after the kernel.
 """
-from .compute import ELEMENTWISE_ACTIVATIONS, LAST_AXIS_ACTIVATIONS
+from ..compute import ELEMENTWISE_ACTIVATIONS, LAST_AXIS_ACTIVATIONS
 
 ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}
 # Keras accepts the name "threshold", but the function needs two more arguments and fails when called.
