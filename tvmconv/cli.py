@@ -88,16 +88,17 @@ def parse_workload(text: str, batch: int):
 def tune(args) -> int:
     """Tune convolutions for a target; records go to the log dir under the target's key."""
     from tvmconv import from_keras, networks, tuning
-    workloads = []
+    counts: dict = {}  # workload -> how many times the stacks named run it
     for item in args.workloads:
         if item in networks.NETWORKS:
-            workloads += [networks.conv_workload(w, args.batch) for w in networks.NETWORKS[item]()]
+            found = {networks.conv_workload(w, args.batch): w.count for w in networks.network_workloads(item)}
         elif item.endswith((".keras", ".h5")):
             model = from_keras(item)
-            workloads += tuning.conv_workloads(model, (args.batch, *model.batch_input_shape[1:]), args.gradients)
+            found = tuning.counted_workloads(model, (args.batch, *model.batch_input_shape[1:]), args.gradients)
         else:
-            workloads += parse_workload(item, args.batch)
-    workloads = list(dict.fromkeys(workloads))
+            found = dict.fromkeys(parse_workload(item, args.batch), 1)
+        for workload, count in found.items():
+            counts[workload] = counts.get(workload, 0) + count
     rpc = None
     if args.rpc_tracker or args.rpc_key:
         if not (args.rpc_tracker and args.rpc_key):
@@ -105,8 +106,8 @@ def tune(args) -> int:
         rpc = {"tracker": args.rpc_tracker, "key": args.rpc_key}
     elif args.rpc:
         rpc = args.rpc
-    results = tuning.tune_workloads(workloads, args.trials, args.target, args.log_dir, args.space, rpc,
-                                    args.time_budget, min_trials=args.min_trials)
+    results = tuning.tune_workloads(list(counts), args.trials, args.target, args.log_dir, args.space, rpc,
+                                    args.time_budget, min_trials=args.min_trials, counts=list(counts.values()))
     print(f"{'workload':44} {'trials':>6} {'errors':>6} {'default':>9} {'tuned':>9} {'tuner':>9}  GFLOP/s")
     for r in results:
         cells = [f"{v:9.1f}" if v else f"{'-':>9}" for v in (r.default_gflops, r.gflops, r.tuner_gflops)]
