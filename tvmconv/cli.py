@@ -121,11 +121,22 @@ def export(args) -> int:
     import tvmconv
     model = tvmconv.from_keras(args.model)
     shape = (args.batch, *model.batch_input_shape[1:])
-    manifest = tvmconv.export(model, shape, args.output, target=args.target)
+    manifest = tvmconv.export(model, shape, args.output, target=args.target, sign=args.sign)
     print(f"{args.output}: {len(manifest['layers'])} layers for {manifest['target_key']}, input {tuple(shape)}, "
-          f"outputs {[manifest['layers'][i]['output_shape'] for i in manifest['outputs']]}")
+          f"outputs {[manifest['layers'][i]['output_shape'] for i in manifest['outputs']]}"
+          + (f", signed with {args.sign}" if args.sign else ""))
     tuned = sum(layer["tuning"] is not None for layer in manifest["layers"])
     print(f"{tuned} of {len(manifest['layers'])} layers from tuning records, the rest with the template's defaults")
+    return 0
+
+
+def keygen(args) -> int:
+    """Make an ed25519 key pair for signing bundles: PATH (private, mode 0600) and PATH.pub (public)."""
+    from tvmconv import bundle
+    fingerprint = bundle.generate_key(args.path)
+    print(f"private key: {args.path} (sign with: tvmconv export MODEL -o DIR --sign {args.path})")
+    print(f"public key:  {args.path}.pub (load with: runtime.load(DIR, trusted_keys=['{args.path}.pub']))")
+    print(f"fingerprint: {fingerprint}")
     return 0
 
 
@@ -209,7 +220,13 @@ def main(argv=None) -> int:
     export_parser.add_argument("--target", default="host", type=target_argument,
                                help="host (default), a preset such as aarch64, or a target dict as JSON")
     export_parser.add_argument("--batch", type=int, default=1, help="the batch size compiled for (default 1)")
+    export_parser.add_argument("--sign", default=None, metavar="KEYFILE",
+                               help="sign the bundle with this private key (tvmconv keygen)")
     export_parser.set_defaults(run=export)
+
+    keygen_parser = commands.add_parser("keygen", help=keygen.__doc__, description=keygen.__doc__)
+    keygen_parser.add_argument("path", metavar="PATH", help="the private key file to write (PATH.pub: the public key)")
+    keygen_parser.set_defaults(run=keygen)
 
     serve_parser = commands.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     serve_parser.add_argument("bundle", help="a folder written by tvmconv export")
