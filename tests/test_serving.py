@@ -21,10 +21,11 @@ import urllib.request
 import numpy as np
 import pytest
 from farm import free_port
+from test_bundles import expected
 from test_export import small_model
 
 import tvmconv
-from tvmconv import cli, reference, runtime
+from tvmconv import bundle, cli, reference, runtime
 
 pytest.importorskip("fastapi", reason="serving needs the serve extra: pip install .[serve]")
 triton = pytest.importorskip("tritonclient.http", reason="the protocol tests use Triton's client: pip install .[test]")
@@ -39,12 +40,6 @@ def layer_reference(layer, x):
     return reference.ACTIVATIONS[layer.activation](z)
 
 
-def sequential_reference(model, x):
-    for layer in model.layers:
-        x = layer_reference(layer, x)
-    return x
-
-
 def twin_model():
     """A functional model with two outputs: conv(conv(x)) and conv(x)."""
     init = tvmconv.initializers.GlorotUniform(seed=5)
@@ -55,27 +50,35 @@ def twin_model():
     model = tvmconv.Model(inputs, [b, c])
     first, second, third = (layer for layer in model.layers if isinstance(layer, tvmconv.Conv2D))
 
-    def expected(x):
+    def outputs_of(x):
         return [layer_reference(second, layer_reference(first, x)), layer_reference(third, x)]
 
-    return model, expected
+    return model, outputs_of
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    """The three-layer model, exported at batch 4 into a folder named "model"."""
+def keys(tmp_path_factory):
+    """Two signing key pairs, "release" and "other": {name: (private key file, public key file, fingerprint)}."""
+    folder = tmp_path_factory.mktemp("keys")
+    return {name: (str(folder / name), str(folder / f"{name}.pub"), bundle.generate_key(folder / name))
+            for name in ("release", "other")}
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory, keys):
+    """The three-layer model, exported at batch 4 into a folder named "model", signed with the release key."""
     model = small_model()
     path = tmp_path_factory.mktemp("bundle") / "model"
-    tvmconv.export(model, (4, 10, 10, 3), str(path))
+    tvmconv.export(model, (4, 10, 10, 3), str(path), sign=keys["release"][0])
     return model, str(path)
 
 
 @pytest.fixture(scope="module")
 def twin_bundle(tmp_path_factory):
-    model, expected = twin_model()
+    model, outputs_of = twin_model()
     path = tmp_path_factory.mktemp("twin") / "twin"
     tvmconv.export(model, (2, 9, 9, 4), str(path))
-    return expected, str(path)
+    return outputs_of, str(path)
 
 
 @dataclasses.dataclass
@@ -165,10 +168,12 @@ def infer_input(x, binary: bool):
 
 
 @pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    """The three-layer bundle with small limits: 16 MiB bodies, 1 s for headers, 2 s for bodies."""
+def server(small_bundle, keys, tmp_path_factory):
+    """The three-layer bundle, its signature checked, with small limits: 16 MiB bodies, 1 s for headers, 2 s
+    for bodies."""
     folder = tmp_path_factory.mktemp("serve")
-    with served(bundle[1], folder, "--max-request-mb", "16", "--header-timeout", "1", "--body-timeout", "2") as running:
+    with served(small_bundle[1], folder, "--trusted-key", keys["other"][1], "--trusted-key", keys["release"][1],
+                "--max-request-mb", "16", "--header-timeout", "1", "--body-timeout", "2") as running:
         yield running
 
 
@@ -208,8 +213,8 @@ def small_model_output_name(server: Server) -> str:
 
 
 @pytest.mark.parametrize(("binary_in", "binary_out"), [(False, False), (True, True), (True, False), (False, True)])
-def test_triton_client_infers_json_and_binary_tensors(server, bundle, rng, binary_in, binary_out):
-    model, _ = bundle
+def test_triton_client_infers_json_and_binary_tensors(server, small_bundle, rng, binary_in, binary_out):
+    model, _ = small_bundle
     client = triton.InferenceServerClient(server.url.removeprefix("http://"))
     output = small_model_output_name(server)
     x = rng.standard_normal((3, 10, 10, 3)).astype(np.float32)
@@ -217,18 +222,18 @@ def test_triton_client_infers_json_and_binary_tensors(server, bundle, rng, binar
                           outputs=[triton.InferRequestedOutput(output, binary_data=binary_out)])
     y = result.as_numpy(output)
     assert y.dtype == np.float32 and y.shape == (3, 5, 5, 6)
-    np.testing.assert_allclose(y, sequential_reference(model, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, expected(model, x), rtol=1e-4, atol=1e-5)
     response = result.get_response()
     assert response["id"] == "r-7" and response["model_name"] == "model"
     assert ("binary_data_size" in response["outputs"][0].get("parameters", {})) == binary_out
 
 
 def test_triton_client_chooses_among_several_outputs(secured, twin_bundle, rng):
-    expected, _ = twin_bundle
+    outputs_of, _ = twin_bundle
     client = triton.InferenceServerClient(secured.url.removeprefix("http://"))
     names = [t["name"] for t in client.get_model_metadata("twins", headers={**AUTH})["outputs"]]
     x = rng.standard_normal((3, 9, 9, 4)).astype(np.float32)
-    want = expected(x)
+    want = outputs_of(x)
     # Both outputs, the second first, one as JSON and one as binary data.
     result = client.infer("twins", [infer_input(x, True)], headers={**AUTH},
                           outputs=[triton.InferRequestedOutput(names[1], binary_data=False),
@@ -295,8 +300,8 @@ def test_unknown_models_and_endpoints_get_404s_with_json_errors(server):
 # ---------------------------------------------------------------- /predict (npy and TF Serving's JSON)
 
 
-def test_predict_answers_concurrent_npy_requests(server, bundle):
-    model, _ = bundle
+def test_predict_answers_concurrent_npy_requests(server, small_bundle):
+    model, _ = small_bundle
     inputs = [np.random.default_rng(i).standard_normal((1 + i % 6, 10, 10, 3)).astype(np.float32) for i in range(12)]
     answers = [None] * len(inputs)
 
@@ -310,37 +315,37 @@ def test_predict_answers_concurrent_npy_requests(server, bundle):
         thread.join(120)
     for x, (status, _, body) in zip(inputs, answers, strict=True):
         assert status == 200
-        np.testing.assert_allclose(np.load(io.BytesIO(body)), sequential_reference(model, x), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.load(io.BytesIO(body)), expected(model, x), rtol=1e-4, atol=1e-5)
     meta = json.loads(call(server.url, "/metadata")[2])
     assert meta["input"] == {"shape": [None, 10, 10, 3], "dtype": "float32", "data_format": "channels_last",
                              "compiled_batch": 4}
 
 
-def test_predict_speaks_tf_serving_json(server, bundle, rng):
-    model, _ = bundle
+def test_predict_speaks_tf_serving_json(server, small_bundle, rng):
+    model, _ = small_bundle
     x = rng.standard_normal((2, 10, 10, 3)).astype(np.float32)
     for key, answer_key in (("inputs", "outputs"), ("instances", "predictions")):
         status, _, body = call(server.url, "/predict", json.dumps({key: x.tolist()}).encode(),
                                {"Content-Type": "application/json"})
         assert status == 200
-        np.testing.assert_allclose(np.asarray(json.loads(body)[answer_key]), sequential_reference(model, x),
+        np.testing.assert_allclose(np.asarray(json.loads(body)[answer_key]), expected(model, x),
                                    rtol=1e-4, atol=1e-5)
 
 
 def test_predict_with_several_outputs(secured, twin_bundle, rng):
-    expected, _ = twin_bundle
+    outputs_of, _ = twin_bundle
     x = rng.standard_normal((3, 9, 9, 4)).astype(np.float32)
     names = [t["name"] for t in json.loads(call(secured.url, "/metadata", headers=AUTH)[2])["outputs"]]
     status, headers, body = call(secured.url, "/predict", npy(x), {"Content-Type": "application/x-npy", **AUTH})
     assert status == 200 and headers["content-type"] == "application/x-npz"
     with np.load(io.BytesIO(body)) as answer:
-        for name, y in zip(names, expected(x), strict=True):
+        for name, y in zip(names, outputs_of(x), strict=True):
             np.testing.assert_allclose(answer[name], y, rtol=1e-4, atol=1e-5)
     status, _, body = call(secured.url, "/predict", json.dumps({"instances": x.tolist()}).encode(),
                            {"Content-Type": "application/json", **AUTH})
     rows = json.loads(body)["predictions"]
     assert status == 200 and len(rows) == 3
-    for name, y in zip(names, expected(x), strict=True):
+    for name, y in zip(names, outputs_of(x), strict=True):
         np.testing.assert_allclose(np.asarray([row[name] for row in rows]), y, rtol=1e-4, atol=1e-5)
 
 
@@ -378,10 +383,10 @@ def test_predict_refuses_bad_requests_and_stays_up(server, body, kind, status, m
     assert json.loads(call(server.url, "/health")[2]) == {"status": "ok"}
 
 
-def test_non_finite_outputs_are_written_as_tf_serving_writes_them(server, bundle):
+def test_non_finite_outputs_are_written_as_tf_serving_writes_them(server, small_bundle):
     """NaN in, and 1e39 (beyond float32: +inf once cast): the answers carry the bundle's NaNs as NaN tokens, as
     TF Serving writes them. (How kernels treat NaN and infinities is theirs: the bundle is the reference.)"""
-    _, path = bundle
+    _, path = small_bundle
     x = np.random.default_rng(3).standard_normal((2, 10, 10, 3))
     x[0, 4, 4, 0], x[1, 2, 2, 1] = np.nan, 1e39
     with np.errstate(over="ignore"):
@@ -421,10 +426,10 @@ def test_bodies_have_a_deadline(server):
     assert closed and answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 2.0 s" in answer
 
 
-def test_large_json_does_not_hold_the_event_loop(server, bundle):
+def test_large_json_does_not_hold_the_event_loop(server, small_bundle):
     """An 11 MB JSON body is parsed and printed in a worker process: /health keeps answering meanwhile.
     (Parsed in the server's own process, /health waited 1.2 s of a 2.1 s request here; in a worker, 40 ms.)"""
-    model, _ = bundle
+    model, _ = small_bundle
     x = np.random.default_rng(5).standard_normal((1750, 10, 10, 3)).astype(np.float32)
     body = json.dumps({"inputs": x.tolist()}).encode()
     assert len(body) > 11e6
@@ -445,7 +450,7 @@ def test_large_json_does_not_hold_the_event_loop(server, bundle):
     done.set()
     poller.join()
     assert status == 200
-    np.testing.assert_allclose(np.asarray(json.loads(answer)["outputs"]), sequential_reference(model, x),
+    np.testing.assert_allclose(np.asarray(json.loads(answer)["outputs"]), expected(model, x),
                                rtol=1e-4, atol=1e-5)
     assert len(waits) > 10 and max(waits) < duration / 4, (max(waits), duration)
 
@@ -518,11 +523,20 @@ def test_the_model_name_is_the_folder_or_model_name(server, secured):
     assert json.loads(call(secured.url, "/v2/models/twins/ready", headers=AUTH)[2]) == {"name": "twins", "ready": True}
 
 
-def test_startup_logs_the_bundle_its_target_key_and_signature(server, bundle):
-    manifest = json.loads((pathlib.Path(bundle[1]) / "manifest.json").read_text())
-    log = server.logged()
-    assert f"serving {bundle[1]} as model 'model': target key {manifest['target_key']}" in log
-    assert "signature: not verified (unsigned, or no --trusted-key given)" in log
+def test_startup_logs_the_bundle_its_target_key_and_signature(server, secured, small_bundle, twin_bundle, keys):
+    for running, path, signature in ((server, small_bundle[1], f"verified, signed by key {keys['release'][2]}"),
+                                     (secured, twin_bundle[1], "not verified (unsigned, or no --trusted-key given)")):
+        manifest = json.loads((pathlib.Path(path) / "manifest.json").read_text())
+        log = running.logged()
+        assert f"serving {path} as model " in log and f"target key {manifest['target_key']}" in log
+        assert f"signature: {signature}" in log
+
+
+def test_trusted_keys_refuse_bundles_they_did_not_sign(small_bundle, twin_bundle, keys, capsys):
+    assert cli.main(["serve", twin_bundle[1], "--trusted-key", keys["release"][1]]) == 2
+    assert f"the bundle at {twin_bundle[1]} is not signed" in capsys.readouterr().err
+    assert cli.main(["serve", small_bundle[1], "--trusted-key", keys["other"][1]]) == 2
+    assert f"the bundle at {small_bundle[1]} is not signed by any of the trusted keys" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
@@ -531,7 +545,7 @@ def test_startup_logs_the_bundle_its_target_key_and_signature(server, bundle):
     ({"max_delay_ms": -1}, "max_delay_ms (--max-delay-ms) must be a non-negative number of milliseconds"),
     ({"header_timeout": 0}, "header_timeout (--header-timeout) must be a positive number of seconds"),
     ({"body_timeout": float("inf")}, "body_timeout (--body-timeout) must be a positive number"),
-    ({"max_buffered_bytes": 1 << 20}, "is below max_request_bytes (--max-request-bytes)"),
+    ({"max_buffered_bytes": 1 << 20}, "is below max_request_bytes (--max-request-mb)"),
     ({"model_name": "a/b"}, "model_name (--model-name) must be 1 to 128 letters"),
 ])
 def test_options_are_checked(arguments, message):
@@ -540,17 +554,17 @@ def test_options_are_checked(arguments, message):
         serving.Options(**arguments)
 
 
-def test_serve_refuses_bad_arguments_with_a_message(bundle, tmp_path, capsys):
-    assert cli.main(["serve", bundle[1], "--max-batch", "8"]) == 2
-    assert ("--max-batch 8 needs a bundle exported at batch 8, and " + bundle[1] + " is compiled for batch 4"
+def test_serve_refuses_bad_arguments_with_a_message(small_bundle, tmp_path, capsys):
+    assert cli.main(["serve", small_bundle[1], "--max-batch", "8"]) == 2
+    assert ("--max-batch 8 needs a bundle exported at batch 8, and " + small_bundle[1] + " is compiled for batch 4"
             in capsys.readouterr().err)
     (tmp_path / "short").write_text("abc\n")
-    assert cli.main(["serve", bundle[1], "--token-file", str(tmp_path / "short")]) == 2
-    assert "must hold one token of at least 16 printable ASCII characters" in capsys.readouterr().err
-    assert cli.main(["serve", bundle[1], "--token-file", str(tmp_path / "missing")]) == 2
+    assert cli.main(["serve", small_bundle[1], "--token-file", str(tmp_path / "short")]) == 2
+    assert "must hold one token of 16 to 4096 printable ASCII characters" in capsys.readouterr().err
+    assert cli.main(["serve", small_bundle[1], "--token-file", str(tmp_path / "missing")]) == 2
     assert "No such file or directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["serve", bundle[1], "--max-batch", "0"])
+        cli.main(["serve", small_bundle[1], "--max-batch", "0"])
 
 
 # ---------------------------------------------------------------- metrics
@@ -584,11 +598,11 @@ def test_metrics_count_requests_errors_bytes_latency_and_batches(server):
 # ---------------------------------------------------------------- dynamic batching
 
 
-def test_batching_merges_requests_and_answers_each_as_alone(bundle, tmp_path):
+def test_batching_merges_requests_and_answers_each_as_alone(small_bundle, tmp_path):
     """Concurrent requests of 1-3 samples, through Triton's client and /predict, against a server batching
     at the bundle's batch of 4: fewer model calls than requests, and each answer identical to the bundle's
     unbatched output for that request."""
-    model, path = bundle
+    model, path = small_bundle
     alone = runtime.load(path)
     inputs = [np.random.default_rng(10 + i).standard_normal((1 + i % 3, 10, 10, 3)).astype(np.float32)
               for i in range(12)]
@@ -613,7 +627,7 @@ def test_batching_merges_requests_and_answers_each_as_alone(bundle, tmp_path):
         after = metrics(running)
     for x, y in zip(inputs, answers, strict=True):
         np.testing.assert_array_equal(y, alone(x))
-        np.testing.assert_allclose(y, sequential_reference(model, x), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(y, expected(model, x), rtol=1e-4, atol=1e-5)
     total = sum(x.shape[0] for x in inputs)
     assert after[("tvmconv_batch_size_sum", ())] == total
     assert total / 4 <= after[("tvmconv_batch_size_count", ())] < len(inputs)
@@ -623,10 +637,10 @@ def test_batching_merges_requests_and_answers_each_as_alone(bundle, tmp_path):
 # ---------------------------------------------------------------- operations
 
 
-def test_sigterm_drains_requests_in_flight_and_exits_0(bundle, tmp_path):
+def test_sigterm_drains_requests_in_flight_and_exits_0(small_bundle, tmp_path):
     """Requests held in the batcher (2 s delay) are in flight when SIGTERM comes: the server turns not ready,
     refuses new inference, answers them, then exits 0."""
-    model, path = bundle
+    model, path = small_bundle
     x = np.random.default_rng(2).standard_normal((1, 10, 10, 3)).astype(np.float32)
     answers = []
     with served(path, tmp_path, "--max-batch", "4", "--max-delay-ms", "2000") as running:
@@ -653,7 +667,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(bundle, tmp_path):
         log = running.logged()
     assert [status for status, _, _ in answers] == [200, 200]
     for _, _, body in answers:
-        np.testing.assert_allclose(np.load(io.BytesIO(body)), sequential_reference(model, x), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.load(io.BytesIO(body)), expected(model, x), rtol=1e-4, atol=1e-5)
     assert "draining: not ready, refusing new inference requests; 2 requests in flight" in log
     assert "drained after" in log and "0 requests still in flight" in log
     with pytest.raises(OSError):

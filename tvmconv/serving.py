@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hmac
 import logging
+import math
 import os
 import re
 import time
@@ -53,6 +54,7 @@ DROPPED_BODY_FACTOR = 16  # a refused request's body up to this many times the l
 JSON_IN_WORKER_BYTES = 256 << 10
 JSON_BYTES_PER_NUMBER = 12
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+FLAGS = {"max_request_bytes": "max-request-mb", "max_buffered_bytes": "max-buffered-mb"}  # the CLI takes MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Options:
     """How the service runs; `tvmconv serve`'s flags (--model-name, --max-batch, ...)."""
 
     model_name: str | None = None         # default: the bundle folder's name
-    trusted_keys: tuple = ()              # public keys (PEM paths or bytes): refuse bundles none of them signed
+    trusted_keys: tuple = ()              # public keys (PEM paths or bytes): refuse a bundle none of them signed
     threads: int | None = None            # kernel threads per model call (default: TVM_NUM_THREADS, else every CPU)
     concurrency: int = 4                  # model calls at once
     max_batch: int | None = None          # dynamic batching, at the bundle's compiled batch
@@ -75,20 +77,18 @@ class Options:
 
     def __post_init__(self):
         def flag(name):
-            return f"{name} (--{name.replace('_', '-')})"
+            return f"{name} (--{FLAGS.get(name, name.replace('_', '-'))})"
 
         for name in ("concurrency", "max_request_bytes", "max_buffered_bytes", "threads", "max_batch"):
             value = getattr(self, name)
-            if value is None and name in ("threads", "max_batch"):
-                continue
-            if type(value) is not int or value < 1:
+            if not (value is None and name in ("threads", "max_batch")) and (type(value) is not int or value < 1):
                 raise ValueError(f"{flag(name)} must be a positive int, got {value!r}")
-        for name in ("max_delay_ms", "header_timeout", "body_timeout", "drain_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    value >= 0 if name == "max_delay_ms" else value > 0) or value == float("inf"):
-                raise ValueError(f"{flag(name)} must be a {'non-negative' if name == 'max_delay_ms' else 'positive'} "
-                                 f"number of {'milliseconds' if name == 'max_delay_ms' else 'seconds'}, got {value!r}")
+        for name, unit in (("max_delay_ms", "milliseconds"), ("header_timeout", "seconds"),
+                           ("body_timeout", "seconds"), ("drain_timeout", "seconds")):
+            value, least = getattr(self, name), "non-negative" if name == "max_delay_ms" else "positive"
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (value == 0 and least == "positive"):
+                raise ValueError(f"{flag(name)} must be a {least} number of {unit}, got {value!r}")
         if self.max_buffered_bytes < self.max_request_bytes:
             raise ValueError(f"{flag('max_buffered_bytes')} ({self.max_buffered_bytes} bytes) is below "
                              f"{flag('max_request_bytes')} ({self.max_request_bytes}): a request that size could "
@@ -97,9 +97,6 @@ class Options:
         if name is not None and not (isinstance(name, str) and MODEL_NAME.fullmatch(name)):
             raise ValueError(f"{flag('model_name')} must be 1 to 128 letters, digits, '_', '.' or '-' (starting with a "
                              f"letter or digit), got {self.model_name!r}")
-        if not isinstance(self.trusted_keys, (tuple, list)):
-            raise TypeError("trusted_keys (--trusted-key) must be a list of public keys, got "
-                            f"{type(self.trusted_keys).__name__}")
         if self.token_file is not None and not isinstance(self.token_file, str):
             raise TypeError(f"{flag('token_file')} must be a path, got {type(self.token_file).__name__}")
         if not isinstance(self.docs, bool):
@@ -107,13 +104,14 @@ class Options:
 
 
 def read_token(path: str) -> bytes:
+    """The bearer token in the file at `path` (surrounding white space dropped)."""
     try:
         with open(path, "rb") as f:
-            token = f.read(4096).strip()
+            token = f.read(4097).strip()  # at most a page: the path could name /dev/zero
     except OSError as err:
         raise ValueError(f"--token-file {path}: {err.strerror}") from None
-    if len(token) < 16 or not all(0x21 <= c <= 0x7E for c in token):
-        raise ValueError(f"--token-file {path} must hold one token of at least 16 printable ASCII characters "
+    if not 16 <= len(token) <= 4096 or not all(0x21 <= c <= 0x7E for c in token):
+        raise ValueError(f"--token-file {path} must hold one token of 16 to 4096 printable ASCII characters "
                          "without spaces (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
     return token
 
@@ -165,7 +163,7 @@ class _Service:
     def __init__(self, bundle: str, options: Options):
         self.options = options
         self.bundle = bundle
-        self.predictor = runtime.load(bundle, options.threads, trusted_keys=list(options.trusted_keys) or None)
+        self.predictor = runtime.load(bundle, options.threads, trusted_keys=options.trusted_keys or None)
         compiled = self.predictor.input_shape[0]
         if options.max_batch is not None and options.max_batch != compiled:
             raise ValueError(f"--max-batch {options.max_batch} needs a bundle exported at batch {options.max_batch}, "
@@ -233,8 +231,8 @@ class _Service:
             return await anyio.to_thread.run_sync(function, *args)
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
-        except anyio.BrokenWorkerProcess:
-            raise HTTPException(503, "the JSON worker process died (out of memory?): retry, or send npy or binary "
+        except (MemoryError, anyio.BrokenWorkerProcess):  # the worker may be killed for its memory
+            raise HTTPException(503, "the server ran out of memory for this JSON: retry, or send npy or binary "
                                      "tensors", headers={"retry-after": "1"}) from None
 
     def log_startup(self) -> None:
