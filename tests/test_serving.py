@@ -97,12 +97,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def served(bundle: str, folder: pathlib.Path, *flags):
-    """`tvmconv serve BUNDLE FLAGS` on a free port of 127.0.0.1, up and live; stopped (SIGTERM) after."""
+def served(path: str, folder: pathlib.Path, *flags):
+    """`tvmconv serve PATH FLAGS` on a free port of 127.0.0.1, up and live; stopped (SIGTERM) after."""
     port = free_port()
     log = folder / f"serve-{port}.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "tvmconv.cli", "serve", bundle, "--port", str(port), *flags],
+        process = subprocess.Popen([sys.executable, "-m", "tvmconv.cli", "serve", path, "--port", str(port), *flags],
                                    stdout=subprocess.DEVNULL, stderr=sink, cwd=folder)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 90
@@ -563,8 +563,9 @@ def test_serve_refuses_bad_arguments_with_a_message(small_bundle, tmp_path, caps
     assert "must hold one token of 16 to 4096 printable ASCII characters" in capsys.readouterr().err
     assert cli.main(["serve", small_bundle[1], "--token-file", str(tmp_path / "missing")]) == 2
     assert "No such file or directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["serve", small_bundle[1], "--max-batch", "0"])
+    for flag, value in (("--max-batch", "0"), ("--concurrency", "-1"), ("--threads", "0"), ("--max-delay-ms", "nan")):
+        assert cli.main(["serve", small_bundle[1], flag, value]) == 2
+        assert f"({flag}) must be a" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- metrics
@@ -668,7 +669,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(small_bundle, tmp_path):
     assert [status for status, _, _ in answers] == [200, 200]
     for _, _, body in answers:
         np.testing.assert_allclose(np.load(io.BytesIO(body)), expected(model, x), rtol=1e-4, atol=1e-5)
-    assert "draining: not ready, refusing new inference requests; 2 requests in flight" in log
+    assert re.search(r"draining: not ready, refusing new inference requests; [23] requests in flight", log), log
     assert "drained after" in log and "0 requests still in flight" in log
     with pytest.raises(OSError):
         urllib.request.urlopen(running.url + "/v2/health/live", timeout=5)

@@ -275,8 +275,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "size", 3) < 3 or getattr(args, "batch", 1) < 1:
         parser.error("--size must be at least 3 and --batch at least 1")
-    for name in ("trials", "min_trials", "keep", "concurrency", "threads", "max_request_mb", "max_buffered_mb",
-                 "max_batch"):
+    for name in ("trials", "min_trials", "keep"):  # serve's numbers: serving.Options checks them
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
