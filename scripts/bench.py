@@ -27,7 +27,9 @@ Before timing a layer, each peer checks its output against a float64 numpy refer
 rtol 1e-3 of the output's scale): every peer against the same reference, so against each other. A
 mismatch is reported, its layer is not timed, and the exit status is 1.
 
-Each timing is the median of `--repeat` repeats (default 30), each lasting at least 10 ms, after warm-up.
+Each timing is the median of `--repeat` repeats (default 30), each lasting at least 10 ms, after warm-up;
+with `--rounds N` (default 2) every peer runs N times, the peers taking turns, and each layer keeps its
+fastest round: this machine's speed drifts by 10-40% over minutes, and turns spread the drift over all.
 The headline is per network stack: the time of all of its convolutions, each weighted by how often the
 network runs it (ResNet-50: 53, MobileNetV2: 52), per peer; tvmconv's ratio to the best peer other than
 itself (above 1: tvmconv is faster) and its share of the FMA peak (measured here by a TVM kernel of
@@ -244,6 +246,15 @@ def _versions(peer: str) -> dict:
     return {name: importlib.metadata.version(name) for name in names}
 
 
+def fastest(runs: list[dict]) -> dict:
+    """One peer's rounds as one result: per layer, the round whose median was lowest (mismatches kept)."""
+    merged = dict(runs[0])
+    merged["results"] = [min(rows, key=lambda r: r["timing"]["median_s"] if r["ok"] else float("inf"))
+                         for rows in zip(*(run["results"] for run in runs), strict=True)]
+    merged["rounds"] = len(runs)
+    return merged
+
+
 def _workload(item: dict) -> Workload:
     return Workload(item["name"], item["network"], item["kind"], ConvSpec(**item["spec"]), item["count"])
 
@@ -251,15 +262,15 @@ def _workload(item: dict) -> Workload:
 # ---------------------------------------------------------------- the driver
 
 
-def run_peer(peer: str, items: list[dict], args, folder: pathlib.Path) -> dict:
+def run_peer(peer: str, items: list[dict], args, folder: pathlib.Path, round_: int) -> dict:
     spec = folder / f"spec-{peer}.json"
-    out = folder / f"result-{peer}.json"
+    out = folder / f"result-{peer}-{round_}.json"
     spec.write_text(json.dumps({"peer": peer, "threads": args.threads, "repeat": args.repeat, "seed": args.seed,
                                 "workloads": items}))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TVM_NUM_THREADS=str(args.threads))
     if args.log_dir:
         env["TVMCONV_TUNING_LOGS"] = str(args.log_dir)
-    print(f"{peer}: {len(items)} layers", flush=True)
+    print(f"{peer}: {len(items)} layers, round {round_ + 1} of {args.rounds}", flush=True)
     status = subprocess.run([sys.executable, __file__, "--worker", str(spec), str(out)], env=env).returncode
     if status:
         raise SystemExit(f"the {peer} worker failed (exit status {status})")
@@ -342,7 +353,8 @@ def overhead(peers: dict) -> dict:
 
 def markdown(meta: dict, summary: dict, peers: list[str], extra: dict) -> str:
     lines = [f"CPU: **{meta['cpu_model']}** (LLVM `{meta['llvm_cpu']}`, {meta['vector_bits']}-bit vectors), "
-             f"{meta['threads']} threads; FMA peak {meta['peak']['gflops']:.0f} GFLOP/s (measured); "
+             f"{meta['threads']} threads; FMA peak {meta['peak']['gflops']:.0f} GFLOP/s (measured); fastest of "
+             f"{meta['rounds']} rounds; "
              f"{meta['date']}, tvmconv commit {meta['tvmconv_commit']}; "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", ""]
     lines += ["| stack | batch | " + " | ".join(peers) + " | tvmconv / best peer | tvmconv % of peak |",
@@ -408,6 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads for every peer (default: every CPU)")
     parser.add_argument("--repeat", type=int, default=30, help="timed repeats; the median is reported (default 30)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every peer, taking turns; each layer keeps "
+                        "its fastest (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="inputs and weights (default 0)")
     parser.add_argument("--log-dir", type=pathlib.Path, help="tvmconv's tuning-log root (default: $TVMCONV_TUNING_LOGS)")
     parser.add_argument("--json", type=pathlib.Path, help="results (default bench_results/<cpu>-<date>.json)")
@@ -423,8 +437,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [n for n in args.networks if n not in ("resnet50", "mobilenet_v2", "resnext50", "vgg16")]
     if unknown:
         parser.error(f"--networks: unknown {unknown}")
-    if args.threads < 1 or args.repeat < 1 or min(args.batch) < 1:
-        parser.error("--threads, --repeat and --batch must be positive")
+    if min(args.threads, args.repeat, args.rounds, *args.batch) < 1:
+        parser.error("--threads, --repeat, --rounds and --batch must be positive")
     return args
 
 
@@ -448,12 +462,14 @@ def main(argv=None) -> int:
             "cpu_model": cpu_model_name(), "llvm_cpu": codegen.llvm_get_system_cpu(),
             "vector_bits": targets.vector_bits(target), "target_key": targets.target_key(target),
             "threads": args.threads, "repeat": args.repeat, "tvm": tvm.__version__, "tvmconv_commit": git_commit(),
-            "peers": args.peers, "quick": args.quick}
+            "peers": args.peers, "quick": args.quick, "rounds": args.rounds}
     meta["peak"] = measure_fma_peak(args.threads, target, meta["vector_bits"])
     print(f"{meta['cpu_model']} ({meta['llvm_cpu']}), {args.threads} threads, FMA peak "
           f"{meta['peak']['gflops']:.1f} GFLOP/s; {len(items)} layers x {len(args.peers)} peers", flush=True)
     with tempfile.TemporaryDirectory(prefix="tvmconv-bench-") as folder:
-        results = {peer: run_peer(peer, items, args, pathlib.Path(folder)) for peer in args.peers}
+        rounds = [{peer: run_peer(peer, items, args, pathlib.Path(folder), r) for peer in args.peers}
+                  for r in range(args.rounds)]
+    results = {peer: fastest([r[peer] for r in rounds]) for peer in args.peers}
     meta["versions"] = {k: v for data in results.values() for k, v in data["versions"].items()}
     summary = summarize(items, results, meta["peak"]["gflops"])
     extra = overhead(results)
