@@ -68,9 +68,16 @@ def _load_tvm_runtime() -> None:
 _tvm_runtime = None
 
 
+def _tensor(array: np.ndarray, alignment: int) -> tvm_ffi.Tensor:
+    """A CPU tensor sharing memory with the C-contiguous `array`. Handed over as a DLPack 1.0 capsule, which
+    carries numpy's read-only flag: the older protocol refuses read-only arrays (np.load(mmap_mode="r"),
+    np.frombuffer, JAX's arrays), and the kernels only read their inputs."""
+    return tvm_ffi.from_dlpack(array.__dlpack__(max_version=(1, 0)), require_alignment=alignment)
+
+
 def to_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     """A CPU tensor sharing memory with `array` (copied only when misaligned or strided)."""
-    return tvm_ffi.from_dlpack(as_aligned(array), require_alignment=ALIGNMENT)
+    return _tensor(as_aligned(array), ALIGNMENT)
 
 
 def default_threads() -> int:
@@ -106,7 +113,7 @@ def use_threads(count: int | None) -> None:
 def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     """A CPU tensor sharing memory with a caller's array, copied only when not C-contiguous.
     (The kernels declare their input with element alignment: see compute.conv2d_forward.)"""
-    return tvm_ffi.from_dlpack(np.ascontiguousarray(array), require_alignment=0)
+    return _tensor(np.ascontiguousarray(array), 0)
 
 
 def load_module(path: str, device_code: str | None = None):
