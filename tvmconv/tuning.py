@@ -283,11 +283,11 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
     if rpc is not None:  # a layer's session in this process would keep the runner's workers waiting
         rpc_devices.disconnect(rpc)
     folder = records.folder(log_dir or records.user_root(), target)
-    database = records.open_database(folder, create=True)
     threads = threads or runtime.default_threads()
     deadline = time.monotonic() + time_budget if time_budget else None
     results = []
-    with _measurement_threads(threads), _interruptible() as state:
+    with records.locked(folder), _measurement_threads(threads), _interruptible() as state:
+        database = records.Log(folder)  # read under the lock: another process may have written to it
         for wl, budget in zip(workloads, trial_budgets(workloads, trials, min_trials), strict=True):
             stopped = "interrupted" if state["interrupted"] else None
             if deadline and time.monotonic() >= deadline:
