@@ -78,7 +78,7 @@ def _knob_variants(wl, target) -> list:
 
 def prepare(directory: pathlib.Path, arch: str, variants: int) -> None:
     from tvmconv import build, targets
-    from tvmconv.networks import conv_workload, resnet50_workloads
+    from tvmconv.networks import conv_workload, network_workloads
     from tvmconv.schedules import cuda
 
     target = targets.resolve(f"cuda-{arch}")
@@ -103,7 +103,7 @@ def prepare(directory: pathlib.Path, arch: str, variants: int) -> None:
         add(wl, "check", wl.label)
         default = cuda.RULE.default_knobs(wl, target)  # and the other way of staging the input
         add(wl, "check", wl.label, dataclasses.replace(default, window_stage=not default.window_stage))
-    for workload in resnet50_workloads():
+    for workload in network_workloads("resnet50"):
         wl = conv_workload(workload)
         for variant, knobs in enumerate(_knob_variants(wl, target)[:variants + 1]):
             try:

@@ -233,7 +233,7 @@ def test_gradient_kernels_tune_and_builds_use_a_record_only_where_it_is_faster(t
         for choice in (record, False):
             out = runtime.aligned_empty(arrays[-1].shape, np.float32)
             build.get_kernel(kernel, HOST, record=choice).kernel.function(
-                *[runtime.input_tensor(a) for a in arrays[:-1]], runtime.to_tensor(out))
+                *[runtime.input_tensor(a) for a in arrays[:-1]], runtime.output_tensor(out))
             outputs.append(out)
         np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     # Whichever schedules the builds chose, the gradients of a training step are right.
@@ -461,3 +461,47 @@ def test_shipped_logs_are_readable_and_apply_where_they_match():
     if host_folder in folders:  # on the CPU they were made for, records apply where they beat the defaults
         for row in records.summarize(host_folder)[:4]:
             assert (build.get_kernel(row["workload"], HOST).tuning is not None) == row["used"]
+
+
+def test_a_new_cpu_starts_from_what_another_cpu_of_its_isa_measured(tmp_path, rng):
+    """Records of another target key with the same vector width seed the search and its cost model; they never
+    apply to a build before they are measured on this target."""
+    preset = "x86-avx512" if targets.vector_bits(HOST) == 512 else "x86-avx2"
+    other = targets.resolve(preset)
+    root = str(tmp_path)
+    (seeded_from,) = tuning.tune_workloads([WL], trials=4, target=preset, log_dir=root, progress=False)
+    assert seeded_from.trials == 4
+    assert records.best(WL, HOST, [root]) is None  # another CPU's records never apply here
+    seeds = records.seed_database(HOST, exclude=records.folder(root, HOST), roots=[root])
+    assert len(seeds.get_all_tuning_records()) == 4
+    # The search's database hands out this target's records first, then the seeds; it writes only here.
+    log = records.Log(records.folder(root, HOST))
+    seeded = tuning._Seeded(log, seeds)
+    block = records.workload_of(seeds.get_all_tuning_records()[0])[1]
+    top = seeded.get_top_k(seeded.commit_workload(tvm.IRModule({"main": WL.prim_func(block)})), 3)
+    assert top and all(targets.target_key(r.target) == targets.target_key(other) for r in top)
+    assert len(log.get_all_tuning_records()) == 0
+    cost_model = tvm.s_tir.meta_schedule.cost_model.XGBModel(num_warmup_samples=1)
+    assert tuning._warm_start(cost_model, tuning.tasks(WL, HOST, "template"), seeds) >= 1
+    (result,) = tuning.tune_workloads([WL], trials=4, log_dir=root, progress=False)
+    assert result.measured == 4 and result.errors == 0 and result.gflops > 0
+    compiled = build.get_kernel(WL, HOST, record=records.best(WL, HOST, [root], keep_slower=True))
+    assert compiled.tuning.folder == records.folder(root, HOST)
+    x = rng.standard_normal(WL.input_shape).astype(np.float32)
+    kernel, bias = rng.standard_normal(WL.weights_shape).astype(np.float32), np.zeros(16, np.float32)
+    y = runtime.aligned_empty(WL.output_shape, np.float32)
+    compiled.kernel(x, compiled.kernel.weights([tvmconv.compute.pack_weights(kernel, compiled.weight_block), bias]), y)
+    np.testing.assert_allclose(y, reference.conv2d(x, kernel, None, padding="same"), rtol=1e-4, atol=1e-4)
+
+
+def test_trials_follow_the_stack_time_and_the_largest_goes_first(tmp_path):
+    big, small = ConvWorkload(1, 16, 16, 32, 32, (3, 3), padding="same"), ConvWorkload(1, 4, 4, 8, 8, (1, 1))
+    seconds = tuning.stack_seconds([big, small], [1, 3], HOST)
+    assert seconds[0] > seconds[1] > 0
+    budgets = tuning.trial_budgets([big, small], 40, min_trials=4, weights=seconds)
+    assert budgets[0] > budgets[1] >= 4
+    # With a budget that ends after the first round, the workload with the larger share got it.
+    results = tuning.tune_workloads([small, big], trials=40, min_trials=4, counts=[3, 1], log_dir=str(tmp_path),
+                                    time_budget=0.01, progress=False)
+    assert [r.workload for r in results] == [small, big]
+    assert results[1].measured > 0 and results[0].measured == 0 and results[0].stopped == "time budget"

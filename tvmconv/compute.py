@@ -160,6 +160,13 @@ class ConvWorkload:
                 * self.group_in_channels * self.kernel_size[0] * self.kernel_size[1])
 
     @functools.cached_property
+    def _hash(self) -> int:
+        return hash(dataclasses.astuple(self))
+
+    def __hash__(self) -> int:  # hashed once: each layer call looks its workload up
+        return self._hash
+
+    @functools.cached_property
     def key(self) -> str:
         """A stable identity (a hash of every field), used in cache file names and tuning logs."""
         fields = dataclasses.astuple(self)

@@ -137,7 +137,7 @@ class Engine:
     def _run(self, kernel, *inputs, out: np.ndarray) -> None:
         """Run a gradient kernel that is not a convolution; its inputs are read in place (declared unaligned,
         as the forward kernel's x)."""
-        self.kernel(kernel).kernel.function(*[runtime.input_tensor(a) for a in inputs], runtime.to_tensor(out))
+        self.kernel(kernel).kernel.function(*[runtime.input_tensor(a) for a in inputs], runtime.output_tensor(out))
 
     def _activation_gradient(self, wl: ConvWorkload, x, dy, output) -> np.ndarray:
         """dz = dy · act'(z), from the output where that is exact (backward.FROM_OUTPUT), else from the

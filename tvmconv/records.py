@@ -139,6 +139,7 @@ class Log(ms.database.PyDatabase):
                 _skip(self.files[1], number, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
 
     def _append(self, file: str, entry) -> None:
+        os.makedirs(self.path, exist_ok=True)
         with open(file, "a") as f:
             if self._torn[file]:  # a line a crash cut short: ended, it is a (damaged) line of its own
                 f.write("\n")
@@ -408,6 +409,26 @@ def target_folders(root: str) -> list[str]:
         return []
     return sorted(os.path.join(root, name) for name in os.listdir(root)
                   if os.path.exists(os.path.join(root, name, RECORDS_FILE)))
+
+
+def seed_database(target: tvm.target.Target, exclude: str, roots: list[str] | None = None):
+    """Records measured elsewhere that may seed a search for `target` (tvmconv.tuning): those under the same
+    target key in the other log roots (the shipped records), and those of other target keys of the same
+    kind and vector width (another CPU with the same ISA), in one in-memory database; None when there are
+    none. They seed the search and warm its cost model; a build applies a record only from the target's
+    own folder, so none applies before it is measured here."""
+    own = targets.target_key(target)
+    kind, width = own.split("-")[0], (f"-v{targets.vector_bits(target)}-" if target.kind.name == "llvm" else "")
+    folders = [path for root in roots or search_roots() for path in target_folders(root)
+               if path != exclude and os.path.basename(path).startswith(f"{kind}-") and width in os.path.basename(path)]
+    if not folders:
+        return None
+    seeds = ms.database.MemoryDatabase()
+    for path in folders:
+        for record in Log(path).get_all_tuning_records():
+            if targets.architecture(record.target) == targets.architecture(target):
+                _copy(record, seeds)
+    return seeds if seeds.get_all_tuning_records() else None
 
 
 def summarize(path: str) -> list[dict]:

@@ -39,10 +39,12 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def as_aligned(array: np.ndarray) -> np.ndarray:
-    """The array itself when TVM can use it in place, else an aligned C-contiguous copy."""
-    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
-        return array
+def is_aligned(array: np.ndarray) -> bool:
+    """Whether TVM can use the array in place: C-contiguous and 64-byte aligned."""
+    return array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
     copy = aligned_empty(array.shape, array.dtype)
     copy[...] = array
     return copy
@@ -76,8 +78,23 @@ def _tensor(array: np.ndarray, alignment: int) -> tvm_ffi.Tensor:
 
 
 def to_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
-    """A CPU tensor sharing memory with `array` (copied only when misaligned or strided)."""
-    return _tensor(as_aligned(array), ALIGNMENT)
+    """A CPU tensor sharing memory with `array` (copied only when misaligned or strided: for an output,
+    see `output_tensor`). DLPack checks the alignment itself, faster than numpy can (per-call cost)."""
+    if array.flags.c_contiguous:
+        try:
+            return _tensor(array, ALIGNMENT)
+        except RuntimeError:  # "Data is not aligned to 64 bytes"
+            pass
+    return _tensor(aligned_copy(array), ALIGNMENT)
+
+
+def output_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
+    """A CPU tensor that a kernel writes `array` through: the array must be C-contiguous and aligned
+    (aligned_empty), since a copy would take the result away from the caller."""
+    if not array.flags.c_contiguous:
+        raise ValueError(f"kernel outputs must be C-contiguous arrays (runtime.aligned_empty); got strides "
+                         f"{array.strides}")
+    return tvm_ffi.from_dlpack(array, require_alignment=ALIGNMENT)
 
 
 def default_threads() -> int:
@@ -209,8 +226,8 @@ def to_device(array: np.ndarray, device: str) -> tvm_ffi.Tensor:
 
 def copy_to_host(tensor: tvm_ffi.Tensor, out: np.ndarray) -> np.ndarray:
     """Copy a device tensor into the C-contiguous array `out`."""
-    host = as_aligned(out)
-    global_function("runtime.TVMTensorCopyFromTo")(tensor, to_tensor(host))
+    host = out if is_aligned(out) else aligned_empty(out.shape, out.dtype)
+    global_function("runtime.TVMTensorCopyFromTo")(tensor, output_tensor(host))
     if host is not out:
         out[...] = host
     return out
@@ -266,7 +283,7 @@ class Kernel:
     def __call__(self, x: np.ndarray, weights: list, out: np.ndarray, threads: int | None = None) -> None:
         """Run on `threads` of this CPU's cores (None: default_threads())."""
         use_threads(threads)
-        self.function(input_tensor(x), *weights, to_tensor(out))
+        self.function(input_tensor(x), *weights, output_tensor(out))
 
 
 class CudaKernel(Kernel):
