@@ -106,7 +106,8 @@ def read_only(tmp_path):
         mount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
         if subprocess.run(["unshare", "-m", "sh", "-c", mount, str(tmp_path), "true"],
                           capture_output=True).returncode != 0:
-            pytest.skip("as root, a read-only folder needs a read-only bind mount (unshare -m, mount), not allowed here")
+            pytest.skip("as root, a read-only folder takes a read-only bind mount (unshare -m, mount): not allowed "
+                        "here")
         return ["unshare", "-m", "sh", "-c", mount, str(folder)]
     yield prefix
     for name in changed:  # so that pytest can remove them
@@ -155,7 +156,8 @@ def test_a_cache_others_can_write_is_refused(tmp_path, monkeypatch, mode):
     cache.chmod(0o700)
     (cache / "kernels").mkdir()
     (cache / "kernels").chmod(0o777)  # a folder below it, too
-    with pytest.raises(PermissionError, match=f"{cache / 'kernels'} is writable by its group and all users \\(mode 777\\)"):
+    with pytest.raises(PermissionError, match=f"{cache / 'kernels'} is writable by its group and all users "
+                                              r"\(mode 777\)"):
         build.get_kernel(FRESH, HOST)
 
 

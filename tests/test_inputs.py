@@ -154,7 +154,8 @@ def test_a_bundle_reads_a_read_only_input_in_place(values, tmp_path):
 def test_an_array_on_another_device_gets_a_clear_error(values):
     layer = tvmconv.Conv2D(4, 3)
     on_gpu = DLPackOnly(values[0], device=(2, 0))  # kDLCUDA
-    with pytest.raises(ValueError, match=r"Input 0 of layer '.*' is a DLPackOnly on DLPack device \(2, 0\).*CPU memory"):
+    with pytest.raises(ValueError, match=r"Input 0 of layer '.*' is a DLPackOnly on DLPack device \(2, 0\)"
+                                         r".*CPU memory"):
         layer(on_gpu)
     layer.build(SHAPE)
     with pytest.raises(ValueError, match=r"`weights\[1\]` is a DLPackOnly .*\.cpu\(\)"):

@@ -441,7 +441,8 @@ def _checked_manifest(data: bytes, where: str) -> dict:
             raise ValueError(f"bundle manifest {where}: `files.{role}` is no file of a bundle (they are "
                              f"{', '.join(HASHED_FILES)})")
         field(files, role, f"files.{role}", "an object with the file's name and SHA-256", lambda v: True)
-        field(files[role], "name", f"files.{role}.name", repr(BUNDLE_FILES[role]), lambda v, r=role: v == BUNDLE_FILES[r])
+        field(files[role], "name", f"files.{role}.name", repr(BUNDLE_FILES[role]),
+              lambda v, r=role: v == BUNDLE_FILES[r])
         field(files[role], "sha256", f"files.{role}.sha256", "64 hex digits",
               lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
     layers = field(manifest, "layers", "layers", "a non-empty list", lambda v: isinstance(v, list) and v)

@@ -19,9 +19,9 @@ def to_array(x, argument: str) -> np.ndarray:
     if hasattr(x, "__dlpack__"):
         device = tuple(x.__dlpack_device__()) if hasattr(x, "__dlpack_device__") else (_DLPACK_CPU, 0)
         if device[0] != _DLPACK_CPU:
-            raise ValueError(f"{argument} is a {type(x).__name__} on {getattr(x, 'device', f'DLPack device {device}')}, "
-                             "and tvmconv reads arrays in CPU memory: move it there first (torch: x.cpu(); JAX: "
-                             "jax.device_put(x, jax.devices('cpu')[0]))")
+            where = getattr(x, "device", f"DLPack device {device}")
+            raise ValueError(f"{argument} is a {type(x).__name__} on {where}, and tvmconv reads arrays in CPU memory: "
+                             "move it there first (torch: x.cpu(); JAX: jax.device_put(x, jax.devices('cpu')[0]))")
         try:
             return np.from_dlpack(x)
         except (TypeError, RuntimeError, BufferError):
