@@ -35,6 +35,9 @@ def generate_key(path) -> str:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     path = os.fspath(path)
+    for file in (path, path + ".pub"):  # checked first: no private key is left without its public one
+        if os.path.lexists(file):
+            raise FileExistsError(f"{file} exists; tvmconv keygen never overwrites a key")
     for file, data, mode in ((path, private, 0o600), (path + ".pub", public, 0o644)):
         with open(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)
@@ -43,7 +46,8 @@ def generate_key(path) -> str:
 
 def _signing_key(key_file) -> ed25519.Ed25519PrivateKey:
     if not isinstance(key_file, (str, os.PathLike)):
-        raise TypeError(f"`sign` must be the path of a private key file (tvmconv keygen), got {type(key_file).__name__}")
+        raise TypeError(f"`sign` must be the path of a private key file (tvmconv keygen), got "
+                        f"{type(key_file).__name__}")
     with open(key_file, "rb") as f:
         data = f.read()
     try:

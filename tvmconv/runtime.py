@@ -70,15 +70,22 @@ def _load_tvm_runtime() -> None:
 _tvm_runtime = None
 
 
+def _tensor(array: np.ndarray, alignment: int) -> tvm_ffi.Tensor:
+    """A CPU tensor sharing memory with the C-contiguous `array`. Handed over as a DLPack 1.0 capsule, which
+    carries numpy's read-only flag: the older protocol refuses read-only arrays (np.load(mmap_mode="r"),
+    np.frombuffer, JAX's arrays), and the kernels only read their inputs."""
+    return tvm_ffi.from_dlpack(array.__dlpack__(max_version=(1, 0)), require_alignment=alignment)
+
+
 def to_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     """A CPU tensor sharing memory with `array` (copied only when misaligned or strided: for an output,
     see `output_tensor`). DLPack checks the alignment itself, faster than numpy can (per-call cost)."""
     if array.flags.c_contiguous:
         try:
-            return tvm_ffi.from_dlpack(array, require_alignment=ALIGNMENT)
+            return _tensor(array, ALIGNMENT)
         except RuntimeError:  # "Data is not aligned to 64 bytes"
             pass
-    return tvm_ffi.from_dlpack(aligned_copy(array), require_alignment=ALIGNMENT)
+    return _tensor(aligned_copy(array), ALIGNMENT)
 
 
 def output_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
@@ -123,7 +130,7 @@ def use_threads(count: int | None) -> None:
 def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     """A CPU tensor sharing memory with a caller's array, copied only when not C-contiguous.
     (The kernels declare their input with element alignment: see compute.conv2d_forward.)"""
-    return tvm_ffi.from_dlpack(np.ascontiguousarray(array), require_alignment=0)
+    return _tensor(np.ascontiguousarray(array), 0)
 
 
 def load_module(path: str, device_code: str | None = None):
@@ -434,7 +441,8 @@ def _checked_manifest(data: bytes, where: str) -> dict:
             raise ValueError(f"bundle manifest {where}: `files.{role}` is no file of a bundle (they are "
                              f"{', '.join(HASHED_FILES)})")
         field(files, role, f"files.{role}", "an object with the file's name and SHA-256", lambda v: True)
-        field(files[role], "name", f"files.{role}.name", repr(BUNDLE_FILES[role]), lambda v, r=role: v == BUNDLE_FILES[r])
+        field(files[role], "name", f"files.{role}.name", repr(BUNDLE_FILES[role]),
+              lambda v, r=role: v == BUNDLE_FILES[r])
         field(files[role], "sha256", f"files.{role}.sha256", "64 hex digits",
               lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
     layers = field(manifest, "layers", "layers", "a non-empty list", lambda v: isinstance(v, list) and v)

@@ -371,12 +371,12 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
         raise ValueError(f"`counts` must hold a positive integer per workload, got {counts!r}")
     log_root = log_dir or records.user_root()
     folder = records.folder(log_root, target)
-    database = records.open_database(folder, create=True)
     seeds = records.seed_database(target, exclude=folder, roots=list(dict.fromkeys([log_root, *records.search_roots()])))
     threads = threads or runtime.default_threads()
     deadline = time.monotonic() + time_budget if time_budget else None
     results = {}
-    with _measurement_threads(threads), _interruptible() as state:
+    with records.locked(folder), _measurement_threads(threads), _interruptible() as state:
+        database = records.Log(folder)  # read under the lock: another process may have written to it
         weights = stack_seconds(workloads, counts, target, rpc) if len(workloads) > 1 else [1.0]
         budgets = trial_budgets(workloads, trials, min_trials, weights)
         for i in sorted(range(len(workloads)), key=lambda i: -weights[i]):
