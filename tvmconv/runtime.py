@@ -672,13 +672,40 @@ def host_architecture() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+# Bit i of the auxiliary vector's AT_HWCAP / AT_HWCAP2 on aarch64 Linux (asm/hwcap.h), named as /proc/cpuinfo names
+# them. The kernel's hwcaps are what user-mode emulators (qemu-user) emulate; their /proc/cpuinfo is the host's.
+_AARCH64_HWCAP = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp",
+                  "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512",
+                  "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg")
+_AARCH64_HWCAP2 = ("dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint",
+                   "svei8mm", "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte")
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+
+
+def _aarch64_hwcaps() -> set[str]:
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return set()
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    flags = set()
+    for entry, names in ((_AT_HWCAP, _AARCH64_HWCAP), (_AT_HWCAP2, _AARCH64_HWCAP2)):
+        bits = getauxval(entry)
+        flags.update(name for i, name in enumerate(names) if bits >> i & 1)
+    return flags
+
+
 def cpu_flags() -> set[str]:
-    """The instruction-set extensions the OS reports: /proc/cpuinfo's "flags" (x86) or "Features" (ARM); empty
-    where there are none."""
+    """The instruction-set extensions the OS reports, as /proc/cpuinfo names them: the kernel's hwcaps on
+    aarch64, /proc/cpuinfo's "flags" on x86; empty where there are none."""
+    arch = host_architecture()
+    if arch == "aarch64":
+        return _aarch64_hwcaps()
+    key = "flags" if arch in ("x86_64", "i686", "i386") else "Features"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
+                if line.split(":", 1)[0].strip() == key:
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
