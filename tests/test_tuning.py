@@ -505,3 +505,18 @@ def test_trials_follow_the_stack_time_and_the_largest_goes_first(tmp_path):
                                     time_budget=0.01, progress=False)
     assert [r.workload for r in results] == [small, big]
     assert results[1].measured > 0 and results[0].measured == 0 and results[0].stopped == "time budget"
+
+
+@pytest.mark.slow
+def test_a_time_budget_is_shared_by_the_stack_time(tmp_path):
+    # Two workloads of about the same time, a budget of about four rounds and trials for many more: the
+    # first one's slice (half the budget) ends after a round or two, and the second gets the rest (before,
+    # the first one kept the whole budget as long as it had trials left).
+    same, valid = ConvWorkload(1, 16, 16, 32, 32, (3, 3), padding="same"), ConvWorkload(1, 18, 18, 32, 32, (3, 3))
+    started = time.monotonic()
+    (probe,) = tuning.tune_workloads([same], trials=16, log_dir=str(tmp_path / "probe"), progress=False)
+    round_seconds = time.monotonic() - started
+    results = tuning.tune_workloads([same, valid], trials=800, min_trials=16, log_dir=str(tmp_path / "run"),
+                                    time_budget=4 * round_seconds, progress=False)
+    assert probe.measured == 16
+    assert all(0 < r.measured < 400 and r.stopped == "time budget" for r in results), results

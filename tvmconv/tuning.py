@@ -379,19 +379,25 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
         database = records.Log(folder)  # read under the lock: another process may have written to it
         weights = stack_seconds(workloads, counts, target, rpc) if len(workloads) > 1 else [1.0]
         budgets = trial_budgets(workloads, trials, min_trials, weights)
-        for i in sorted(range(len(workloads)), key=lambda i: -weights[i]):
+        order = sorted(range(len(workloads)), key=lambda i: -weights[i])
+        for position, i in enumerate(order):
             wl, budget = workloads[i], budgets[i]
             stopped = "interrupted" if state["interrupted"] else None
             if deadline and time.monotonic() >= deadline and results:  # the first workload gets a round
                 stopped = "time budget"
+            # The time left is split like the trials, by share of the stack's time: else the largest workload
+            # would spend a whole budget that affords fewer trials than its share. A round that overruns its
+            # slice shortens the slices after it.
+            slice_end = deadline and time.monotonic() + max(deadline - time.monotonic(), 0) * (
+                weights[i] / sum(weights[j] for j in order[position:]))
             done = _trials_on_record(folder, wl)
             remaining = budget - done
             callback = None
             if remaining > 0 and not stopped:
-                def should_stop():
+                def should_stop(slice_end=slice_end):
                     if state["interrupted"]:
                         return "interrupted"
-                    return "time budget" if deadline and time.monotonic() >= deadline else None
+                    return "time budget" if slice_end and time.monotonic() >= slice_end else None
                 bar = tqdm(total=remaining, desc=wl.label, unit="trial", disable=not progress, dynamic_ncols=True)
                 with bar:
                     callback = _Progress(bar, wl.flops, should_stop)
@@ -448,7 +454,8 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     `log_dir` (default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs) under the
     target's key. `rpc` measures on remote devices: {"tracker": "HOST:PORT", "key": KEY} or
     "HOST:PORT" of an RPC server; kernels are built (cross-compiled) here. `time_budget`
-    (seconds) ends the run at the first round boundary past it; so does Ctrl-C. `gradients` also
+    (seconds) is shared by the workloads as the trials are, each ending at the first round boundary
+    past its slice; Ctrl-C ends the run there too. `gradients` also
     tunes what training runs (see `conv_workloads`): forward workloads, and the gradient kernels that
     are not convolutions, which tune in MetaSchedule's generated space; builds use such a record only
     where it re-timed faster than the kernel's own schedule. Gradients run on this host's CPU only (as
