@@ -8,7 +8,10 @@ A running server (one JSON report):
 With and without dynamic batching (starts `tvmconv serve BUNDLE` twice on free ports, unbatched and
 with --max-batch N, drives both with the same load, prints a table for docs/benchmarks.md):
 
-    .venv/bin/python scripts/loadtest.py --bundle BUNDLE --max-batch 8 --max-delay-ms 5 --concurrency 8
+    .venv/bin/python scripts/loadtest.py --bundle BUNDLE8 --unbatched-bundle BUNDLE1 --max-batch 8 --concurrency 8
+
+BUNDLE8 is the model exported at batch 8 (what the batching server merges requests into), BUNDLE1 the same
+model exported at batch 1 (what a server without batching should run: a request of one sample, unpadded).
 
 Requests are bounded by count (--requests) and by time (--duration); each sends one random batch
 (--batch samples, shaped from /metadata) as npy bytes to /predict, or as JSON with --json. A response
@@ -121,6 +124,9 @@ def main(argv=None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server, http://127.0.0.1:PORT")
     target.add_argument("--bundle", help="start servers for this bundle, without and with batching")
+    parser.add_argument("--unbatched-bundle", default=None,
+                        help="with --bundle: the same model exported at batch 1, for the server without batching "
+                             "(default: --bundle itself, which pads each request to its exported batch)")
     parser.add_argument("--max-batch", type=int, default=None, help="with --bundle: the batched server's --max-batch")
     parser.add_argument("--max-delay-ms", type=float, default=5.0, help="with --bundle: its --max-delay-ms (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="with --bundle: the servers' --threads")
@@ -151,11 +157,15 @@ def main(argv=None) -> int:
         parser.error("--bundle needs --max-batch N (the batch the bundle was exported at)")
     common = [flag for name, value in (("--threads", args.threads), ("--concurrency", args.server_concurrency))
               if value is not None for flag in (name, str(value))]
+    if args.unbatched_bundle is None:
+        print(f"note: the unbatched server runs {args.bundle} too, padding every request to its exported batch; "
+              "--unbatched-bundle names a batch-1 export of the model, the fair baseline", file=sys.stderr)
     reports = {}
-    for label, flags in (("unbatched", common),
-                         (f"--max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g}",
-                          [*common, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)])):
-        with serve(args.bundle, flags) as url:
+    for label, bundle, flags in (
+            ("unbatched", args.unbatched_bundle or args.bundle, common),
+            (f"--max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms:g}", args.bundle,
+             [*common, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)])):
+        with serve(bundle, flags) as url:
             reports[label] = drive(url, *load)
     print("| server | client concurrency | requests | errors | p50 ms | p99 ms | requests/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
