@@ -85,8 +85,9 @@ OVERHEAD_WORKLOAD = "resnet50/conv3x3_56x56x64"  # 1x56x56x64 -> 64 filters, 3x3
 
 def _tvmconv(workload: Workload, x, weights, threads: int, defaults: bool) -> tuple:
     import tvmconv
+    from tvmconv import records
     if defaults:  # no tuning record: what a CPU without records gets
-        tvmconv.records.search_roots = lambda: []
+        records.search_roots = lambda: []
     s = workload.spec
     layer = tvmconv.Conv2D(s.filters, s.kernel, strides=s.stride, padding=workload.padding, groups=s.groups,
                            use_bias=False, dtype="float32", threads=threads)
