@@ -23,7 +23,7 @@ import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
-from . import targets, tuning_logs  # tuning_logs: the shipped records (package data)
+from . import schedules, targets, tuning_logs  # tuning_logs: the shipped records (package data)
 from .backward import GRADIENT_ATTR, GRADIENT_KERNELS, GradientKernel
 from .compute import WEIGHT_BLOCK_ATTR, WORKLOAD_ATTR, ConvWorkload
 
@@ -84,8 +84,7 @@ def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload | Gradie
     attrs = record.workload.mod["main"].attrs
     if attrs is None or WORKLOAD_ATTR not in attrs:
         return None
-    fields = json.loads(str(attrs[WORKLOAD_ATTR]))
-    wl = ConvWorkload(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    wl = ConvWorkload.from_fields(json.loads(str(attrs[WORKLOAD_ATTR])))
     if GRADIENT_ATTR in attrs:
         return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), 0
     return wl, int(attrs[WEIGHT_BLOCK_ATTR])
@@ -257,6 +256,7 @@ def best(workload: ConvWorkload | GradientKernel, target: tvm.target.Target, roo
 def apply(tuned: Tuned, func) -> s_tir.Schedule:
     """The tuned schedule replayed on `func` (the same workload, or one it stands in for)."""
     sch = s_tir.Schedule(func)
+    schedules.register_intrinsics(tuned.trace)
     tuned.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch
 
