@@ -18,7 +18,7 @@ TIERS = [
     ("keras compatibility", {"keras"}),
     ("schedules", {"schedules"}),
     ("build", {"records", "build"}),
-    ("beside build", {"tuning", "engine"}),
+    ("beside build", {"tuning", "rounds", "engine"}),
     ("layer API", {"layer", "training", "model"}),
     ("on top", {"bundle", "keras_file", "serving", "cli"}),
 ]
@@ -56,7 +56,7 @@ def _imports(name: str, path: pathlib.Path) -> set[str]:
             found.update(alias.name.split(".")[1] for alias in node.names
                          if alias.name.startswith("tvmconv.") and alias.name.count("."))
     if name.startswith("schedules"):
-        found = {f for f in found if f not in ("arm", "cpu", "cuda", "x86")}  # the package's own modules
+        found = {f for f in found if f not in ("arm", "cpu", "cuda", "tensor_cores", "x86")}  # its own modules
     return found - {""}
 
 
