@@ -34,7 +34,8 @@ def find_rule(target):
     raise NotImplementedError(f"no schedule in schedules/ handles target kind {target.kind.name!r}")
 
 
-def register_intrinsics(trace) -> None:
-    """Register the tensor intrinsics that `trace` tensorizes with, before it is replayed: the rules register
-    theirs when they first schedule with them, and a trace replayed in a fresh process may come first."""
-    tensor_cores.register({str(inst.attrs[0]) for inst in trace.insts if inst.kind.name == "Tensorize"})
+def register_intrinsics(names) -> None:
+    """Register the tensor intrinsics among `names` (those a trace tensorizes with), before the trace is
+    replayed: the rules register theirs when they first schedule with them, and a trace replayed in a fresh
+    process may come first."""
+    tensor_cores.register(set(names))

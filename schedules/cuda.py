@@ -136,7 +136,6 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     sch.bind(sch.fuse(n, oh, ow_block, f_block), "blockIdx.x")
     thread = sch.fuse(ow_thread, f_thread)
     sch.bind(thread, "threadIdx.x")
-    threads = knobs.pixel_threads * knobs.filter_threads
     # Stage the reduction step's input and weights in shared memory, loaded by all threads: for rc_tile
     # channels, the whole window (input rows and taps read once per step, one barrier pair per step)
     # or one tap of it.
@@ -146,8 +145,10 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         sch.compute_at(shared, stage_at, preserve_unit_loops=True)
         loops = sch.get_loops(shared)
         depth = [sch.get(loop).same_as(sch.get(stage_at)) for loop in loops].index(True) + 1
-        _, loader = sch.split(sch.fuse(*loops[depth:]), factors=[None, threads])
-        sch.bind(loader, "threadIdx.x")
+        # Split by the two thread counts, not their product: a trace (a tuning record) holds sampled
+        # values, not expressions of them.
+        _, *loader = sch.split(sch.fuse(*loops[depth:]), factors=[None, knobs.pixel_threads, knobs.filter_threads])
+        sch.bind(sch.fuse(*loader), "threadIdx.x")
     if wl.has_data_pad:
         # Inlined into the shared stage, not into the conv: the stage then spans exactly the padded
         # window (its bounds checks read the padding), where the input's clamped region is larger.

@@ -363,10 +363,12 @@ def _fragments(sch: s_tir.Schedule, block, height: int, width: int):
     return i1
 
 
-def _spread(sch: s_tir.Schedule, block, warps) -> None:
-    """The innermost two loops of `block` shared by the block's warps and their lanes."""
-    _, warp, lane = sch.split(sch.fuse(*sch.get_loops(block)[-2:]), [None, warps, WARP])
-    sch.bind(warp, "threadIdx.y")
+def _spread(sch: s_tir.Schedule, block, knobs: Knobs) -> None:
+    """The innermost two loops of `block` shared by the block's warps and their lanes (split by the two warp
+    counts, not their product: a trace holds sampled values, not expressions of them)."""
+    _, warps_m, warps_n, lane = sch.split(sch.fuse(*sch.get_loops(block)[-2:]), [None, knobs.warps_m, knobs.warps_n,
+                                                                                  WARP])
+    sch.bind(sch.fuse(warps_m, warps_n), "threadIdx.y")
     sch.bind(lane, "threadIdx.x")
 
 
@@ -436,13 +438,12 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> list[tuple]:
     sch.bind(block, "blockIdx.x")
     warp = sch.fuse(m1, n1)
     sch.bind(warp, "threadIdx.y")
-    warps = knobs.warps_m * knobs.warps_n
     # A reduction step's tiles of A and B in shared memory, loaded by all the block's threads; rows padded
     # by 8 elements, so that a warp's fragment loads hit distinct banks.
     for stage in stages:
         sch.set_scope(stage, 0, "shared")
         sch.compute_at(stage, k0, preserve_unit_loops=True)
-        _spread(sch, stage, warps)
+        _spread(sch, stage, knobs)
         sch.storage_align(stage, 0, axis=-2, factor=32, offset=8)
     a_warp = sch.cache_read(fragment, 0, "warp")
     b_warp = sch.cache_read(fragment, 1, "warp")
@@ -453,7 +454,7 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> list[tuple]:
     # The accumulators go to the block's tile in shared memory, which the epilogue reads.
     sch.set_scope(c_warp, 0, "shared.dyn")
     sch.reverse_compute_at(epilogue, block, preserve_unit_loops=True)
-    _spread(sch, epilogue, warps)
+    _spread(sch, epilogue, knobs)
     load_a = _fragments(sch, a_warp, 16, depth)
     load_b = _fragments(sch, b_warp, depth, 16)
     store_c = _fragments(sch, c_warp, 16, 16)

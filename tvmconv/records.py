@@ -256,7 +256,7 @@ def best(workload: ConvWorkload | GradientKernel, target: tvm.target.Target, roo
 def apply(tuned: Tuned, func) -> s_tir.Schedule:
     """The tuned schedule replayed on `func` (the same workload, or one it stands in for)."""
     sch = s_tir.Schedule(func)
-    schedules.register_intrinsics(tuned.trace)
+    schedules.register_intrinsics(str(i.attrs[0]) for i in tuned.trace.insts if i.kind.name == "Tensorize")
     tuned.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch
 
