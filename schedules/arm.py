@@ -1,14 +1,21 @@
-"""ARM (AArch64 NEON): the CPU template, with default tiles sized to NEON's 32 128-bit registers.
+"""ARM (AArch64 NEON): the CPU template, with a model of the target's core: NEON's 32 128-bit registers.
 
-Cortex-A72 and Neoverse cores have two 128-bit FMA pipes of 4-cycle latency, the case the
-template's default rule is written for; AArch64 broadcasts by FMA-by-element (`fmla v.4s, v.4s,
-v.s[i]`), so a broadcast input costs no extra register.
+Cortex-A72 and Neoverse cores have two 128-bit FMA pipes; the A72's FMAs take 7 cycles, the Neoverse
+cores' 4 (Arm's software optimization guides).
 """
 from .cpu import CpuCore, CpuRule
 
+# Per LLVM CPU name (CpuCore's fields; the rest take its defaults).
+CORES = {
+    "cortex-a72": dict(fma_latency=7, l1_bytes=32 << 10, l2_bytes=512 << 10),
+    "cortex-a76": dict(fma_latency=4, l1_bytes=64 << 10, l2_bytes=512 << 10),
+    "cortex-a78": dict(fma_latency=4, l1_bytes=64 << 10, l2_bytes=512 << 10),
+    "neoverse-n1": dict(fma_latency=4, l1_bytes=64 << 10, l2_bytes=1 << 20),
+}
+
 
 def core(target) -> CpuCore:
-    return CpuCore(vector_bits=128, registers=32)
+    return CpuCore(vector_bits=128, registers=32, **CORES.get(str(target.attrs.get("mcpu", "")), {}))
 
 
 RULE = CpuRule("arm", ("aarch64", "arm64"), core)

@@ -29,9 +29,24 @@ from tvmconv.targets import architecture, vector_bits
 
 @dataclasses.dataclass(frozen=True)
 class CpuCore:
-    """What the template's tile choice knows of a CPU core."""
-    vector_bits: int  # SIMD register width
-    registers: int    # vector registers
+    """A model of one CPU core, what the template's defaults are chosen from (`default_knobs`). Family modules
+    (x86.py, arm.py) derive it from the target: the ISA's width and registers from LLVM's CPU model, the
+    pipes from the microarchitecture, the caches from the host (/sys) or the CPU's data sheet."""
+    vector_bits: int            # SIMD register width
+    registers: int              # vector registers
+    fma_ports: float = 2        # vector FMAs issued per cycle, at vector_bits
+    fma_latency: int = 4        # cycles before an FMA's result feeds the next one
+    load_ports: float = 2       # vector loads per cycle, at vector_bits
+    broadcast_slots: float = 1  # load slots one broadcast of an input value takes
+    l1_bytes: int = 32 << 10    # data cache per core
+    l2_bytes: int = 1 << 20     # per core
+    l2_bytes_per_cycle: int = 32  # what L2 sustains to L1 per cycle
+    beyond_l2_bytes_per_cycle: int = 8  # what L3 and memory sustain per core, all cores streaming
+
+    @property
+    def accumulators(self) -> float:
+        """Independent FMA chains that keep every FMA port busy: ports x latency."""
+        return self.fma_ports * self.fma_latency
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,21 +70,57 @@ def lanes(wl: ConvWorkload, core: CpuCore) -> int:
     return max(core.vector_bits // (64 if wl.accum_dtype == "float64" else 32), 1)
 
 
-# At least this many independent accumulators hide the FMA latency (4 cycles, 2 pipes).
-_MIN_ACCUMULATORS = 8
+def _used(extent: int, tile: int) -> float:
+    """The share of a tiled loop's iterations that do work: a tile overhanging the extent idles."""
+    return extent / (-(-extent // tile) * tile)
 
 
-def _tile_score(wl: ConvWorkload, lanes: int, ow: int, fv: int) -> float:
-    """FMAs per load, ow*fv / (ow + fv) for `ow` broadcast inputs and `fv` weight vectors per reduction
-    step, discounted for too few accumulators and for the idle part of tiles that overhang the output."""
-    width_used = wl.out_width / (-(-wl.out_width // ow) * ow)
-    filters_used = wl.filters / (-(-wl.filters // (fv * lanes)) * fv * lanes)
-    latency = min(ow * fv / _MIN_ACCUMULATORS, 1.0)
-    return ow * fv / (ow + fv) * latency * width_used * filters_used
+def _tile_efficiency(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh: int, fv: int) -> float:
+    """The share of the FMA peak a register tile of ow x oh output pixels x fv filter vectors reaches in its
+    inner loop. Each reduction step issues ow·oh·fv FMAs, loads fv weight vectors and broadcasts ow·oh
+    input values; it takes at least as long as the FMA ports, the load ports and one FMA latency (each
+    accumulator's chain) need, and, when a filter block's weights for the whole reduction outgrow L1,
+    as long as L2 takes to deliver the step's weight vectors."""
+    fmas, bytes_per_element = ow * oh * fv, 8 if wl.accum_dtype == "float64" else 4
+    cycles = max(fmas / core.fma_ports, (fv + core.broadcast_slots * ow * oh) / core.load_ports, core.fma_latency)
+    block_bytes = wl.kernel_size[0] * wl.kernel_size[1] * wl.group_in_channels * fv * n_lanes * bytes_per_element
+    if block_bytes > core.l1_bytes * 3 // 4:
+        cycles = max(cycles, fv * n_lanes * bytes_per_element / core.l2_bytes_per_cycle)
+    return fmas / core.fma_ports / cycles
+
+
+# A tile that overhangs the output's width costs more than its idle share: its bound check sits in the
+# innermost loops (up to 20% on 1x1 layers, Zen 4). Tiles of several rows divide the height: one that
+# overhangs it cost 7x7 1x1 layers half their speed (Zen 3).
+_WIDTH_TAIL_COST = 0.8
+
+
+def _tile_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh: int, fv: int) -> float:
+    """The tile's efficiency, discounted for the idle part of tiles that overhang the output."""
+    tail = 1.0 if wl.out_width % ow == 0 else _WIDTH_TAIL_COST
+    return (_tile_efficiency(core, wl, n_lanes, ow, oh, fv) * _used(wl.out_width, ow) * tail
+            * _used(wl.out_height, oh) * _used(wl.filters, fv * n_lanes))
+
+
+def _filters_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
+    """Whether filter blocks go outermost: only where rows first would stream more bytes from beyond L2 than
+    L3 and memory deliver while the FMAs run, and filters first streams fewer. Rows first reads every
+    filter block once per row, so all the weights again for each row once they outgrow L2 (ResNet-50's
+    7x7x512 layers: 66 MB); filters first reads the whole input once per filter block, once the input
+    outgrows L2."""
+    bytes_per_element = 8 if wl.accum_dtype == "float64" else 4
+    weights = math.prod(wl.weights_shape) * bytes_per_element
+    image = math.prod(wl.input_shape) * bytes_per_element
+    rows, blocks = wl.batch * wl.out_height, -(-wl.filters // block)
+    rows_first = weights * (rows if weights > core.l2_bytes else 1) + image
+    filters_first = image * (blocks if image > core.l2_bytes else 1) + weights
+    flops_per_cycle = 2 * core.fma_ports * core.vector_bits // (8 * bytes_per_element)
+    return rows_first / core.beyond_l2_bytes_per_cycle > wl.flops / flops_per_cycle and filters_first < rows_first
 
 
 def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
-    """Default knobs for this core: the register tile that scores best."""
+    """Default knobs for this core: the register tile the model of the core scores best, and the loop order
+    that streams the fewest bytes from beyond L2."""
     depthwise = wl.groups == wl.in_channels == wl.filters
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
@@ -82,15 +133,15 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
         # 2 vectors), padding by bound checks (no extra pass over the input) and an unrolled window,
         # so that neighbouring taps share loaded input vectors (`_window_unrollable`).
         fv = 2 if wl.filters % (2 * n_lanes) == 0 else 1
-        ow = max(range(1, min(wl.out_width, 4) + 1), key=lambda c: (_tile_score(wl, n_lanes, c, fv), c))
+        ow = max(range(1, min(wl.out_width, 4) + 1), key=lambda c: (_used(wl.out_width, c), c))
         return Knobs(n_lanes, fv, ow, pad_inline=True, unroll_window=_window_unrollable(wl))
-    candidates = [(ow, fv) for ow, fv in itertools.product(range(1, min(wl.out_width, 16) + 1),
-                                                           _vector_counts(wl, n_lanes))
-                  if _fits(core.registers, fv, ow)]
-    # Tiles that divide the output width: a tail tile cost 1x1 layers up to 20% (Zen 4, ResNet-50).
-    candidates = [c for c in candidates if c[0] > 1 and wl.out_width % c[0] == 0] or candidates
-    ow, fv = max(candidates, key=lambda c: (_tile_score(wl, n_lanes, *c), c[0]))
-    return Knobs(n_lanes, fv, ow)
+    candidates = [(ow, oh, fv) for ow, oh, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), (1, 2, 4),
+                                                                   _vector_counts(wl, n_lanes))
+                  if wl.out_height % oh == 0 and _fits(core.registers, fv, ow, oh)]
+    # Ties go to the tile with the most FMAs per load (fewer loads leave room for what the model omits).
+    ow, oh, fv = max(candidates, key=lambda c: (round(_tile_score(core, wl, n_lanes, *c), 6),
+                                                c[0] * c[1] * c[2] / (c[0] * c[1] + c[2]), c[0]))
+    return Knobs(n_lanes, fv, ow, oh, filters_first=_filters_first(core, wl, n_lanes * fv))
 
 
 def _vector_counts(wl: ConvWorkload, n_lanes: int) -> list[int]:

@@ -16,18 +16,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import cpu_model_name, import_frameworks, measure_fma_peak, time_call  # noqa: E402
+from benchlib import cpu_model_name, measure_fma_peak, time_call, torch_layout  # noqa: E402
 
 from tvmconv import backward  # noqa: E402
-from tvmconv.networks import conv_workload, mobilenetv2_workloads, resnet50_workloads  # noqa: E402
+from tvmconv.networks import conv_workload, network_workloads  # noqa: E402
 
 LAYERS = ("resnet50/conv3x3_56x56x64", "resnet50/conv3x3_28x28x128", "resnet50/conv1x1_14x14x1024_to256",
-          "resnet50/conv3x3s2_28x28x256", "resnet50/conv1x1s2_28x28x512_to1024", "mobilenetv2/dwconv3x3_56x56x144")
-
-
-def torch_layout(torch, array):
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last)
+          "resnet50/conv3x3s2_28x28x256", "resnet50/conv1x1s2_28x28x512_to1024", "mobilenet_v2/dwconv3x3_56x56x144")
 
 
 def torch_gradients(torch, wl, tx, tw, tdz):
@@ -102,6 +97,17 @@ def bench_training_step(env, batch, repeat, rng):
             "torch_s": time_call(torch_step, repeat).median}
 
 
+def import_frameworks(threads: int) -> dict:
+    """torch and tvmconv with `threads` threads each (TVM_NUM_THREADS is set before TVM is imported)."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+    from tvm.target import codegen
+
+    import tvmconv
+    return {"torch": torch, "codegen": codegen, "tvmconv": tvmconv}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
     print(f"{cpu_model_name()} ({env['codegen'].llvm_get_system_cpu()}), {args.threads} threads, FMA peak "
           f"{peak:.1f} GFLOP/s; torch {env['torch'].__version__}, batch {args.batch}")
     rng = np.random.default_rng(0)
-    workloads = {w.name: w for w in [*resnet50_workloads(), *mobilenetv2_workloads()]}
+    workloads = {w.name: w for w in [*network_workloads("resnet50"), *network_workloads("mobilenet_v2")]}
     print("| workload | grad | tvmconv GF/s | torch GF/s | ratio | tvmconv %peak | max abs error |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in LAYERS:

@@ -127,7 +127,7 @@ def _gradient_arrays(workload, host) -> dict:
 def prepare(directory: pathlib.Path, arch: str, variants: int, networks: list[str], batches: list[int]) -> None:
     import tvmconv
     from tvmconv import backward, build, targets, tuning
-    from tvmconv.networks import NETWORKS, conv_workload
+    from tvmconv.networks import conv_workload, network_workloads
     from tvmconv.schedules import cuda
 
     target, host = targets.resolve(f"cuda-{arch}"), targets.resolve(None)
@@ -165,7 +165,7 @@ def prepare(directory: pathlib.Path, arch: str, variants: int, networks: list[st
         for wl in tuning.conv_workloads(layer, shape, gradients=True):
             add(wl, "gradient", f"{config} {wl.label}")
     for network, batch in itertools.product(networks, batches):
-        for workload in NETWORKS[network]():
+        for workload in network_workloads(network):
             base = conv_workload(workload, batch)
             for precision, fields in PRECISIONS.items():
                 wl = dataclasses.replace(base, **fields)

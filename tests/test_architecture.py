@@ -20,7 +20,7 @@ TIERS = [
     ("build", {"records", "build"}),
     ("beside build", {"tuning", "rounds", "engine"}),
     ("layer API", {"layer", "training", "model"}),
-    ("on top", {"bundle", "keras_file", "serving", "cli"}),
+    ("on top", {"bundle", "keras_file", "serving", "protocol", "batching", "cli"}),
 ]
 PACKAGE_DATA = {"tuning_logs"}  # the shipped records: data, imported for its location
 # The package's public names (its lazy __init__) by the module that defines them.

@@ -1,7 +1,5 @@
 """Export bundles and the runtime-only predictor: round trips, isolation from the compiler, tampering,
-aarch64 bundles (and on the board), and the HTTP service."""
-import io
-import json
+aarch64 bundles (and on the board). The HTTP service is in test_serving.py."""
 import os
 import pathlib
 import shutil
@@ -9,13 +7,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
-from farm import free_port
 
 import tvmconv
 from tvmconv import runtime
@@ -191,93 +185,3 @@ def test_cli_exports_a_keras_model_and_keras_agrees(keras, tmp_path, rng):
     x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(runtime.load(str(tmp_path / "bundle"))(x), source.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- serving
-
-
-@pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    pytest.importorskip("fastapi", reason="serving needs the serve extra: pip install .[serve]")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tvmconv.cli", "serve", bundle[1], "--port", str(port),
-                                "--max-request-mb", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               cwd=tmp_path_factory.mktemp("serve"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, process.stderr.read().decode()
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
-    yield url, bundle[0]
-    process.terminate()
-    process.wait(10)
-
-
-def post(url: str, body: bytes, kind: str):
-    request = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": kind})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
-def npy(array) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def test_server_answers_concurrent_requests(server):
-    url, model = server
-    inputs = [np.random.default_rng(i).standard_normal((1 + i % 3, 10, 10, 3)).astype(np.float32) for i in range(16)]
-    answers = [None] * len(inputs)
-
-    def ask(i):
-        answers[i] = post(url, npy(inputs[i]), "application/x-npy")
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(inputs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    for x, (status, body) in zip(inputs, answers, strict=True):
-        assert status == 200
-        np.testing.assert_allclose(np.load(io.BytesIO(body)), model(x), rtol=1e-6, atol=1e-7)
-    meta = json.load(urllib.request.urlopen(url + "/metadata"))
-    assert meta["input"] == {"shape": [None, 10, 10, 3], "dtype": "float32", "data_format": "channels_last",
-                             "compiled_batch": 2}
-
-
-def test_server_speaks_tf_serving_json(server):
-    url, model = server
-    x = np.random.default_rng(7).standard_normal((2, 10, 10, 3)).astype(np.float32)
-    status, body = post(url, json.dumps({"inputs": x.tolist()}).encode(), "application/json")
-    assert status == 200
-    np.testing.assert_allclose(np.asarray(json.loads(body)["outputs"]), model(x), rtol=1e-5, atol=1e-6)
-    status, body = post(url, json.dumps({"instances": x.tolist()}).encode(), "application/json")
-    assert status == 200
-    np.testing.assert_allclose(np.asarray(json.loads(body)["predictions"]), model(x), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(("body", "kind", "status", "message"), [
-    (b"not npy", "application/x-npy", 400, "not a .npy array"),
-    (npy(np.zeros((1, 10, 10, 4), np.float32)), "application/octet-stream", 400, "expected input shape"),
-    (npy(np.zeros((1, 10, 10, 3), np.float64)), "application/x-npy", 400, "expected input dtype float32"),
-    (npy(np.zeros((1, 10, 10), np.float32)), "application/x-npy", 400, "expected input shape"),
-    (b"{not json", "application/json", 400, "not JSON"),
-    (b'{"inputs": [[1, 2], [3]]}', "application/json", 400, "not a numeric array"),
-    (b'{"rows": []}', "application/json", 400, "expected {"),
-    (b"x", "text/plain", 415, "unsupported Content-Type"),
-    (npy(np.zeros((2, 100, 100, 30), np.float32)), "application/x-npy", 413, "over the limit"),
-])
-def test_server_rejects_bad_requests_and_stays_up(server, body, kind, status, message):
-    url, _ = server
-    got, answer = post(url, body, kind)
-    assert got == status and message in json.loads(answer)["detail"]
-    assert json.load(urllib.request.urlopen(url + "/health")) == {"status": "ok"}

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tvmconv import build, cli, records, reference, rounds, runtime, targets, timing, tuning
+from tvmconv import build, cli, records, reference, rounds, runtime, targets, timing
 from tvmconv.compute import ConvWorkload, pack_weights
 
 HOST = targets.resolve(None)
@@ -79,7 +79,7 @@ def test_a_round_on_this_cpu_from_candidates_to_the_record_a_build_uses(tmp_path
         round_file.write_text(json.dumps(forged))
         with pytest.raises(ValueError, match=message):
             rounds.ingest(directory, logs)
-        assert not records.open_database(records.folder(logs, HOST)).get_all_tuning_records()
+        assert not records.Log(records.folder(logs, HOST)).get_all_tuning_records()
     round_file.write_text(good)
 
     (ingested,), following = rounds.ingest(directory, logs)
@@ -91,7 +91,7 @@ def test_a_round_on_this_cpu_from_candidates_to_the_record_a_build_uses(tmp_path
     noted = records.read_summary(folder)[WL.key]
     assert (noted["trials"], noted["retimed_gflops"], noted["default_gflops"]) == (2, ingested.gflops,
                                                                                  ingested.default_gflops)
-    times = [records.seconds(r) for r in records.open_database(folder).get_all_tuning_records()]
+    times = [records.seconds(r) for r in records.Log(folder).get_all_tuning_records()]
     np.testing.assert_allclose(sorted(times), candidate_means, rtol=1e-12)  # the round's times, as timed there
     (group,) = rounds._cost_model(folder).data.values()  # what the saved model was trained on: those times
     np.testing.assert_allclose(sorted(group.costs), sorted(np.median(results["kernels"][c["kernel"]]["seconds"])

@@ -6,19 +6,28 @@ for the target and loaded where this host can run it.
 
 The disk cache lives under $TVMCONV_CACHE_DIR (default ~/.cache/tvmconv)/kernels/<target key>/.
 Each entry is a shared library and a JSON sidecar holding its checksum; both are written to a
-temporary name and renamed, so a concurrent reader sees a whole entry or none. An entry whose
-checksum does not match (truncated, corrupt, tampered) is reported, removed and rebuilt.
+temporary name and renamed, so a concurrent reader sees a whole entry or none, and a process writes
+an entry holding the folder's lock, so two processes compiling one kernel leave one entry. An entry
+whose checksum does not match (truncated, corrupt, tampered) is reported, removed and rebuilt.
+The cache fails soft, never open: where it cannot be written, kernels compile into a private
+temporary folder (one warning); a cache folder that others could write is refused.
 """
+import atexit
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import stat
 import tempfile
 import threading
+import typing
 import warnings
 
+import filelock
 import tvm
 from tvm import s_tir
 
@@ -51,8 +60,62 @@ _memory: dict[tuple, CompiledKernel] = {}
 _lock = threading.Lock()
 
 
+# What writing a cache entry fails with where the cache cannot take it (permissions, a read-only or full disk).
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+_temporary_root: str | None = None  # where this process compiles when the cache cannot be written
+
+
 def cache_dir() -> str:
     return os.environ.get("TVMCONV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tvmconv")
+
+
+def _check_private(folder: str) -> None:
+    """Refuse a cache folder that someone else could write, as ssh refuses such key files: whoever can write
+    it can replace the kernels this process loads and runs."""
+    info = os.stat(folder)
+    if info.st_uid not in (os.geteuid(), 0):
+        raise PermissionError(f"tvmconv: the kernel cache folder {folder} belongs to user id {info.st_uid}, not to "
+                              f"this user ({os.geteuid()}), who could replace the kernels this process runs: point "
+                              "$TVMCONV_CACHE_DIR to a folder of your own")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        others = " and ".join(who for who, bit in (("its group", stat.S_IWGRP), ("all users", stat.S_IWOTH))
+                              if info.st_mode & bit)
+        raise PermissionError(f"tvmconv: the kernel cache folder {folder} is writable by {others} (mode "
+                              f"{stat.S_IMODE(info.st_mode):o}), who could replace the kernels this process runs: "
+                              f"chmod go-w {folder}, or point $TVMCONV_CACHE_DIR to a private folder")
+
+
+def _cache_folder(key: str) -> tuple[str, str | None]:
+    """kernels/<key> in the cache, each folder on the way made (mode 0700) where absent and checked
+    (_check_private), and why new entries cannot be written there (None: they can)."""
+    root = cache_dir()
+    folders = [root, os.path.join(root, "kernels"), os.path.join(root, "kernels", key)]
+    problem = None
+    for folder in folders:
+        if problem is None:
+            try:
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+            except OSError as err:
+                problem = f"{err.strerror}: {folder}"
+        if os.path.isdir(folder):
+            _check_private(folder)
+    if problem is None and not os.access(folders[-1], os.W_OK):
+        problem = f"{folders[-1]} is read-only"
+    return folders[-1], problem
+
+
+def _temporary_folder(key: str, problem: str) -> str:
+    """kernels/<key> in a private temporary folder (mode 0700) that lives as long as this process; the first
+    use warns, saying why the cache was not used."""
+    global _temporary_root
+    if _temporary_root is None:
+        _temporary_root = tempfile.mkdtemp(prefix="tvmconv-kernels-")
+        atexit.register(shutil.rmtree, _temporary_root, ignore_errors=True)
+        warnings.warn(f"tvmconv: the kernel cache {cache_dir()} cannot be written ({problem}); this process compiles "
+                      f"its kernels into {_temporary_root}, removed when it exits", RuntimeWarning)
+    folder = os.path.join(_temporary_root, key)
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def _atomic_write(path: str, write) -> None:
@@ -62,7 +125,7 @@ def _atomic_write(path: str, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
@@ -84,7 +147,7 @@ def _verified(library: str, sidecar: str) -> bool:
     except Exception as err:  # any damage to either file means: rebuild
         warnings.warn(f"tvmconv: corrupt kernel cache entry {library} ({err}); rebuilding it", RuntimeWarning)
         for path in (library, sidecar):
-            if os.path.exists(path):
+            with contextlib.suppress(OSError):  # a read-only cache keeps it: the rebuilt entry goes elsewhere
                 os.remove(path)
         return False
 
@@ -150,28 +213,55 @@ def scheduled_function(workload, target: tvm.target.Target, knobs=None, log_root
     return _scheduled_choice(workload, target, rule, knobs, tuned)
 
 
+class _Entry(typing.NamedTuple):
+    """The files of a cache entry."""
+    library: str
+    sidecar: str
+    device_code: str | None  # GPU targets only
+
+    @classmethod
+    def at(cls, folder: str, file_name: str, cuda: bool) -> "_Entry":
+        library = os.path.join(folder, file_name)
+        return cls(library, library[:-3] + ".json", library[:-3] + ".fatbin" if cuda else None)
+
+    def intact(self) -> bool:
+        return _verified(self.library, self.sidecar) and (self.device_code is None or os.path.exists(self.device_code))
+
+    def write(self, module, target: tvm.target.Target, meta: dict) -> None:
+        fcompile = targets.cross_compiler(target)
+        _atomic_write(self.library, lambda path: module.export_library(path, fcompile=fcompile))
+        if self.device_code:
+            code = device_code(module, target)
+            _atomic_write(self.device_code, lambda path: pathlib.Path(path).write_bytes(code))
+        meta = {"sha256": runtime.file_sha256(self.library), "target": str(target.export()), "tvm": tvm.__version__,
+                **meta}
+        _atomic_write(self.sidecar, lambda path: _write_json(path, meta))
+
+
 def _library(func, target: tvm.target.Target, key: str, name: str, meta: dict) -> tuple:
     """The shared library of a scheduled PrimFunc in the disk cache, compiled when absent or damaged:
     (library path, device code path or None, "compiled" or "disk cache")."""
     # The file name covers the exact scheduled program, so a change to compute or schedule
     # never picks up a stale library.
     fingerprint = hashlib.sha256((tvm.__version__ + str(target.export()) + func.script()).encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir(), "kernels", key)
-    os.makedirs(folder, exist_ok=True)
-    library = os.path.join(folder, f"{name}-{fingerprint}.so")
-    sidecar = library[:-3] + ".json"
-    gpu_code = library[:-3] + ".fatbin" if target.kind.name == "cuda" else None
-    if _verified(library, sidecar) and (gpu_code is None or os.path.exists(gpu_code)):
-        return library, gpu_code, "disk cache"
-    module = tvm.compile(func, target=target).mod
-    fcompile = targets.cross_compiler(target)
-    _atomic_write(library, lambda path: module.export_library(path, fcompile=fcompile))
-    if gpu_code:
-        code = device_code(module, target)
-        _atomic_write(gpu_code, lambda path: pathlib.Path(path).write_bytes(code))
-    meta = {"sha256": runtime.file_sha256(library), "target": str(target.export()), "tvm": tvm.__version__, **meta}
-    _atomic_write(sidecar, lambda path: _write_json(path, meta))
-    return library, gpu_code, "compiled"
+    file_name, cuda = f"{name}-{fingerprint}.so", target.kind.name == "cuda"
+    folder, problem = _cache_folder(key)
+    entry = _Entry.at(folder, file_name, cuda)
+    with contextlib.nullcontext() if problem else filelock.FileLock(os.path.join(folder, records.LOCK_FILE)):
+        if entry.intact():
+            return entry.library, entry.device_code, "disk cache"
+        module = tvm.compile(func, target=target).mod
+        if problem is None:
+            try:
+                entry.write(module, target, meta)
+                return entry.library, entry.device_code, "compiled"
+            except OSError as err:
+                if err.errno not in _UNWRITABLE:
+                    raise
+                problem = f"{err.strerror}: {folder}"
+    entry = _Entry.at(_temporary_folder(key, problem), file_name, cuda)
+    entry.write(module, target, meta)
+    return entry.library, entry.device_code, "compiled"
 
 
 def _loaded(library: str, gpu_code: str | None) -> runtime.Kernel:

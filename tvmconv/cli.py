@@ -105,16 +105,17 @@ def tune(args) -> int:
         raise ValueError(f"--runner must be 'local' or 'batch:DIR', got {runner!r}")
     if args.round_size and runner == "local":
         raise ValueError("--round-size is the size of a round of --runner batch:DIR")
-    workloads = []
+    counts: dict = {}  # workload -> how many times the stacks named run it
     for item in args.workloads:
         if item in networks.NETWORKS:
-            workloads += [networks.conv_workload(w, args.batch) for w in networks.NETWORKS[item]()]
+            found = {networks.conv_workload(w, args.batch): w.count for w in networks.network_workloads(item)}
         elif item.endswith((".keras", ".h5")):
             model = from_keras(item)
-            workloads += tuning.conv_workloads(model, (args.batch, *model.batch_input_shape[1:]), args.gradients)
+            found = tuning.counted_workloads(model, (args.batch, *model.batch_input_shape[1:]), args.gradients)
         else:
-            workloads += parse_workload(item, args.batch)
-    workloads = list(dict.fromkeys(workloads))
+            found = dict.fromkeys(parse_workload(item, args.batch), 1)
+        for workload, count in found.items():
+            counts[workload] = counts.get(workload, 0) + count
     rpc = None
     if args.rpc_tracker or args.rpc_key:
         if not (args.rpc_tracker and args.rpc_key):
@@ -126,12 +127,16 @@ def tune(args) -> int:
         if rpc is not None or args.time_budget:
             raise ValueError("--runner batch:DIR writes a round to time where it is taken: --rpc, --rpc-tracker and "
                              "--time-budget are for the local runner")
-        plan = list(zip(workloads, tuning.trial_budgets(workloads, args.trials, args.min_trials), strict=True))
-        _print_round(rounds.write_round(plan, args.target, runner.removeprefix("batch:"), args.log_dir, args.space,
-                                        args.round_size or rounds.ROUND_CANDIDATES), runner.removeprefix("batch:"))
+        # The device is out of reach, so the stacks' trials are shared by FLOPs (times how often each runs),
+        # not by kernel times as the local runner shares them.
+        budgets = tuning.trial_budgets(list(counts), args.trials, args.min_trials,
+                                       [wl.flops * count for wl, count in counts.items()])
+        directory = runner.removeprefix("batch:")
+        _print_round(rounds.write_round(list(zip(counts, budgets, strict=True)), args.target, directory, args.log_dir,
+                                        args.space, args.round_size or rounds.ROUND_CANDIDATES), directory)
         return 0
-    results = tuning.tune_workloads(workloads, args.trials, args.target, args.log_dir, args.space, rpc,
-                                    args.time_budget, min_trials=args.min_trials)
+    results = tuning.tune_workloads(list(counts), args.trials, args.target, args.log_dir, args.space, rpc,
+                                    args.time_budget, min_trials=args.min_trials, counts=list(counts.values()))
     print(f"{'workload':44} {'trials':>6} {'errors':>6} {'default':>9} {'tuned':>9} {'tuner':>9}  GFLOP/s")
     for r in results:
         cells = [f"{v:9.1f}" if v else f"{'-':>9}" for v in (r.default_gflops, r.gflops, r.tuner_gflops)]
@@ -156,19 +161,35 @@ def export(args) -> int:
     import tvmconv
     model = tvmconv.from_keras(args.model)
     shape = (args.batch, *model.batch_input_shape[1:])
-    manifest = tvmconv.export(model, shape, args.output, target=args.target)
+    manifest = tvmconv.export(model, shape, args.output, target=args.target, sign=args.sign)
     print(f"{args.output}: {len(manifest['layers'])} layers for {manifest['target_key']}, input {tuple(shape)}, "
-          f"outputs {[manifest['layers'][i]['output_shape'] for i in manifest['outputs']]}")
+          f"outputs {[manifest['layers'][i]['output_shape'] for i in manifest['outputs']]}"
+          + (f", signed with {args.sign}" if args.sign else ""))
     tuned = sum(layer["tuning"] is not None for layer in manifest["layers"])
     print(f"{tuned} of {len(manifest['layers'])} layers from tuning records, the rest with the template's defaults")
     return 0
 
 
+def keygen(args) -> int:
+    """Make an ed25519 key pair for signing bundles: PATH (private, mode 0600) and PATH.pub (public)."""
+    from tvmconv import bundle
+    fingerprint = bundle.generate_key(args.path)
+    print(f"private key: {args.path} (sign with: tvmconv export MODEL -o DIR --sign {args.path})")
+    print(f"public key:  {args.path}.pub (load with: runtime.load(DIR, trusted_keys=['{args.path}.pub']))")
+    print(f"fingerprint: {fingerprint}")
+    return 0
+
+
 def serve(args) -> int:
-    """Serve a bundle over HTTP: /predict, /health, /metadata."""
+    """Serve a bundle over HTTP: the Open Inference Protocol (/v2/...), /predict, /health, /metadata, /metrics."""
     from tvmconv import serving
-    serving.run(args.bundle, host=args.host, port=args.port, max_request_bytes=args.max_request_mb << 20,
-                concurrency=args.concurrency, threads=args.threads)
+    options = serving.Options(
+        model_name=args.model_name, trusted_keys=tuple(args.trusted_key), threads=args.threads,
+        concurrency=args.concurrency, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+        max_request_bytes=args.max_request_mb << 20, max_buffered_bytes=args.max_buffered_mb << 20,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, drain_timeout=args.drain_timeout,
+        token_file=args.token_file, docs=args.docs)
+    serving.run(args.bundle, options, host=args.host, port=args.port)
     return 0
 
 
@@ -246,16 +267,43 @@ def main(argv=None) -> int:
     export_parser.add_argument("--target", default="host", type=target_argument,
                                help="host (default), a preset such as aarch64, or a target dict as JSON")
     export_parser.add_argument("--batch", type=int, default=1, help="the batch size compiled for (default 1)")
+    export_parser.add_argument("--sign", default=None, metavar="KEYFILE",
+                               help="sign the bundle with this private key (tvmconv keygen)")
     export_parser.set_defaults(run=export)
+
+    keygen_parser = commands.add_parser("keygen", help=keygen.__doc__, description=keygen.__doc__)
+    keygen_parser.add_argument("path", metavar="PATH", help="the private key file to write (PATH.pub: the public key)")
+    keygen_parser.set_defaults(run=keygen)
 
     serve_parser = commands.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     serve_parser.add_argument("bundle", help="a folder written by tvmconv export")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--max-request-mb", type=int, default=64, help="largest request body (default 64 MiB)")
-    serve_parser.add_argument("--concurrency", type=int, default=4, help="requests run at once (default 4)")
+    serve_parser.add_argument("--model-name", default=None,
+                              help="the model's name in /v2/models/NAME (default: the bundle folder's name)")
+    serve_parser.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                              help="a public key (PEM file) whose signature the bundle must carry; repeat for several")
+    serve_parser.add_argument("--token-file", default=None, metavar="FILE",
+                              help="require `Authorization: Bearer TOKEN` (the file's content) on every endpoint but "
+                                   "the health probes")
+    serve_parser.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     serve_parser.add_argument("--threads", type=int, default=None,
-                              help="kernel threads per request (default: TVM_NUM_THREADS, else every CPU)")
+                              help="kernel threads per model call (default: TVM_NUM_THREADS, else every CPU)")
+    serve_parser.add_argument("--concurrency", type=int, default=4, help="model calls at once (default 4)")
+    serve_parser.add_argument("--max-batch", type=int, default=None, metavar="N",
+                              help="dynamic batching: merge concurrent requests into calls of N samples (the bundle "
+                                   "must be exported at batch N)")
+    serve_parser.add_argument("--max-delay-ms", type=float, default=5.0, metavar="T",
+                              help="with --max-batch: how long a request waits for others (default 5 ms)")
+    serve_parser.add_argument("--max-request-mb", type=int, default=64, help="largest request body (default 64 MiB)")
+    serve_parser.add_argument("--max-buffered-mb", type=int, default=256,
+                              help="request bodies held at once, all requests together (default 256 MiB)")
+    serve_parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                              help="for a request's headers to arrive (default 10)")
+    serve_parser.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                              help="for a request's body to arrive, and for room under --max-buffered-mb (default 60)")
+    serve_parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                              help="on SIGTERM, how long requests in flight may take to finish (default 30)")
     serve_parser.set_defaults(run=serve)
 
     logs_parser = commands.add_parser("logs", help=logs.__doc__)
@@ -274,8 +322,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "size", 3) < 3 or getattr(args, "batch", 1) < 1:
         parser.error("--size must be at least 3 and --batch at least 1")
-    for name in ("trials", "min_trials", "keep", "concurrency", "threads", "max_request_mb", "round_size"):
-        if (getattr(args, name, 1) or 1) < 1:
+    for name in ("trials", "min_trials", "keep", "round_size"):  # serve's numbers: serving.Options checks them
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         return args.run(args)

@@ -194,6 +194,13 @@ class ConvWorkload:
                 * self.group_in_channels * self.kernel_size[0] * self.kernel_size[1])
 
     @functools.cached_property
+    def _hash(self) -> int:
+        return hash(dataclasses.astuple(self))
+
+    def __hash__(self) -> int:  # hashed once: each layer call looks its workload up
+        return self._hash
+
+    @functools.cached_property
     def key(self) -> str:
         """A stable identity (a hash of `fields()`), used in cache file names and tuning logs."""
         return "conv2d-" + hashlib.sha256(repr(tuple(self.fields().values())).encode()).hexdigest()[:16]

@@ -122,7 +122,7 @@ class Conv2D:
         if len(weights) != len(expected):
             raise ValueError(f"You called `set_weights(weights)` on layer '{self.name}' with a weight list of "
                              f"length {len(weights)}, but the layer was expecting {len(expected)} weights.")
-        arrays = [np.asarray(to_array(w)) for w in weights]
+        arrays = [to_array(w, f"`weights[{i}]`") for i, w in enumerate(weights)]
         for current, new in zip(expected, arrays):
             if current.shape != new.shape:
                 raise ValueError(f"Layer {self.name} weight shape {current.shape} is not compatible with provided "
@@ -165,7 +165,7 @@ class Conv2D:
     def _input(self, inputs, what: str = "Input 0", gpu: bool = False) -> tuple:
         """The input as an array (with `gpu`, a tensor on a CUDA layer's GPU as a runtime.GpuTensor), and its
         workload (None for an empty batch), the layer built for it. A shape is checked on its first call."""
-        x = to_array(inputs, gpu and self.target.kind.name == "cuda")
+        x = to_array(inputs, f"{what} of layer '{self.name}'", gpu and self.target.kind.name == "cuda")
         if x.dtype.kind not in "biuf":
             raise TypeError(f"{what} of layer '{self.name}' must be a real numeric array (it is cast to "
                             f"{self.compute_dtype}). Received dtype={x.dtype}")
@@ -217,13 +217,13 @@ class Conv2D:
             raise NotImplementedError(f"gradients need a named activation compiled into the kernel; layer "
                                       f"'{self.name}' has {activations.serialize(self.activation)!r}")
         x, wl = self._input(inputs)
-        dy = to_array(output_gradient)
+        dy = to_array(output_gradient, "`output_gradient`")
         if dy.shape != (expected := self.compute_output_shape(x.shape)):
             raise ValueError(f"`output_gradient` must have the layer's output shape {expected} for an "
                              f"input of shape {x.shape}. Received shape {dy.shape}")
         input_gradient = validation.as_bool(input_gradient, "input_gradient")
         if output is not None:
-            output = to_array(output)
+            output = to_array(output, "`output`")
             if output.dtype.kind not in "biuf" or output.shape != dy.shape:
                 raise ValueError(f"`output` must be the layer's output for these inputs: a real array of shape "
                                  f"{dy.shape}. Received shape {output.shape}, dtype={output.dtype}")

@@ -32,7 +32,7 @@ class _Network:
     def predict(self, x, batch_size=None, verbose=0):
         """Run in slices of `batch_size` samples (32 by default, as Keras) and concatenate."""
         batch_size = 32 if batch_size is None else validation.positive_int(batch_size, "batch_size")
-        x = to_array(x)
+        x = to_array(x, "`x`")
         if x.ndim == 0:
             raise ValueError(f"predict expects a batch of inputs. Received an array of shape {x.shape}")
         chunks = [self(x[i:i + batch_size]) for i in range(0, max(len(x), 1), batch_size)]
@@ -77,12 +77,12 @@ class _Network:
 
     def _xy(self, x, y, outputs: int):
         """x, and y as a list with one target per output (Keras takes a list or tuple for several outputs)."""
-        x = to_array(x)
+        x = to_array(x, "`x`")
         ys = list(y) if outputs > 1 and isinstance(y, (list, tuple)) else [y]
         if len(ys) != outputs:
             raise ValueError(f"`y` must have one target per output: the model has {outputs} outputs. Received "
                              f"{'a single array' if len(ys) == 1 else f'{len(ys)} targets'}")
-        ys = [to_array(target) for target in ys]
+        ys = [to_array(target, "`y`") for target in ys]
         for target in ys:
             if len(x) != len(target):
                 raise ValueError(f"`x` and `y` must have the same number of samples. "
@@ -233,7 +233,7 @@ class Sequential(_Network):
         return shapes
 
     def __call__(self, x):
-        x = to_array(x)
+        x = to_array(x, "The model's input")
         _warn_if_incompatible(self.batch_input_shape, x.shape, self.name)
         for layer in self.layers:
             x = layer(x)
@@ -282,7 +282,7 @@ class Model(_Network):
         return [(node.producer, index.get(id(node.parent), -1)) for node in self._nodes]
 
     def __call__(self, x):
-        x = to_array(x)
+        x = to_array(x, "The model's input")
         _warn_if_incompatible(self.input.shape, x.shape, self.name)
         values = {id(self.input): x}
         for node in self._nodes:

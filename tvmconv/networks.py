@@ -1,9 +1,11 @@
 """The convolutions of real networks, batch excluded: the named workload sets of `tvmconv tune` and the bench.
 
-ResNet-50 v1.5 (23 distinct convolutions), MobileNetV2 (depthwise and pointwise layers),
-ResNeXt-50 32x4d (grouped 3x3) and VGG-16 (3x3), as torchvision builds them; float32,
-channels_last, no bias, linear (the epilogue a framework fuses separately).
+ResNet-50 v1.5 (53 convolutions, 23 distinct), MobileNetV2 (52, 30 distinct: the stem, depthwise
+and pointwise layers), ResNeXt-50 32x4d (its grouped 3x3 layers) and VGG-16 (3x3), as torchvision
+builds them; float32, channels_last, no bias, linear (the epilogue a framework fuses separately).
+Each distinct convolution carries how many times its network runs it: a stack's time is the sum.
 """
+import collections
 import dataclasses
 
 from .compute import ConvWorkload
@@ -25,9 +27,10 @@ class ConvSpec:
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str       # e.g. "resnet50/conv3x3_56x56x64"
-    network: str    # "resnet50", "mobilenetv2", "resnext50" or "vgg16"
+    network: str    # a key of NETWORKS
     kind: str       # "conv", "pointwise", "depthwise" or "grouped"
     spec: ConvSpec
+    count: int = 1  # how many times the network runs this convolution
 
     @property
     def padding(self) -> str:
@@ -53,11 +56,6 @@ def workload_name(network: str, spec: ConvSpec) -> str:
             f"{spec.height}x{spec.width}x{spec.in_channels}{filters}")
 
 
-def distinct(specs) -> list[ConvSpec]:
-    """The specs in order of first appearance, each once."""
-    return list(dict.fromkeys(specs))
-
-
 def resnet_bottleneck_convs(width_per_stage, groups=1, width_factor=1) -> list[ConvSpec]:
     """Every conv of a torchvision ResNet-50 style network (v1.5: the stride sits on the 3x3)."""
     convs = [ConvSpec(224, 224, 3, 64, 7, stride=2)]
@@ -76,24 +74,12 @@ def resnet_bottleneck_convs(width_per_stage, groups=1, width_factor=1) -> list[C
     return convs
 
 
-def resnet50_workloads() -> list[Workload]:
-    specs = distinct(resnet_bottleneck_convs((3, 4, 6, 3)))
-    assert len(specs) == 23, f"ResNet-50 has 23 distinct convolutions, enumerated {len(specs)}"
-    return [Workload(workload_name("resnet50", s), "resnet50", conv_kind(s), s) for s in specs]
-
-
-def resnext50_workloads() -> list[Workload]:
-    # ResNeXt-50 32x4d: bottleneck width = planes * 4/64 * 32 = 2 * planes, 3x3 in 32 groups.
-    specs = distinct(s for s in resnet_bottleneck_convs((3, 4, 6, 3), groups=32, width_factor=2) if s.groups == 32)
-    return [Workload(workload_name("resnext50", s), "resnext50", "grouped", s) for s in specs]
-
-
-def mobilenetv2_workloads() -> list[Workload]:
-    """Depthwise 3x3 and pointwise 1x1 layers of torchvision's MobileNetV2 (the 3x3 stem excluded)."""
+def mobilenetv2_convs() -> list[ConvSpec]:
+    """Every convolution of torchvision's MobileNetV2: the 3x3 stem, then depthwise 3x3 and pointwise 1x1."""
     # (expansion t, output channels c, repeats n, first stride s), as in the paper and torchvision.
     settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1)]
-    specs, size, in_channels = [], 112, 32
+    specs, size, in_channels = [ConvSpec(224, 224, 3, 32, 3, stride=2)], 112, 32
     for expansion, out_channels, repeats, first_stride in settings:
         for i in range(repeats):
             stride = first_stride if i == 0 else 1
@@ -105,21 +91,42 @@ def mobilenetv2_workloads() -> list[Workload]:
             specs.append(ConvSpec(size, size, hidden, out_channels, 1))
             in_channels = out_channels
     specs.append(ConvSpec(size, size, in_channels, 1280, 1))
-    return [Workload(workload_name("mobilenetv2", s), "mobilenetv2", conv_kind(s), s) for s in distinct(specs)]
+    return specs
 
 
-def vgg16_workloads() -> list[Workload]:
+def vgg16_convs() -> list[ConvSpec]:
     specs, size, in_channels = [], 224, 3
     for out_channels, convs in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
         for _ in range(convs):
             specs.append(ConvSpec(size, size, in_channels, out_channels, 3))
             in_channels = out_channels
         size //= 2  # max-pool
-    return [Workload(workload_name("vgg16", s), "vgg16", "conv", s) for s in distinct(specs)]
+    return specs
+
+
+# Every convolution of each network, in order, repeats included.
+NETWORK_CONVS = {
+    "resnet50": lambda: resnet_bottleneck_convs((3, 4, 6, 3)),
+    "mobilenet_v2": mobilenetv2_convs,
+    # ResNeXt-50 32x4d's grouped 3x3 layers: bottleneck width = planes * 4/64 * 32 = 2 * planes.
+    "resnext50": lambda: [s for s in resnet_bottleneck_convs((3, 4, 6, 3), groups=32, width_factor=2)
+                          if s.groups == 32],
+    "vgg16": vgg16_convs,
+}
+NETWORKS = tuple(NETWORK_CONVS)
+
+
+def network_workloads(network: str) -> list[Workload]:
+    """A network's distinct convolutions in order of first appearance, each with how many times it runs."""
+    if network not in NETWORK_CONVS:
+        raise ValueError(f"Unknown network {network!r}: expected one of {', '.join(NETWORKS)}")
+    specs = NETWORK_CONVS[network]()
+    counts = collections.Counter(specs)
+    return [Workload(workload_name(network, s), network, conv_kind(s), s, counts[s]) for s in dict.fromkeys(specs)]
 
 
 def all_workloads() -> list[Workload]:
-    workloads = resnet50_workloads() + mobilenetv2_workloads() + resnext50_workloads() + vgg16_workloads()
+    workloads = [w for network in NETWORKS for w in network_workloads(network)]
     names = [w.name for w in workloads]
     assert len(set(names)) == len(names), "workload names must be unique"
     return workloads
@@ -130,7 +137,3 @@ def conv_workload(workload: Workload, batch: int = 1) -> ConvWorkload:
     s = workload.spec
     return ConvWorkload(batch, s.height, s.width, s.in_channels, s.filters, (s.kernel, s.kernel), (s.stride, s.stride),
                         padding=workload.padding, groups=s.groups, use_bias=False)
-
-
-NETWORKS = {"resnet50": resnet50_workloads, "mobilenet_v2": mobilenetv2_workloads,
-            "resnext50": resnext50_workloads, "vgg16": vgg16_workloads}

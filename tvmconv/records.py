@@ -4,7 +4,13 @@ A log root holds `<target key>/database_workload.json` and `database_tuning_reco
 two files of `ms.database.JSONDatabase`, plus `summary.json`: per workload, when it was tuned
 and the re-timed speed of its best record (MetaSchedule keeps neither). MetaSchedule matches
 records by the workload's structural hash only, not by target (apache/tvm#15549), so the
-folder per target key is what keeps records from crossing targets.
+folder per target key keeps records from crossing targets, and a record applies only where its
+own target has the build's key.
+
+Logs fail soft, never open: `Log` reads them around damage (a line cut short by a crash, garbled,
+or unreadable to MetaSchedule is skipped with a warning naming file:line, and so are the records of
+a skipped workload line), where JSONDatabase gives up on the whole log. A process writes a log
+folder only while it holds the folder's lock (`locked`), and appends to what it read under it.
 
 Searched at build time, in order: the user's root ($TVMCONV_TUNING_LOGS, default
 ~/.cache/tvmconv/tuning_logs), then the records shipped in the package's tuning_logs/. The
@@ -12,15 +18,22 @@ record with the lowest measured time wins. A workload without records of its own
 record of the same convolution at batch 1, or with another epilogue (bias, activation): the
 record's trace is replayed on it.
 """
+import contextlib
 import dataclasses
 import datetime
+import functools
 import json
+import math
 import os
+import sys
 import threading
+import warnings
 
+import filelock
 import tvm
 import tvm_ffi
 from tvm import s_tir
+from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from . import schedules, targets, tuning_logs  # tuning_logs: the shipped records (package data)
@@ -30,6 +43,7 @@ from .compute import WEIGHT_BLOCK_ATTR, WORKLOAD_ATTR, ConvWorkload
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".lock"  # in a folder that processes write (a log folder, a kernel cache folder): one writer at a time
 
 
 def user_root() -> str:
@@ -49,33 +63,136 @@ def folder(root: str, target: tvm.target.Target) -> str:
     return os.path.join(root, targets.target_key(target))
 
 
-def _check_lines(path: str) -> None:
-    """MetaSchedule aborts on a malformed line without naming the file: check every line first."""
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"corrupt tuning log {path}, line {number}: {err.msg}") from None
-            if not isinstance(entry, list):
-                raise ValueError(f"corrupt tuning log {path}, line {number}: expected a JSON list, got "
-                                 f"{type(entry).__name__}")
-
-
-def open_database(path: str, create: bool = False) -> ms.database.JSONDatabase:
-    """The JSON database in folder `path`; a damaged file raises ValueError naming it."""
-    if create:
-        os.makedirs(path, exist_ok=True)
-    files = [os.path.join(path, name) for name in (WORKLOADS_FILE, RECORDS_FILE)]
-    for file in files:
-        if os.path.exists(file):
-            _check_lines(file)
+@contextlib.contextmanager
+def locked(path: str):
+    """Held for as long as this process writes the log folder `path`. A record line names its workload by line
+    number, so two writers appending at once garble each other's records; after taking it, read the log
+    again (`Log`): another process may have added to it."""
+    os.makedirs(path, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(path, LOCK_FILE))
     try:
-        return ms.database.JSONDatabase(*files, allow_missing=True)
-    except Exception as err:  # valid JSON that MetaSchedule cannot read back (wrong fields, foreign IR)
-        raise ValueError(f"corrupt tuning log in {path} ({files[0]} / {files[1]}): {err}") from None
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        print(f"tvmconv: waiting for another process to finish writing {path}", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _lines(path: str) -> tuple[list[str], bool]:
+    """The complete lines of a log file, and whether it ends in a line without its newline (being written by
+    another process, or cut short by a crash)."""
+    if not os.path.exists(path):
+        return [], False
+    with open(path, "rb") as f:
+        *lines, tail = f.read().split(b"\n")
+    return [line.decode("utf-8", "replace") for line in lines], bool(tail)
+
+
+def _skip(file: str, number: int, why: str) -> None:
+    warnings.warn(f"tvmconv: skipped line {file}:{number} of a damaged tuning log ({why})", RuntimeWarning)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_key_of(target_json: str) -> str:
+    """The key of a record's own target (given as its JSON text: records share few targets)."""
+    return targets.target_key(tvm.target.Target(json.loads(target_json)))
+
+
+@derived_object
+class Log(ms.database.PyDatabase):
+    """The MetaSchedule database of the log folder `path`, read around damage, for MetaSchedule to query and to
+    append to (only while holding `locked(path)`). Workloads are numbered by their line in the file, damaged
+    ones included, as record lines refer to them. (JSONDatabase numbers the workloads it holds, which differs
+    from the line once a line is skipped or repeated, and its records then name the wrong workload.)"""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.files = [os.path.join(path, name) for name in (WORKLOADS_FILE, RECORDS_FILE)]
+        self._memory = ms.database.MemoryDatabase()
+        self._line_of: dict[ms.database.Workload, int] = {}  # the first line of each workload
+        workload_lines, torn_workload = _lines(self.files[0])
+        record_lines, torn_record = _lines(self.files[1])
+        self._torn = {self.files[0]: torn_workload, self.files[1]: torn_record}  # ends in a line without newline
+        self._workload_lines = len(workload_lines)
+        by_line = {}
+        for number, line in enumerate(workload_lines):
+            try:
+                workload = self._memory.commit_workload(ms.database.Workload.from_json(json.loads(line)).mod)
+            except Exception as err:  # any damage: JSON, base64, IR that this TVM cannot read
+                _skip(self.files[0], number + 1, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                continue
+            by_line[number] = workload
+            self._line_of.setdefault(workload, number)
+        for number, line in enumerate(record_lines, 1):
+            try:
+                index, entry = json.loads(line)
+                if index not in by_line:
+                    _skip(self.files[1], number, f"its workload, number {index!r:.20} of {self.files[0]} (from 0), "
+                                                 "was skipped or is missing")
+                    continue
+                self._memory.commit_tuning_record(ms.database.TuningRecord.from_json(entry, by_line[index]))
+            except Exception as err:
+                _skip(self.files[1], number, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+    def _append(self, file: str, entry) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        with open(file, "a") as f:
+            if self._torn[file]:  # a line a crash cut short: ended, it is a (damaged) line of its own
+                f.write("\n")
+                self._torn[file] = False
+                self._workload_lines += file == self.files[0]
+            f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    def has_workload(self, mod) -> bool:
+        return self._memory.has_workload(mod)
+
+    def commit_workload(self, mod):
+        known = self._memory.has_workload(mod)
+        workload = self._memory.commit_workload(mod)
+        if not known:
+            self._append(self.files[0], workload.as_json())
+            self._line_of[workload] = self._workload_lines
+            self._workload_lines += 1
+        return workload
+
+    def commit_tuning_record(self, record) -> None:
+        workload = self.commit_workload(record.workload.mod)
+        self._memory.commit_tuning_record(record)
+        self._append(self.files[1], [self._line_of[workload], record.as_json()])
+
+    def get_top_k(self, workload, top_k: int) -> list:
+        return self._memory.get_top_k(workload, top_k)
+
+    def get_all_tuning_records(self) -> list:
+        return self._memory.get_all_tuning_records()
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def fastest(self, mod, target_key: str):
+        """The fastest valid record of `mod` whose own target has the key `target_key`, else None. The workload
+        must match structurally: a record of an older compute (or of another workload) never applies; and
+        MetaSchedule's own queries ignore the record's target."""
+        if not self._memory.has_workload(mod):
+            return None
+        for record in self._memory.get_top_k(self._memory.commit_workload(mod), max(len(self._memory), 1)):
+            if seconds(record) is not None and _target_key_of(str(record.target)) == target_key:
+                return record
+        return None
+
+    def keep_only(self, kept: list) -> None:
+        """Rewrite the record file with `kept` (records of this log) alone, in one atomic replacement: the workload
+        file, which its lines refer to, stays as it is."""
+        staging = self.files[1] + ".tmp"
+        with open(staging, "w") as f:
+            for record in kept:
+                workload = self._memory.commit_workload(record.workload.mod)
+                f.write(json.dumps([self._line_of[workload], record.as_json()], separators=(",", ":")) + "\n")
+        os.replace(staging, self.files[1])
 
 
 def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload | GradientKernel, int] | None:
@@ -99,15 +216,34 @@ def seconds(record: ms.database.TuningRecord) -> float | None:
     return None if mean >= 1e9 else mean  # MetaSchedule stores 1e10 for failed runs
 
 
+def _is_note(note) -> bool:
+    """Whether a summary.json entry has the fields builds read, of their types."""
+    def number(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+    return (isinstance(note, dict) and isinstance(note.get("trials", 0), int) and number(note.get("retimed_gflops"))
+            and number(note.get("default_gflops")) and isinstance(note.get("date") or "", str))
+
+
 def read_summary(path: str) -> dict:
+    """A log folder's summary.json; a damaged file or entry is skipped with a warning (the records serve
+    without it: builds then take a record even where it re-timed slower than the defaults)."""
     file = os.path.join(path, SUMMARY_FILE)
     if not os.path.exists(file):
         return {}
     try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"corrupt tuning log {file}: {err.msg}") from None
+        with open(file, "rb") as f:
+            summary = json.load(f)
+    except (ValueError, RecursionError) as err:  # ValueError: JSON and UTF-8 errors
+        warnings.warn(f"tvmconv: skipped the damaged tuning log summary {file} ({err})", RuntimeWarning)
+        return {}
+    if not isinstance(summary, dict):
+        warnings.warn(f"tvmconv: skipped the damaged tuning log summary {file} (not a JSON object)", RuntimeWarning)
+        return {}
+    damaged = sorted(key for key, note in summary.items() if not _is_note(note))
+    if damaged:
+        warnings.warn(f"tvmconv: skipped {len(damaged)} damaged entries of the tuning log summary {file} "
+                      f"({', '.join(damaged)[:200]})", RuntimeWarning)
+    return {key: note for key, note in summary.items() if key not in damaged}
 
 
 def write_summary(path: str, summary: dict) -> None:
@@ -153,10 +289,14 @@ class _Index:
     def __init__(self, path: str):
         self.path = path
         self.stamp = self._stamp()
-        self.database = open_database(path)
+        self.database = Log(path)
         self.entries: dict[str, dict] = {}
+        unknown = 0
         for record in self.database.get_all_tuning_records():
-            found = workload_of(record)
+            try:
+                found = workload_of(record)
+            except (TypeError, ValueError, KeyError):  # attributes this tvmconv cannot read
+                found, unknown = None, unknown + 1
             if found is None:
                 continue
             wl, block = found
@@ -167,6 +307,9 @@ class _Index:
             time = seconds(record)
             if time is not None and (entry["best_seconds"] is None or time < entry["best_seconds"]):
                 entry["best_seconds"] = time
+        if unknown:
+            warnings.warn(f"tvmconv: skipped {unknown} records in {path} whose workload this tvmconv cannot read",
+                          RuntimeWarning)
         summary = read_summary(path)
         for key, entry in self.entries.items():
             noted = summary.get(key, {})
@@ -226,12 +369,9 @@ def _records_of(workload, logs, target: tvm.target.Target, keep_slower: bool,
             passed_over = True
             continue
         for block in entry["blocks"]:
-            # Structural match: a record of an older compute (or of another workload) never applies.
-            record = idx.database.query_tuning_record(tvm.IRModule({"main": workload.prim_func(block)}), target,
-                                                      "main")
-            time = record and seconds(record)
-            if time is not None:
-                found.append(Tuned(path, block, record.trace, time, entry["trials"], reused))
+            record = idx.database.fastest(tvm.IRModule({"main": workload.prim_func(block)}), targets.target_key(target))
+            if record is not None:
+                found.append(Tuned(path, block, record.trace, seconds(record), entry["trials"], reused))
     return found, passed_over
 
 
@@ -271,6 +411,26 @@ def target_folders(root: str) -> list[str]:
                   if os.path.exists(os.path.join(root, name, RECORDS_FILE)))
 
 
+def seed_database(target: tvm.target.Target, exclude: str, roots: list[str] | None = None):
+    """Records measured elsewhere that may seed a search for `target` (tvmconv.tuning): those under the same
+    target key in the other log roots (the shipped records), and those of other target keys of the same
+    kind and vector width (another CPU with the same ISA), in one in-memory database; None when there are
+    none. They seed the search and warm its cost model; a build applies a record only from the target's
+    own folder, so none applies before it is measured here."""
+    own = targets.target_key(target)
+    kind, width = own.split("-")[0], (f"-v{targets.vector_bits(target)}-" if target.kind.name == "llvm" else "")
+    folders = [path for root in roots or search_roots() for path in target_folders(root)
+               if path != exclude and os.path.basename(path).startswith(f"{kind}-") and width in os.path.basename(path)]
+    if not folders:
+        return None
+    seeds = ms.database.MemoryDatabase()
+    for path in folders:
+        for record in Log(path).get_all_tuning_records():
+            if targets.architecture(record.target) == targets.architecture(target):
+                _copy(record, seeds)
+    return seeds if seeds.get_all_tuning_records() else None
+
+
 def summarize(path: str) -> list[dict]:
     """Per tuned workload in a log folder: the workload, records, trials, best GFLOP/s (the tuner's, then
     re-timed, with the defaults re-timed in the same run), whether builds use the record, and the date."""
@@ -299,50 +459,43 @@ def _record_identity(record) -> tuple:
 
 def merge(sources: list[str], destination: str) -> int:
     """Commit every record of the source folders into the destination folder; returns how many were new."""
-    target_db = open_database(destination, create=True)
-    seen = {_record_identity(r) for r in target_db.get_all_tuning_records()}
-    added = 0
-    for source in sources:
-        for record in open_database(source).get_all_tuning_records():
-            identity = _record_identity(record)
-            if identity in seen:
-                continue
-            seen.add(identity)
-            _copy(record, target_db)
-            added += 1
-    summary = read_summary(destination)
-    for source in sources:
-        for key, noted in read_summary(source).items():
-            if key not in summary or (noted.get("date") or "") > (summary[key].get("date") or ""):
-                summary[key] = noted
-    write_summary(destination, summary)
+    with locked(destination):
+        target_db = Log(destination)
+        seen = {_record_identity(r) for r in target_db.get_all_tuning_records()}
+        added = 0
+        for source in sources:
+            for record in Log(source).get_all_tuning_records():
+                identity = _record_identity(record)
+                if identity in seen:
+                    continue
+                seen.add(identity)
+                _copy(record, target_db)
+                added += 1
+        summary = read_summary(destination)
+        for source in sources:
+            for key, noted in read_summary(source).items():
+                if key not in summary or (noted.get("date") or "") > (summary[key].get("date") or ""):
+                    summary[key] = noted
+        write_summary(destination, summary)
     return added
 
 
 def prune(path: str, keep: int) -> tuple[int, int]:
     """Keep the `keep` fastest valid records per workload, dropping failed ones; returns (before, after)."""
-    records_by_workload: dict[int, list] = {}
-    everything = open_database(path).get_all_tuning_records()
-    for record in everything:
-        if seconds(record) is not None:
-            records_by_workload.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
-    kept = [r for group in records_by_workload.values() for r in sorted(group, key=seconds)[:keep]]
-    # The trial counts go to summary.json first: after this, the records no longer show them.
-    summary = read_summary(path)
-    for key, entry in index(path).entries.items():
-        noted = summary.setdefault(key, {"workload": dataclasses.asdict(entry["workload"]), "retimed_gflops": None,
-                                         "date": None})
-        noted["trials"] = entry["trials"]
-    write_summary(path, summary)
-    staging = os.path.join(path, ".prune")
-    os.makedirs(staging, exist_ok=True)
-    for name in (WORKLOADS_FILE, RECORDS_FILE):
-        if os.path.exists(os.path.join(staging, name)):
-            os.remove(os.path.join(staging, name))
-    fresh = open_database(staging)
-    for record in kept:
-        _copy(record, fresh)
-    for name in (WORKLOADS_FILE, RECORDS_FILE):
-        os.replace(os.path.join(staging, name), os.path.join(path, name))
-    os.rmdir(staging)
+    with locked(path):
+        log = Log(path)
+        records_by_workload: dict[int, list] = {}
+        everything = log.get_all_tuning_records()
+        for record in everything:
+            if seconds(record) is not None:
+                records_by_workload.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
+        kept = [r for group in records_by_workload.values() for r in sorted(group, key=seconds)[:keep]]
+        # The trial counts go to summary.json first: after this, the records no longer show them.
+        summary = read_summary(path)
+        for key, entry in index(path).entries.items():
+            noted = summary.setdefault(key, {"workload": dataclasses.asdict(entry["workload"]), "retimed_gflops": None,
+                                             "date": None})
+            noted["trials"] = entry["trials"]
+        write_summary(path, summary)
+        log.keep_only(kept)
     return len(everything), len(kept)

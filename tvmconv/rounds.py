@@ -215,7 +215,7 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
     number = _next_number(directory)
     log_root = log_root or records.user_root()
     folder = records.folder(log_root, target)
-    database = records.open_database(folder, create=True)
+    database = records.Log(folder)  # read only: candidates on record are not proposed again
     cost_model = _cost_model(folder)
     shares = _shares(plan, [tuning.trials_on_record(folder, wl) for wl, _ in plan], size)
     if not any(shares):
@@ -372,35 +372,38 @@ def ingest(directory: str, log_root: str | None = None) -> tuple[list[IngestedWo
         by_task.setdefault((index, block), []).append((sch, result))
     log_root = log_root or records.user_root()
     folder = records.folder(log_root, target)
-    database = records.open_database(folder, create=True)
-    cost_model = _cost_model(folder)
-    counts = {}
-    for (index, block), measured in by_task.items():
-        mod = tvm.IRModule({"main": plan[index][0].prim_func(block)})
-        workload_record = database.commit_workload(mod)
-        for sch, result in measured:
-            database.commit_tuning_record(ms.database.TuningRecord(
-                sch.trace, workload_record, result.get("seconds") or [1e10],  # 1e10: MetaSchedule's failure
-                target, ms.arg_info.ArgInfo.from_entry_func(sch.mod)))
-        cost_model.update(ms.TuneContext(mod, target=target),
-                          [ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod)) for sch, _ in measured],
-                          [ms.runner.RunnerResult(r.get("seconds"), r.get("error")) for _, r in measured])
-        count = counts.setdefault(index, [0, 0])
-        count[0] += len(measured)
-        count[1] += sum("error" in r for _, r in measured)
-    _save_cost_model(cost_model, folder)
-    outcome = []
-    for index, (wl, budget) in enumerate(plan):
-        default = results.get(spec["defaults"].get(str(index)), {}).get("seconds")
-        best = records.best(wl, target, [log_root], keep_slower=True)
-        trials = tuning.trials_on_record(folder, wl)
-        default_gflops = wl.flops / (sum(default) / len(default)) / 1e9 if default else None
-        gflops = wl.flops / best.seconds / 1e9 if best else None
-        if index in counts:
-            records.note_tuned(folder, wl, trials, gflops, default_gflops)
-        measured, errors = counts.get(index, (0, 0))
-        outcome.append(IngestedWorkload(wl, trials, budget, measured, errors, gflops, default_gflops))
-    os.remove(os.path.join(directory, timing.RESULTS_FILE))
+    # One writer at a time; the log is read again under the lock, since another process may have added to it.
+    with records.locked(folder):
+        database = records.Log(folder)
+        cost_model = _cost_model(folder)
+        counts = {}
+        for (index, block), measured in by_task.items():
+            mod = tvm.IRModule({"main": plan[index][0].prim_func(block)})
+            workload_record = database.commit_workload(mod)
+            for sch, result in measured:
+                database.commit_tuning_record(ms.database.TuningRecord(
+                    sch.trace, workload_record, result.get("seconds") or [1e10],  # 1e10: MetaSchedule's failure
+                    target, ms.arg_info.ArgInfo.from_entry_func(sch.mod)))
+            cost_model.update(ms.TuneContext(mod, target=target),
+                              [ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod))
+                               for sch, _ in measured],
+                              [ms.runner.RunnerResult(r.get("seconds"), r.get("error")) for _, r in measured])
+            count = counts.setdefault(index, [0, 0])
+            count[0] += len(measured)
+            count[1] += sum("error" in r for _, r in measured)
+        _save_cost_model(cost_model, folder)
+        outcome = []
+        for index, (wl, budget) in enumerate(plan):
+            default = results.get(spec["defaults"].get(str(index)), {}).get("seconds")
+            best = records.best(wl, target, [log_root], keep_slower=True)
+            trials = tuning.trials_on_record(folder, wl)
+            default_gflops = wl.flops / (sum(default) / len(default)) / 1e9 if default else None
+            gflops = wl.flops / best.seconds / 1e9 if best else None
+            if index in counts:
+                records.note_tuned(folder, wl, trials, gflops, default_gflops)
+            measured, errors = counts.get(index, (0, 0))
+            outcome.append(IngestedWorkload(wl, trials, budget, measured, errors, gflops, default_gflops))
+        os.remove(os.path.join(directory, timing.RESULTS_FILE))
     following = write_round(plan, target, directory, log_root, spec["space"], spec["size"])
     if following is None:
         shutil.rmtree(os.path.join(directory, timing.KERNELS), ignore_errors=True)

@@ -4,15 +4,25 @@ Nothing here compiles, and nothing here imports the `tvm` Python package (TVM's 
 module needs `tvm_ffi` and TVM's runtime library (libtvm_runtime.so, 3 MB), which compiled kernels
 call into for their thread pool. An inference service loads bundles with this module alone.
 """
+import contextlib
 import ctypes
+import errno
+import fcntl
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import platform
+import shutil
+import stat
+import struct
 import sys
+import tempfile
 import threading
+import warnings
+import zipfile
 
 import numpy as np
 import tvm_ffi
@@ -29,10 +39,12 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def as_aligned(array: np.ndarray) -> np.ndarray:
-    """The array itself when TVM can use it in place, else an aligned C-contiguous copy."""
-    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
-        return array
+def is_aligned(array: np.ndarray) -> bool:
+    """Whether TVM can use the array in place: C-contiguous and 64-byte aligned."""
+    return array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
     copy = aligned_empty(array.shape, array.dtype)
     copy[...] = array
     return copy
@@ -58,9 +70,31 @@ def _load_tvm_runtime() -> None:
 _tvm_runtime = None
 
 
+def _tensor(array: np.ndarray, alignment: int) -> tvm_ffi.Tensor:
+    """A CPU tensor sharing memory with the C-contiguous `array`. Handed over as a DLPack 1.0 capsule, which
+    carries numpy's read-only flag: the older protocol refuses read-only arrays (np.load(mmap_mode="r"),
+    np.frombuffer, JAX's arrays), and the kernels only read their inputs."""
+    return tvm_ffi.from_dlpack(array.__dlpack__(max_version=(1, 0)), require_alignment=alignment)
+
+
 def to_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
-    """A CPU tensor sharing memory with `array` (copied only when misaligned or strided)."""
-    return tvm_ffi.from_dlpack(as_aligned(array), require_alignment=ALIGNMENT)
+    """A CPU tensor sharing memory with `array` (copied only when misaligned or strided: for an output,
+    see `output_tensor`). DLPack checks the alignment itself, faster than numpy can (per-call cost)."""
+    if array.flags.c_contiguous:
+        try:
+            return _tensor(array, ALIGNMENT)
+        except RuntimeError:  # "Data is not aligned to 64 bytes"
+            pass
+    return _tensor(aligned_copy(array), ALIGNMENT)
+
+
+def output_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
+    """A CPU tensor that a kernel writes `array` through: the array must be C-contiguous and aligned
+    (aligned_empty), since a copy would take the result away from the caller."""
+    if not array.flags.c_contiguous:
+        raise ValueError(f"kernel outputs must be C-contiguous arrays (runtime.aligned_empty); got strides "
+                         f"{array.strides}")
+    return tvm_ffi.from_dlpack(array, require_alignment=ALIGNMENT)
 
 
 def default_threads() -> int:
@@ -96,7 +130,7 @@ def use_threads(count: int | None) -> None:
 def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     """A CPU tensor sharing memory with a caller's array, copied only when not C-contiguous.
     (The kernels declare their input with element alignment: see compute.conv2d_forward.)"""
-    return tvm_ffi.from_dlpack(np.ascontiguousarray(array), require_alignment=0)
+    return _tensor(np.ascontiguousarray(array), 0)
 
 
 def load_module(path: str, device_code: str | None = None):
@@ -213,8 +247,8 @@ class GpuTensor:
 
 def copy_to_host(tensor: tvm_ffi.Tensor, out: np.ndarray) -> np.ndarray:
     """Copy a device tensor into the C-contiguous array `out`."""
-    host = as_aligned(out)
-    global_function("runtime.TVMTensorCopyFromTo")(tensor, to_tensor(host))
+    host = out if is_aligned(out) else aligned_empty(out.shape, out.dtype)
+    global_function("runtime.TVMTensorCopyFromTo")(tensor, output_tensor(host))
     if host is not out:
         out[...] = host
     return out
@@ -270,12 +304,12 @@ class Kernel:
     def __call__(self, x: np.ndarray, weights: list, out: np.ndarray, threads: int | None = None) -> None:
         """Run on `threads` of this CPU's cores (None: default_threads())."""
         use_threads(threads)
-        self.function(input_tensor(x), *weights, to_tensor(out))
+        self.function(input_tensor(x), *weights, output_tensor(out))
 
     def call(self, *inputs: np.ndarray, out: np.ndarray) -> None:
         """Run a function whose every input is declared unaligned (the gradient kernels that are not
         convolutions): inputs read in place, on the calling thread's pool."""
-        self.function(*map(input_tensor, inputs), to_tensor(out))
+        self.function(*map(input_tensor, inputs), output_tensor(out))
 
 
 class CudaKernel(Kernel):
@@ -306,9 +340,13 @@ class CudaKernel(Kernel):
 
 # ---------------------------------------------------------------- exported bundles (tvmconv.export)
 
-BUNDLE_FORMAT = "tvmconv-bundle-1"
+BUNDLE_FORMAT = "tvmconv-bundle-2"
+# A bundle's files have these names and no others, so a manifest can name nothing outside its folder.
 BUNDLE_FILES = {"library": "kernels.so", "device_code": "kernels.fatbin", "weights": "weights.npz",
-                "manifest": "manifest.json"}
+                "manifest": "manifest.json", "signature": "manifest.sig"}
+HASHED_FILES = ("library", "device_code", "weights")  # the roles whose SHA-256 the manifest holds
+_ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+_FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
 def file_sha256(path: str) -> str:
@@ -319,53 +357,300 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def key_fingerprint(public_key) -> str:
+    """The hex SHA-256 of an ed25519 public key's raw 32 bytes: how tvmconv names a signing key."""
+    from cryptography.hazmat.primitives import serialization
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_public_keys(trusted_keys) -> list:
+    """`trusted_keys` (a list of ed25519 public keys, each a path to a PEM file or PEM bytes) as key objects.
+    cryptography is imported here, not with the module: a board that loads unsigned bundles does without it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    if not isinstance(trusted_keys, (list, tuple)):
+        raise TypeError("`trusted_keys` must be a list of public keys, each a path to a PEM file or PEM bytes "
+                        f"(tvmconv keygen writes one to KEYFILE.pub). Received: trusted_keys={trusted_keys!r:.80}")
+    if not trusted_keys:
+        raise ValueError("`trusted_keys` is empty: give at least one public key, or None to load bundles without "
+                         "checking a signature")
+    keys = []
+    for i, item in enumerate(trusted_keys):
+        if isinstance(item, (bytes, bytearray)):
+            pem, source = bytes(item), f"trusted_keys[{i}]"
+        elif isinstance(item, (str, os.PathLike)):
+            source = f"trusted_keys[{i}] ({os.fspath(item)})"
+            with open(item, "rb") as f:
+                pem = f.read()
+        else:
+            raise TypeError(f"`trusted_keys[{i}]` must be a path to a PEM file or PEM bytes, got {type(item).__name__}")
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except ValueError as err:
+            raise ValueError(f"{source} is not a PEM public key: {err}") from None
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise ValueError(f"{source} is a {type(key).__name__}: tvmconv bundles are signed with ed25519 keys "
+                             "(tvmconv keygen makes them)")
+        keys.append(key)
+    return keys
+
+
+def _signer(manifest: bytes, signature: bytes | None, keys: list, path: str) -> str:
+    """The fingerprint of the trusted key whose signature `signature` is, over the manifest's bytes."""
+    from cryptography.exceptions import InvalidSignature
+    if signature is None:
+        raise ValueError(f"the bundle at {path} is not signed (it has no {BUNDLE_FILES['signature']}), and trusted "
+                         "keys were given: refusing to load it")
+    for key in keys:
+        try:
+            key.verify(signature, manifest)
+            return key_fingerprint(key)
+        except InvalidSignature:
+            continue
+    raise ValueError(f"the bundle at {path} is not signed by any of the trusted keys "
+                     f"({', '.join(key_fingerprint(k)[:16] for k in keys)}): it was modified, or signed by another "
+                     "key; refusing to load it")
+
+
+def _read_bundle_file(folder: int, path: str, role: str) -> bytes | None:
+    """A bundle file's bytes, read once (None when absent), from the open folder `folder`. Only a regular file is
+    read: never through a symlink, never a FIFO or a device (which could block, or never end)."""
+    file = os.path.join(path, BUNDLE_FILES[role])
+    try:
+        fd = os.open(BUNDLE_FILES[role], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"bundle file {file} is a symbolic link: a bundle holds regular files only; "
+                             "refusing to load it") from None
+        raise
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"bundle file {file} is not a regular file: refusing to load it")
+        return f.read()
+
+
+def _is_index(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(_is_index(d, 1, 1 << 63) for d in value)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _checked_manifest(data: bytes, where: str) -> dict:
+    """The manifest's JSON with every field the runtime reads checked: a ValueError names the first bad one."""
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"damaged bundle manifest {where}: {err}") from None
+
+    def field(entries, key: str, name: str, expected: str, valid):
+        if not isinstance(entries, dict):
+            parent = f"`{name.rpartition('.')[0]}`" if "." in name else "the manifest"
+            raise ValueError(f"bundle manifest {where}: {parent} must be a JSON object, got {entries!r:.60}")
+        if key not in entries:
+            raise ValueError(f"bundle manifest {where}: `{name}` is missing (it must be {expected})")
+        if not valid(entries[key]):
+            raise ValueError(f"bundle manifest {where}: `{name}` must be {expected}, got {entries[key]!r:.80}")
+        return entries[key]
+
+    field(manifest, "format", "format", f"{BUNDLE_FORMAT!r} (the format this runtime reads)",
+          lambda v: v == BUNDLE_FORMAT)
+    field(manifest, "architecture", "architecture", "a CPU architecture such as 'x86_64'",
+          lambda v: isinstance(v, str) and v)
+    field(manifest, "isa_features", "isa_features", "a list of instruction-set names", _is_names)
+    field(manifest, "target_key", "target_key", "a string", lambda v: isinstance(v, str))
+    device = field(manifest, "device", "device", "'cpu' or 'cuda'", lambda v: v in ("cpu", "cuda"))
+    field(manifest, "dtype", "dtype", f"one of {_FLOAT_DTYPES}", lambda v: v in _FLOAT_DTYPES)
+    field(manifest, "data_format", "data_format", "'channels_last' or 'channels_first'",
+          lambda v: v in ("channels_last", "channels_first"))
+    input_shape = field(manifest, "input_shape", "input_shape", "4 positive integers", _is_shape)
+    files = field(manifest, "files", "files", "an object of files by role", lambda v: isinstance(v, dict))
+    needed = {"library", "weights"} | ({"device_code"} if device == "cuda" else set())
+    for role in sorted(needed | set(files)):
+        if role not in HASHED_FILES:
+            raise ValueError(f"bundle manifest {where}: `files.{role}` is no file of a bundle (they are "
+                             f"{', '.join(HASHED_FILES)})")
+        field(files, role, f"files.{role}", "an object with the file's name and SHA-256", lambda v: True)
+        field(files[role], "name", f"files.{role}.name", repr(BUNDLE_FILES[role]),
+              lambda v, r=role: v == BUNDLE_FILES[r])
+        field(files[role], "sha256", f"files.{role}.sha256", "64 hex digits",
+              lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
+    layers = field(manifest, "layers", "layers", "a non-empty list", lambda v: isinstance(v, list) and v)
+    for i, layer in enumerate(layers):
+        name = f"layers[{i}]"
+        field(layer, "function", f"{name}.function", repr(f"layer_{i}"), lambda v, i=i: v == f"layer_{i}")
+        reads = field(layer, "reads", f"{name}.reads", f"-1 (the input) or an earlier layer's index (0 to {i - 1})",
+                      lambda v, i=i: _is_index(v, -1, i))
+        source = input_shape if reads < 0 else layers[reads]["output_shape"]
+        field(layer, "input_shape", f"{name}.input_shape", f"the shape it reads, {source}", lambda v, s=source: v == s)
+        field(layer, "output_shape", f"{name}.output_shape", "4 positive integers", _is_shape)
+        field(layer, "dtype", f"{name}.dtype", f"one of {_FLOAT_DTYPES}", lambda v: v in _FLOAT_DTYPES)
+        field(layer, "weights", f"{name}.weights", "a list of 1 or 2 weight names",
+              lambda v: _is_names(v) and 1 <= len(v) <= 2)
+    outputs = field(manifest, "outputs", "outputs", f"a non-empty list of layer indices (0 to {len(layers) - 1})",
+                    lambda v: isinstance(v, list) and v and all(_is_index(o, 0, len(layers)) for o in v))
+    field(manifest, "single_output", "single_output", "a boolean, true only for one output",
+          lambda v: isinstance(v, bool) and (not v or len(outputs) == 1))
+    return manifest
+
+
+def _check_library(data: bytes, architecture: str, file: str) -> None:
+    """Refuse a library that dlopen would map beyond its end: a truncated library whose checksum matches kills
+    the process with SIGBUS when a page past the end is touched. Required: a 64-bit little-endian ELF shared
+    object for `architecture`, every segment within the file."""
+    def refusal(why: str) -> ValueError:
+        return ValueError(f"bundle file {file} is not a whole shared library for {architecture} ({why}); "
+                          "refusing to load it")
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4:6] != b"\x02\x01":
+        raise refusal("not a 64-bit little-endian ELF file")
+    kind, machine = struct.unpack_from("<HH", data, 16)
+    if kind != 3 or machine != _ELF_MACHINES.get(architecture):  # 3: ET_DYN
+        raise refusal(f"ELF type {kind}, machine {machine}")
+    (headers,), (size, count) = struct.unpack_from("<Q", data, 32), struct.unpack_from("<HH", data, 54)
+    if size != 56 or headers + size * count > len(data):
+        raise refusal("its program headers lie beyond its end")
+    for i in range(count):
+        _, _, offset, _, _, length = struct.unpack_from("<IIQQQQ", data, headers + i * size)
+        if offset + length > len(data):
+            raise refusal(f"segment {i} ends at byte {offset + length} of {len(data)}: the file is truncated")
+
+
+@contextlib.contextmanager
+def _sealed_copies(contents: dict[str, bytes]):
+    """{name: path} of sealed in-memory copies of `contents` (name -> bytes): what is loaded is the very bytes
+    that were checked, and no other process can change or truncate them afterwards. (TVM picks a library's
+    loader by its file name's suffix, so each path is a link named `name` to its copy.)"""
+    folder = tempfile.mkdtemp(prefix="tvmconv-bundle-")
+    descriptors = []
+    try:
+        paths = {}
+        for name, data in contents.items():
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            descriptors.append(fd)
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                        | fcntl.F_SEAL_SEAL)
+            paths[name] = os.path.join(folder, name)
+            os.symlink(f"/proc/self/fd/{fd}", paths[name])
+        yield paths
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        for fd in descriptors:
+            os.close(fd)
+
+
+def _weights(data: bytes, file: str) -> np.lib.npyio.NpzFile:
+    """The weights archive. np.savez stores its arrays uncompressed; a compressed member could inflate to any
+    size, so it is refused."""
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"bundle file {file} is not a weights archive ({err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile) or any(
+            member.compress_type != zipfile.ZIP_STORED for member in archive.zip.infolist()):
+        raise ValueError(f"bundle file {file} is not an uncompressed .npz archive, as tvmconv.export writes")
+    return archive
+
+
 class Predictor:
     """An exported bundle, loaded: `pred(x)` runs its layers. Compiles nothing; safe to call from many
-    threads at once (each call has its own intermediate arrays; the weights are only read)."""
+    threads at once (each call has its own intermediate arrays; the weights are only read).
 
-    def __init__(self, path: str, threads: int | None = None):
+    `signature` is the fingerprint of the trusted key that signed the bundle (key_fingerprint), None when it
+    was loaded without trusted keys."""
+
+    def __init__(self, path, threads: int | None = None, trusted_keys=None):
+        if threads is not None and not _is_index(threads, 1, 1 << 16):
+            raise ValueError(f"`threads` must be a positive integer or None, got {threads!r}")
         self.threads = threads or default_threads()
-        manifest_path = os.path.join(path, BUNDLE_FILES["manifest"])
+        keys = None if trusted_keys is None else load_public_keys(trusted_keys)
+        path = os.fspath(path)
         try:
-            with open(manifest_path) as f:
-                manifest = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} is not a tvmconv bundle: {manifest_path} is missing") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"damaged bundle manifest {manifest_path}: {err.msg}") from None
-        if manifest.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{manifest_path}: unknown bundle format {manifest.get('format')!r} "
-                             f"(this runtime reads {BUNDLE_FORMAT})")
-        for role in manifest["files"]:
-            file = os.path.join(path, manifest["files"][role]["name"])
-            if not os.path.exists(file):
+            folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"{path} is not a tvmconv bundle: no such folder") from None
+        try:
+            manifest_bytes = _read_bundle_file(folder, path, "manifest")
+            where = os.path.join(path, BUNDLE_FILES["manifest"])
+            if manifest_bytes is None:
+                raise FileNotFoundError(f"{path} is not a tvmconv bundle: {where} is missing")
+            # Checked before the manifest is even parsed: with trusted keys, nothing unsigned is read.
+            self.signature = None if keys is None else _signer(
+                manifest_bytes, _read_bundle_file(folder, path, "signature"), keys, path)
+            manifest = _checked_manifest(manifest_bytes, where)
+            contents = {role: _read_bundle_file(folder, path, role) for role in manifest["files"]}
+        finally:
+            os.close(folder)
+        for role, data in contents.items():
+            file = os.path.join(path, BUNDLE_FILES[role])
+            if data is None:
                 raise FileNotFoundError(f"bundle file missing: {file}")
-            if file_sha256(file) != manifest["files"][role]["sha256"]:
-                raise ValueError(f"bundle file {file} does not match its checksum in {manifest_path}: "
+            if hashlib.sha256(data).hexdigest() != manifest["files"][role]["sha256"]:
+                raise ValueError(f"bundle file {file} does not match its checksum in {where}: "
                                  "it was modified or damaged; refusing to load it")
         host = host_architecture()
         if manifest["architecture"] != host:
             raise ValueError(f"the bundle at {path} is compiled for {manifest['architecture']}, this machine is {host}")
-        missing = sorted(set(manifest.get("cpu_flags", [])) - cpu_flags())
-        if missing and host == "x86_64":  # its code would die with "Illegal instruction"
-            raise ValueError(f"the bundle at {path} is compiled for {manifest['target'].get('mcpu')}, whose "
-                             f"instructions this CPU lacks ({', '.join(missing)}): export it for this machine's target")
-        self.device = manifest.get("device", "cpu")
+        self._check_isa(manifest, path)
+        self.device = manifest["device"]
         if self.device == "cuda" and not cuda_available():
             raise RuntimeError(f"the bundle at {path} runs on a CUDA GPU, and this machine has none that TVM's CUDA "
                                "runtime can use (it needs an NVIDIA driver and libcudart.so.13)")
+        _check_library(contents["library"], host, os.path.join(path, BUNDLE_FILES["library"]))
         self.manifest = manifest
         self.path = path
         self.input_shape = tuple(manifest["input_shape"])
         self.dtype = np.dtype(manifest["dtype"])
-        files = {role: os.path.join(path, entry["name"]) for role, entry in manifest["files"].items()}
-        module = load_module(files["library"], files.get("device_code"))
-        with np.load(files["weights"]) as stored:
-            self._layers = [(module[layer["function"]], layer["reads"], tuple(layer["output_shape"]),
-                             np.dtype(layer["dtype"]),
-                             [to_device(np.ascontiguousarray(stored[name]), self.device) for name in layer["weights"]])
-                            for layer in manifest["layers"]]
+        code = {BUNDLE_FILES[role]: contents[role] for role in ("library", "device_code") if role in contents}
+        with _sealed_copies(code) as copies:
+            module = load_module(copies[BUNDLE_FILES["library"]], copies.get(BUNDLE_FILES["device_code"]))
+        self._layers = self._loaded_layers(module, _weights(contents["weights"], os.path.join(path, BUNDLE_FILES[
+            "weights"])))
         self._outputs = manifest["outputs"]
+
+    @staticmethod
+    def _check_isa(manifest: dict, path: str) -> None:
+        """Refuse a bundle whose code uses instructions this CPU lacks: it would die with 'Illegal instruction'."""
+        available = cpu_flags()
+        if not available:
+            warnings.warn(f"tvmconv: this machine's /proc/cpuinfo lists no CPU features, so the instruction sets "
+                          f"the bundle at {path} uses cannot be checked", RuntimeWarning)
+            return
+        missing = sorted(set(manifest["isa_features"]) - available)
+        if missing:
+            raise ValueError(f"the bundle at {path} is compiled for {manifest['target_key']}, whose instructions this "
+                             f"CPU lacks ({', '.join(missing)}): running it would die with 'Illegal instruction'; "
+                             "export it for this machine's target")
+
+    def _loaded_layers(self, module, stored) -> list:
+        layers = []
+        with stored:
+            for i, layer in enumerate(self.manifest["layers"]):
+                try:
+                    function = module[layer["function"]]
+                except (AttributeError, RuntimeError):
+                    raise ValueError(f"the bundle's library has no function {layer['function']!r} "
+                                     f"(layers[{i}].function)") from None
+                weights = []
+                for name in layer["weights"]:
+                    if name not in stored.files:
+                        raise ValueError(f"the bundle's weights have no array {name!r} (layers[{i}].weights)")
+                    try:
+                        weights.append(to_device(np.ascontiguousarray(stored[name]), self.device))
+                    except (ValueError, OSError, EOFError) as err:
+                        raise ValueError(f"the bundle's weights array {name!r} is damaged ({err})") from None
+                layers.append((function, layer["reads"], tuple(layer["output_shape"]), np.dtype(layer["dtype"]),
+                               weights))
+        return layers
 
     @property
     def output_shapes(self) -> list[tuple]:
@@ -425,19 +710,49 @@ def host_architecture() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+# Bit i of the auxiliary vector's AT_HWCAP / AT_HWCAP2 on aarch64 Linux (asm/hwcap.h), named as /proc/cpuinfo names
+# them. The kernel's hwcaps are what user-mode emulators (qemu-user) emulate; their /proc/cpuinfo is the host's.
+_AARCH64_HWCAP = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp",
+                  "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512",
+                  "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg")
+_AARCH64_HWCAP2 = ("dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint",
+                   "svei8mm", "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte")
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+
+
+def _aarch64_hwcaps() -> set[str]:
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return set()
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    flags = set()
+    for entry, names in ((_AT_HWCAP, _AARCH64_HWCAP), (_AT_HWCAP2, _AARCH64_HWCAP2)):
+        bits = getauxval(entry)
+        flags.update(name for i, name in enumerate(names) if bits >> i & 1)
+    return flags
+
+
 def cpu_flags() -> set[str]:
-    """The instruction-set extensions the OS reports (/proc/cpuinfo "flags"; empty where there is none)."""
+    """The instruction-set extensions the OS reports, as /proc/cpuinfo names them: the kernel's hwcaps on
+    aarch64, /proc/cpuinfo's "flags" on x86; empty where there are none."""
+    arch = host_architecture()
+    if arch == "aarch64":
+        return _aarch64_hwcaps()
+    key = "flags" if arch in ("x86_64", "i686", "i386") else "Features"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.split(":", 1)[0].strip() == key:
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return set()
 
 
-def load(path: str, threads: int | None = None) -> Predictor:
+def load(path, threads: int | None = None, trusted_keys=None) -> Predictor:
     """Load an exported bundle (tvmconv.export) for inference with TVM's runtime only; its kernels run
-    on `threads` threads (default: TVM_NUM_THREADS, else every CPU this process may use)."""
-    return Predictor(path, threads)
+    on `threads` threads (default: TVM_NUM_THREADS, else every CPU this process may use). With
+    `trusted_keys` (ed25519 public keys, each a path to a PEM file or PEM bytes: tvmconv keygen), only a
+    bundle signed by one of them loads; `Predictor.signature` then names that key."""
+    return Predictor(path, threads, trusted_keys)

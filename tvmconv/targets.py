@@ -23,6 +23,32 @@ _FULL_WIDTH_AVX512 = "-prefer-256-bit"
 # Instruction-set features a hypervisor may hide even though LLVM's CPU model implies them.
 _CHECKED_X86_FEATURES = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "avx")
 
+# LLVM's features that are instruction sets compiled code may use, by the name /proc/cpuinfo gives them (x86
+# "flags", ARM "Features"). LLVM's other features are tuning hints (fast-*, slow-*, ...), system instructions that
+# generated code never emits and hypervisors often hide (invpcid, mwaitx, rdpru, xsave*, ...), and crypto
+# extensions, which code without intrinsics never uses and which CPUs of one LLVM model may lack (the Raspberry
+# Pi 4's Cortex-A72): none of those is a requirement of a kernel.
+_ISA_NAMES = {
+    "x86_64": {
+        "64bit": "lm", "x87": "fpu", "cmov": "cmov", "cx8": "cx8", "cx16": "cx16", "mmx": "mmx", "fxsr": "fxsr",
+        "sahf": "lahf_lm", "popcnt": "popcnt", "lzcnt": "abm", "bmi": "bmi1", "bmi2": "bmi2", "movbe": "movbe",
+        "adx": "adx", "prfchw": "3dnowprefetch", "crc32": "sse4_2", "sse": "sse", "sse2": "sse2", "sse3": "pni",
+        "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "sse4a": "sse4a", "fma4": "fma4", "xop": "xop",
+        "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "gfni": "gfni", "avxvnni": "avx_vnni",
+        "avxifma": "avx_ifma", "avx512f": "avx512f", "evex512": "avx512f", "avx512cd": "avx512cd",
+        "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512ifma": "avx512ifma",
+        "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512vnni": "avx512_vnni",
+        "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq", "avx512bf16": "avx512_bf16",
+        "avx512fp16": "avx512_fp16", "avx512vp2intersect": "avx512_vp2intersect", "amx-tile": "amx_tile",
+        "amx-bf16": "amx_bf16", "amx-int8": "amx_int8", "amx-fp16": "amx_fp16"},
+    "aarch64": {
+        "fp-armv8": "fp", "neon": "asimd", "fullfp16": "asimdhp", "fp16fml": "asimdfhm", "rdm": "asimdrdm",
+        "dotprod": "asimddp", "i8mm": "i8mm", "bf16": "bf16", "lse": "atomics", "rcpc": "lrcpc", "crc": "crc32",
+        "jsconv": "jscvt", "complxnum": "fcma", "sve": "sve", "sve2": "sve2", "sme": "sme"},
+}
+# Vector extensions newer than the tables above are required under LLVM's name: a load refused, never a crash.
+_VECTOR_PREFIXES = {"x86_64": ("avx", "amx", "sse", "fma"), "aarch64": ("sve", "sme", "neon")}
+
 
 @functools.lru_cache(maxsize=None)
 def host() -> dict:
@@ -87,6 +113,15 @@ def architecture(target: tvm.target.Target) -> str:
     host's), else this machine's."""
     cpu = target.host if target.kind.name == "cuda" and target.host is not None else target
     return str(cpu.attrs.get("mtriple", "") or codegen.llvm_get_system_triple()).split("-")[0]
+
+
+def isa_features(target: tvm.target.Target) -> list[str]:
+    """The instruction sets the target's code may use, as /proc/cpuinfo names them (a GPU target's: its host's)."""
+    cpu = target.host if target.kind.name == "cuda" and target.host is not None else target
+    arch = architecture(target)
+    names, prefixes = _ISA_NAMES.get(arch, {}), _VECTOR_PREFIXES.get(arch, ())
+    features = codegen.llvm_get_cpu_features(cpu)
+    return sorted({names.get(f, f) for f in features if f in names or f.startswith(prefixes)})
 
 
 def vector_bits(target: tvm.target.Target) -> int:
@@ -181,10 +216,8 @@ def check_runnable_here(target: tvm.target.Target) -> None:
                          f"({target_key(host_target)}): run them on a matching device over RPC with "
                          "remote='HOST:PORT' (an emulated aarch64 board: scripts/arm_board.sh start), "
                          "or export them.")
-    missing = sorted(set(codegen.llvm_get_cpu_features(target)) - set(codegen.llvm_get_cpu_features(host_target)))
-    # Tuning-only "features" (fast-*, slow-*) differ between CPUs harmlessly; instruction sets do not.
-    vector_missing = [f for f in missing if f.startswith(("avx", "fma", "amx", "sse", "f16c", "bmi", "gfni", "vaes"))]
-    if vector_missing:
-        raise ValueError(f"Target {target_key(target)} uses CPU features this host lacks ({', '.join(vector_missing)}): "
+    missing = sorted(set(isa_features(target)) - set(isa_features(host_target)))
+    if missing:
+        raise ValueError(f"Target {target_key(target)} uses CPU features this host lacks ({', '.join(missing)}): "
                          "running its kernels here would die with 'Illegal instruction'. Use target=None for the "
                          "host CPU, or export the kernels for a machine that has them.")

@@ -15,6 +15,7 @@ Records go to `<log_dir>/<target key>/` (see records.py); tuning again resumes t
 where it stopped. The best record is rebuilt and re-timed with TVM's time evaluator after
 tuning: that, not the tuner's figure, is the reported speed.
 """
+import collections
 import contextlib
 import dataclasses
 import math
@@ -27,11 +28,13 @@ import time
 import numpy as np
 import tvm
 from tqdm.auto import tqdm
+from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from . import backward, build, graph, records, rpc_devices, runtime, schedules, targets
 from .compute import ConvWorkload
+from .keras import validation
 
 SPACES = ("template", "auto", "both")
 MIN_TRIALS_PER_WORKLOAD = 64  # a model's budget is split by FLOP share, but never below this per workload
@@ -56,15 +59,14 @@ class TuneResult:
 # ---------------------------------------------------------------- what to tune
 
 
-def conv_workloads(layer_or_model, input_shape=None,
-                   gradients: bool = False) -> list[ConvWorkload | backward.GradientKernel]:
-    """The distinct conv workloads of a Conv2D layer, a Sequential or a functional Model, in call order,
-    for this input shape (batch included; 3D means batch 1; None: the model's declared input). With
-    `gradients`, also what training runs (Conv2D.gradients): the pre-activation when there is an
-    activation, the phases of dx and the convolution that gives dW, and the kernels that are not
-    convolutions (backward.training_kernels: the activation's derivative, dW's kernel of its own for
-    depthwise and pointwise layers, the regrouping for the others)."""
-    found = []
+def counted_workloads(layer_or_model, input_shape=None, gradients: bool = False) -> dict:
+    """The distinct workloads of a Conv2D layer, a Sequential or a functional Model, in call order, for this
+    input shape (batch included; 3D means batch 1; None: the model's declared input), each with how many
+    times one pass runs it. With `gradients`, also what training runs (Conv2D.gradients): the
+    pre-activation when there is an activation, the phases of dx and the convolution that gives dW, and the
+    kernels that are not convolutions (backward.training_kernels: the activation's derivative, dW's
+    kernel of its own for depthwise and pointwise layers, the regrouping for the others)."""
+    found = collections.Counter()
     for call in graph.layer_calls(layer_or_model, input_shape):
         wl = call.workload
         extra = []
@@ -73,18 +75,34 @@ def conv_workloads(layer_or_model, input_shape=None,
             extra = [dataclasses.replace(wl, activation="linear") if wl.activation != "linear" else None,
                      *(phase.workload for phase in phases), backward.weight_gradient_workload(wl),
                      *backward.training_kernels(wl)]
-        for workload in [wl, *extra]:
-            if workload is not None and workload not in found:
-                found.append(workload)
-    return found
+        found.update(workload for workload in [wl, *extra] if workload is not None)
+    return dict(found)
 
 
-def trial_budgets(workloads: list[ConvWorkload], trials: int, min_trials: int = MIN_TRIALS_PER_WORKLOAD) -> list[int]:
-    """`trials` split by FLOP share, at least `min_trials` each (a lone workload gets all of them)."""
+def conv_workloads(layer_or_model, input_shape=None, gradients: bool = False) -> list:
+    """The distinct workloads of `counted_workloads`, in call order."""
+    return list(counted_workloads(layer_or_model, input_shape, gradients))
+
+
+def trial_budgets(workloads: list[ConvWorkload], trials: int, min_trials: int = MIN_TRIALS_PER_WORKLOAD,
+                  weights: list[float] | None = None) -> list[int]:
+    """`trials` split by `weights` (default: FLOPs), at least `min_trials` each (a lone workload gets all)."""
     if len(workloads) == 1:
         return [trials]
-    total = sum(wl.flops for wl in workloads)
-    return [max(min_trials, round(trials * wl.flops / total)) for wl in workloads]
+    weights = weights or [wl.flops for wl in workloads]
+    total = sum(weights)
+    return [max(min_trials, round(trials * weight / total)) for weight in weights]
+
+
+def stack_seconds(workloads: list, counts: list[int], target, rpc=None) -> list[float]:
+    """Each workload's share of its stack's time: its kernel's time as builds have it now (best record or
+    the rule's defaults), re-timed here or on the RPC device, times how often the stack runs it."""
+    seconds = []
+    for wl, count in zip(workloads, counts, strict=True):
+        kernel = build.get_kernel(wl, target)
+        seconds.append(count * wl.flops / 1e9 / _gflops(kernel.kernel, wl.prim_func(kernel.weight_block), wl.flops,
+                                                         kernel.library, rpc, repeat=5))
+    return seconds
 
 
 # ---------------------------------------------------------------- design spaces
@@ -247,20 +265,84 @@ def _random_arguments(func, device) -> list:
     return [tvm.runtime.tensor(a, device) for a in arrays]
 
 
-def _gflops(kernel, func, flops: int, library: str | None, rpc) -> float:
-    """A loaded kernel (of the PrimFunc `func`) re-timed by TVM's time evaluator, here or, from its
-    `library`, on the RPC device."""
+def _gflops(kernel, func, flops: int, library: str | None, rpc, repeat: int = 15) -> float:
+    """A loaded kernel (of the PrimFunc `func`) re-timed by TVM's time evaluator (median of `repeat`), here or,
+    from its `library`, on the RPC device."""
     device = tvm.cpu()
     if rpc is not None:
         kernel = rpc_devices.remote_kernel(rpc_devices.connect(rpc), library)
         device = kernel.remote_device
     try:
-        evaluator = kernel.module.time_evaluator(kernel.entry, device, number=1, repeat=15, min_repeat_ms=40)
+        evaluator = kernel.module.time_evaluator(kernel.entry, device, number=1, repeat=repeat, min_repeat_ms=40)
         seconds = float(np.median(evaluator(*_random_arguments(func, device)).results))
     finally:
         if rpc is not None:  # the device serves one session at a time: free it for the next round of tuning
             rpc_devices.disconnect(rpc)
     return flops / seconds / 1e9
+
+
+# ---------------------------------------------------------------- what is known already
+
+
+@derived_object
+class _Seeded(ms.database.PyDatabase):
+    """The target's log (where every record is written) with records measured elsewhere beside it
+    (records.seed_database): the search's first population takes the best of both. The seeds are never
+    written here; a seed only lands in the log once the search picks it and measures it on this target."""
+
+    def __init__(self, log, seeds):
+        super().__init__()
+        self.log, self.seeds = log, seeds
+
+    def has_workload(self, mod):
+        return self.log.has_workload(mod)
+
+    def commit_workload(self, mod):
+        return self.log.commit_workload(mod)
+
+    def commit_tuning_record(self, record):
+        self.log.commit_tuning_record(record)
+
+    def get_top_k(self, workload, top_k):
+        own = list(self.log.get_top_k(workload, top_k))
+        seeds = self.seeds.get_top_k(self.seeds.commit_workload(workload.mod), top_k) if top_k > len(own) else []
+        return own + list(seeds)[:top_k - len(own)]
+
+    def get_all_tuning_records(self):
+        return self.log.get_all_tuning_records()
+
+    def query_tuning_record(self, mod, target, workload_name):
+        return self.log.query_tuning_record(mod, target, workload_name)
+
+    def query_schedule(self, mod, target, workload_name):
+        return self.log.query_schedule(mod, target, workload_name)
+
+    def query_ir_module(self, mod, target, workload_name):
+        return self.log.query_ir_module(mod, target, workload_name)
+
+    def __len__(self):
+        return len(self.log)
+
+
+def _warm_start(cost_model, contexts: list, seeds, per_task: int = 256) -> int:
+    """Train the cost model on the seeds' measurements of these tasks (their times come from another CPU or
+    session, but which schedules are fast ranks alike on one ISA); returns how many it learned from."""
+    learned = 0
+    for context in contexts:
+        found = seeds.get_top_k(seeds.commit_workload(context.mod), per_task)
+        candidates, results = [], []
+        for record in found:
+            try:
+                sch = s_tir.Schedule(context.mod)
+                record.trace.apply_to_schedule(sch, remove_postproc=False)
+            except Exception:  # a trace of another template version: not a candidate
+                continue
+            candidates.append(ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(context.mod)))
+            results.append(ms.runner.RunnerResult(run_secs=list(record.run_secs), error_msg=None))
+        if candidates:
+            cost_model.update(context, candidates, results)
+            learned += len(candidates)
+    return learned
 
 
 # ---------------------------------------------------------------- tuning
@@ -276,9 +358,11 @@ def trials_on_record(folder: str, wl) -> int:
 def tune_workloads(workloads: list, trials: int = 64, target=None,
                    log_dir: str | None = None, space: str = "template", rpc=None, time_budget: float | None = None,
                    threads: int | None = None, progress: bool = True,
-                   min_trials: int = MIN_TRIALS_PER_WORKLOAD) -> list[TuneResult]:
+                   min_trials: int = MIN_TRIALS_PER_WORKLOAD, counts: list[int] | None = None) -> list[TuneResult]:
     """Tune each workload (a ConvWorkload or a GradientKernel) until its log holds its share of `trials`
-    records (see `tune`)."""
+    records (see `tune`). Several workloads share the trials by their share of the stack's time (their
+    kernels' times as builds have them now, times `counts`: how often the stack runs each, default once),
+    and are tuned in that order, largest first, so that a time budget goes where the time goes."""
     if space not in SPACES:
         raise ValueError(f"Invalid `space` {space!r}: expected one of {', '.join(SPACES)}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -293,15 +377,23 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
                         "opens its own sessions")
     if rpc is not None:  # a layer's session in this process would keep the runner's workers waiting
         rpc_devices.disconnect(rpc)
-    folder = records.folder(log_dir or records.user_root(), target)
-    database = records.open_database(folder, create=True)
+    counts = counts or [1] * len(workloads)
+    if len(counts) != len(workloads) or not all(validation.is_int(c) and c > 0 for c in counts):
+        raise ValueError(f"`counts` must hold a positive integer per workload, got {counts!r}")
+    log_root = log_dir or records.user_root()
+    folder = records.folder(log_root, target)
+    seeds = records.seed_database(target, exclude=folder, roots=list(dict.fromkeys([log_root, *records.search_roots()])))
     threads = threads or runtime.default_threads()
     deadline = time.monotonic() + time_budget if time_budget else None
-    results = []
-    with _measurement_threads(threads), _interruptible() as state:
-        for wl, budget in zip(workloads, trial_budgets(workloads, trials, min_trials), strict=True):
+    results = {}
+    with records.locked(folder), _measurement_threads(threads), _interruptible() as state:
+        database = records.Log(folder)  # read under the lock: another process may have written to it
+        weights = stack_seconds(workloads, counts, target, rpc) if len(workloads) > 1 else [1.0]
+        budgets = trial_budgets(workloads, trials, min_trials, weights)
+        for i in sorted(range(len(workloads)), key=lambda i: -weights[i]):
+            wl, budget = workloads[i], budgets[i]
             stopped = "interrupted" if state["interrupted"] else None
-            if deadline and time.monotonic() >= deadline:
+            if deadline and time.monotonic() >= deadline and results:  # the first workload gets a round
                 stopped = "time budget"
             done = trials_on_record(folder, wl)
             remaining = budget - done
@@ -315,24 +407,28 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
                 with bar:
                     callback = _Progress(bar, wl.flops, should_stop)
                     contexts = tasks(wl, target, space)
+                    cost_model = ms.cost_model.XGBModel(num_warmup_samples=min(32, remaining))
+                    if seeds is not None:
+                        _warm_start(cost_model, contexts, seeds)
                     try:
                         ms.tune_tasks(
                             tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=folder,
                             max_trials_global=remaining, max_trials_per_task=remaining,
                             num_trials_per_iter=min(TRIALS_PER_ROUND, remaining),
                             builder=builder(target),
-                            runner=_runner(rpc, target), database=database,
-                            cost_model=ms.cost_model.XGBModel(num_warmup_samples=min(32, remaining)),
+                            runner=_runner(rpc, target),
+                            database=database if seeds is None else _Seeded(database, seeds),
+                            cost_model=cost_model,
                             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
                             task_scheduler="gradient")
                     except RuntimeError:  # TVM's FFI hands the callback's exception back as a RuntimeError
                         if not callback.stop_reason:
                             raise
                         stopped = callback.stop_reason
-            results.append(_result(wl, target, folder, rpc, done, callback, stopped))
-            if results[-1].trials:  # also when only re-timed: the latest figure, from a quiet machine or not
-                records.note_tuned(folder, wl, results[-1].trials, results[-1].gflops, results[-1].default_gflops)
-    return results
+            result = results[i] = _result(wl, target, folder, rpc, done, callback, stopped)
+            if result.trials:  # also when only re-timed: the latest figure, from a quiet machine or not
+                records.note_tuned(folder, wl, result.trials, result.gflops, result.default_gflops)
+    return [results[i] for i in range(len(workloads))]
 
 
 def _result(wl, target, folder, rpc, done, callback, stopped) -> TuneResult:
@@ -357,7 +453,7 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     """Tune the convolutions of a Conv2D layer or a model for `target` (default: this host's CPU).
 
     `input_shape` is the first layer's input (batch included, or 3D for batch 1). A model's
-    distinct workloads share `trials` by FLOP share, at least 64 each; a workload whose log
+    distinct workloads share `trials` by their share of its time, at least 64 each; a workload whose log
     already has its share is not tuned again (re-running resumes). Records are written to
     `log_dir` (default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs) under the
     target's key. `rpc` measures on remote devices: {"tracker": "HOST:PORT", "key": KEY} or
@@ -371,5 +467,6 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     if gradients and rpc is not None:
         raise NotImplementedError("gradients run on this machine's CPU or GPU, not over RPC (as Conv2D.gradients "
                                   "does): tune them without `rpc`")
-    return tune_workloads(conv_workloads(layer_or_model, input_shape, gradients), trials, target, log_dir, space,
-                          rpc, time_budget)
+    counted = counted_workloads(layer_or_model, input_shape, gradients)
+    return tune_workloads(list(counted), trials, target, log_dir, space, rpc, time_budget,
+                          counts=list(counted.values()))
