@@ -239,13 +239,11 @@ GRADIENT_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", GRADIENT_CONFIGS)
-def test_layer_and_gradients_run_the_cuda_schedules(name, cuda_emulated_here, rng):
-    """`layer(x)` and `layer.gradients` of a CUDA layer: dx and dW on the CUDA templates (forward convolutions),
-    the other gradient kernels on their CUDA schedules, all emulated, against the same layer in float64."""
-    config, expected_kernels = GRADIENT_CONFIGS[name]
+def _check_layer_and_gradients(config: dict, target: str, rng) -> tvmconv.Conv2D:
+    """`layer(x)` and `layer.gradients` of a layer for `target` against the same layer in float64 (the
+    gradients to 4x the forward tolerance: they sum over more terms); returns the layer."""
     shape = (2, 4, 7, 9) if config.get("data_format") == "channels_first" else (2, 7, 8, 4)
-    layer = tvmconv.Conv2D(target="cuda-sm_90", **config)
+    layer = tvmconv.Conv2D(target=target, **config)
     exact = tvmconv.Conv2D(**{**config, "dtype": "float64"})
     x = rng.standard_normal(shape).astype(layer.compute_dtype)
     y = layer(x)
@@ -257,8 +255,17 @@ def test_layer_and_gradients_run_the_cuda_schedules(name, cuda_emulated_here, rn
     dy = rng.standard_normal(y.shape).astype(layer.compute_dtype)
     got, want = layer.gradients(x, dy, output=y), exact.gradients(x.astype(np.float64), dy.astype(np.float64))
     for part in ("input", "kernel", "bias"):
-        scale = np.abs(want[part]).max()
-        np.testing.assert_allclose(got[part], want[part], atol=4 * tolerance * scale, rtol=0, err_msg=part)
+        np.testing.assert_allclose(got[part], want[part], atol=4 * tolerance * np.abs(want[part]).max(), rtol=0,
+                                   err_msg=part)
+    return layer
+
+
+@pytest.mark.parametrize("name", GRADIENT_CONFIGS)
+def test_layer_and_gradients_run_the_cuda_schedules(name, cuda_emulated_here, rng):
+    """`layer(x)` and `layer.gradients` of a CUDA layer: dx and dW on the CUDA templates (forward convolutions),
+    the other gradient kernels on their CUDA schedules, all emulated, against the same layer in float64."""
+    config, expected_kernels = GRADIENT_CONFIGS[name]
+    layer = _check_layer_and_gradients(config, "cuda-sm_90", rng)
     # Every kernel the layer ran was a CUDA schedule: the templates' for the convolutions (the forward pass, dx's
     # phases, dW's convolution), the fixed ones for the others.
     kinds = {(type(wl).__name__, type(knobs).__module__.rsplit(".", 1)[-1]) for wl, knobs in cuda_emulated_here}
@@ -288,19 +295,7 @@ def test_layer_on_the_gpu_against_float64(precision, rng):
 @needs_gpu
 @pytest.mark.parametrize("name", GRADIENT_CONFIGS)
 def test_gradients_on_the_gpu_against_float64(name, rng):
-    config, _ = GRADIENT_CONFIGS[name]
-    shape = (2, 4, 7, 9) if config.get("data_format") == "channels_first" else (2, 7, 8, 4)
-    layer = tvmconv.Conv2D(target="cuda-sm_80", **config)
-    exact = tvmconv.Conv2D(**{**config, "dtype": "float64"})
-    x = rng.standard_normal(shape).astype(layer.compute_dtype)
-    y = layer(x)
-    exact.build(x.shape)
-    exact.set_weights([w.astype(np.float64) for w in layer.get_weights()])
-    dy = rng.standard_normal(y.shape).astype(layer.compute_dtype)
-    got, want = layer.gradients(x, dy, output=y), exact.gradients(x.astype(np.float64), dy.astype(np.float64))
-    for part in ("input", "kernel", "bias"):
-        np.testing.assert_allclose(got[part], want[part], rtol=0, err_msg=part,
-                                   atol=4 * TOLERANCE[layer.compute_dtype] * np.abs(want[part]).max())
+    _check_layer_and_gradients(GRADIENT_CONFIGS[name][0], "cuda-sm_80", rng)
 
 
 @needs_nvcc
