@@ -107,11 +107,11 @@ def time_round(directory: str, seconds: float = ROUND_SECONDS) -> dict:
     current = os.path.join(directory, _CURRENT)
     start = time.monotonic()
     deadline = start + seconds
-    while time.monotonic() < deadline and len(_results_so_far(partial)) < len(spec["kernels"]):
+    while (left := deadline - time.monotonic()) > 0 and len(_results_so_far(partial)) < len(spec["kernels"]):
         if os.path.exists(current):
             os.remove(current)
-        worker = subprocess.run([sys.executable, "-m", "tvmconv.timing", "--worker", directory,
-                                 "--seconds", str(deadline - time.monotonic())], capture_output=True, text=True)
+        worker = subprocess.run([sys.executable, "-m", "tvmconv.timing", "--worker", directory, f"--seconds={left}"],
+                                capture_output=True, text=True)
         if worker.returncode != 0:  # it died running a kernel: that kernel failed, the next worker goes on
             if not os.path.exists(current):
                 raise RuntimeError(f"the timing worker failed before running any kernel:\n{worker.stderr[-2000:]}")
