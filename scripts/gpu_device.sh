@@ -27,7 +27,7 @@ EOF
 
 pack() {
   local dir=$1; shift
-  local arch=sm_90 variants=0 python=3.12 round_trials=0 round_size=512
+  local arch=sm_90 variants=0 python=3.12 round_trials=0 round_size=256
   while [[ $# -gt 0 ]]; do
     case $1 in
       --arch) arch=$2; shift 2 ;;
