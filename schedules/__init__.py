@@ -22,7 +22,7 @@ Knobs are frozen dataclasses; `weight_block` names the packed weight layout they
 The x86 and arm rules are instances of cpu.CpuRule, each with its model of a core; the generic CPU
 rule, last, accepts any LLVM target.
 """
-from . import arm, cpu, cuda, x86
+from . import arm, cpu, cuda, tensor_cores, x86
 
 RULES = [x86.RULE, arm.RULE, cuda.RULE, cpu.GENERIC]
 
@@ -32,3 +32,10 @@ def find_rule(target):
         if rule.applies(target):
             return rule
     raise NotImplementedError(f"no schedule in schedules/ handles target kind {target.kind.name!r}")
+
+
+def register_intrinsics(names) -> None:
+    """Register the tensor intrinsics among `names` (those a trace tensorizes with), before the trace is
+    replayed: the rules register theirs when they first schedule with them, and a trace replayed in a fresh
+    process may come first."""
+    tensor_cores.register(set(names))

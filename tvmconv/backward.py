@@ -267,7 +267,7 @@ class GradientKernel:
 @functools.lru_cache(maxsize=256)
 def _gradient_prim_func(kernel: GradientKernel):
     """The kernel's PrimFunc, naming what it computes in its attributes (as conv2d_forward does)."""
-    return kernel.compute().with_attr({WORKLOAD_ATTR: json.dumps(dataclasses.asdict(kernel.workload)),
+    return kernel.compute().with_attr({WORKLOAD_ATTR: json.dumps(kernel.workload.fields()),
                                        GRADIENT_ATTR: kernel.part})
 
 

@@ -87,7 +87,24 @@ def parse_workload(text: str, batch: int):
 
 def tune(args) -> int:
     """Tune convolutions for a target; records go to the log dir under the target's key."""
-    from tvmconv import from_keras, networks, tuning
+    from tvmconv import from_keras, networks, rounds, tuning
+    if args.ingest:
+        if args.workloads or args.runner:
+            raise ValueError("--ingest DIR takes the round's folder alone: its workloads and target are in the round")
+        ingested, following = rounds.ingest(args.ingest, args.log_dir)
+        print(f"{'workload':44} {'trials':>6} {'of':>6} {'timed':>6} {'errors':>6} {'default':>9} {'best':>9}  GFLOP/s")
+        for r in ingested:
+            cells = [f"{v:9.1f}" if v else f"{'-':>9}" for v in (r.default_gflops, r.gflops)]
+            print(f"{r.workload.label:44} {r.trials:6d} {r.budget:6d} {r.measured:6d} {r.errors:6d} {' '.join(cells)}")
+        _print_round(following, args.ingest)
+        return 0
+    if not args.workloads:
+        raise ValueError("tune needs workloads (or --ingest DIR)")
+    runner = args.runner or "local"
+    if runner != "local" and not runner.startswith("batch:") or runner == "batch:":
+        raise ValueError(f"--runner must be 'local' or 'batch:DIR', got {runner!r}")
+    if args.round_size and runner == "local":
+        raise ValueError("--round-size is the size of a round of --runner batch:DIR")
     counts: dict = {}  # workload -> how many times the stacks named run it
     for item in args.workloads:
         if item in networks.NETWORKS:
@@ -106,6 +123,18 @@ def tune(args) -> int:
         rpc = {"tracker": args.rpc_tracker, "key": args.rpc_key}
     elif args.rpc:
         rpc = args.rpc
+    if runner.startswith("batch:"):
+        if rpc is not None or args.time_budget:
+            raise ValueError("--runner batch:DIR writes a round to time where it is taken: --rpc, --rpc-tracker and "
+                             "--time-budget are for the local runner")
+        # The device is out of reach, so the stacks' trials are shared by FLOPs (times how often each runs),
+        # not by kernel times as the local runner shares them.
+        budgets = tuning.trial_budgets(list(counts), args.trials, args.min_trials,
+                                       [wl.flops * count for wl, count in counts.items()])
+        directory = runner.removeprefix("batch:")
+        _print_round(rounds.write_round(list(zip(counts, budgets, strict=True)), args.target, directory, args.log_dir,
+                                        args.space, args.round_size or rounds.ROUND_CANDIDATES), directory)
+        return 0
     results = tuning.tune_workloads(list(counts), args.trials, args.target, args.log_dir, args.space, rpc,
                                     args.time_budget, min_trials=args.min_trials, counts=list(counts.values()))
     print(f"{'workload':44} {'trials':>6} {'errors':>6} {'default':>9} {'tuned':>9} {'tuner':>9}  GFLOP/s")
@@ -115,6 +144,16 @@ def tune(args) -> int:
         print(f"{r.workload.label:44} {r.trials:6d} {r.errors:6d} {' '.join(cells)}{stopped}")
     print(f"records: {results[0].folder}" if results else "nothing to tune")
     return 0
+
+
+def _print_round(summary, directory: str) -> None:
+    if summary is None:
+        print(f"every workload has its trials: no round left in {directory}")
+        return
+    print(f"round {summary.round} in {directory}: {summary.kernels} kernels to time for {summary.workloads} workloads "
+          f"({summary.failed_builds} candidates did not build). Time it where it runs with "
+          f"`python -m tvmconv.timing {directory}` (on the GPU machine: scripts/gpu_device.sh run), then "
+          f"`tvmconv tune --ingest {directory}`")
 
 
 def export(args) -> int:
@@ -192,7 +231,7 @@ def main(argv=None) -> int:
     demo_parser.set_defaults(run=demo)
 
     tune_parser = commands.add_parser("tune", help=tune.__doc__, description=tune.__doc__)
-    tune_parser.add_argument("workloads", nargs="+", metavar="WORKLOAD",
+    tune_parser.add_argument("workloads", nargs="*", metavar="WORKLOAD",
                              help="a named set (resnet50, mobilenet_v2, resnext50, vgg16), a Keras model file "
                                   "(.keras/.h5) or a workload HxWxC:FILTERS:KHxKW[:name=value...]")
     tune_parser.add_argument("--trials", type=int, default=64,
@@ -213,6 +252,13 @@ def main(argv=None) -> int:
                              help="measure on devices of this tracker")
     tune_parser.add_argument("--rpc-key", default=None, help="the device key at the tracker")
     tune_parser.add_argument("--rpc", default=None, metavar="HOST:PORT", help="measure on this RPC server (no tracker)")
+    tune_parser.add_argument("--runner", default=None, metavar="local|batch:DIR",
+                             help="local (default: measure here or over --rpc) or batch:DIR: write a round of "
+                                  "built candidates into DIR, to time where they run (python -m tvmconv.timing DIR)")
+    tune_parser.add_argument("--round-size", type=int, default=None, metavar="N",
+                             help="candidates per round with --runner batch:DIR (default 256)")
+    tune_parser.add_argument("--ingest", default=None, metavar="DIR",
+                             help="commit the timed round in DIR to the log dir, then write the next round there")
     tune_parser.set_defaults(run=tune)
 
     export_parser = commands.add_parser("export", help=export.__doc__, description=export.__doc__)
@@ -276,7 +322,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "size", 3) < 3 or getattr(args, "batch", 1) < 1:
         parser.error("--size must be at least 3 and --batch at least 1")
-    for name in ("trials", "min_trials", "keep"):  # serve's numbers: serving.Options checks them
+    for name in ("trials", "min_trials", "keep", "round_size"):  # serve's numbers: serving.Options checks them
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:

@@ -82,6 +82,40 @@ class ConvWorkload:
     dtype: str = "float32"
     use_bias: bool = True
     activation: str = "linear"
+    tf32: bool = False  # float32 multiplied on tensor cores in TF32 (10-bit mantissa), accumulated in float32
+
+    def fields(self) -> dict:
+        """The fields as keys and tuning logs store them: `tf32` only when set, so that the keys and the
+        records of every workload from before it existed stay valid."""
+        fields = dataclasses.asdict(self)
+        if not self.tf32:
+            del fields["tf32"]
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields) -> "ConvWorkload":
+        """The workload that `fields()` stored (read from a tuning log or a round of candidates: checked,
+        not trusted)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or not set(fields) <= set(names) or not {
+                name for name, f in names.items() if f.default is dataclasses.MISSING} <= set(fields):
+            raise ValueError(f"not a convolution's fields: {fields!r}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        allowed = {"padding": ("valid", "same"), "data_format": ("channels_last", "channels_first"),
+                   "dtype": ("float16", "float32", "float64"),
+                   "activation": (*ELEMENTWISE_ACTIVATIONS, *LAST_AXIS_ACTIVATIONS)}
+        for name, value in values.items():
+            if name in allowed:
+                valid = value in allowed[name]
+            elif names[name].type in (bool, "bool"):
+                valid = isinstance(value, bool)
+            elif isinstance(value, tuple):
+                valid = len(value) == 2 and all(type(v) is int and v > 0 for v in value)
+            else:
+                valid = type(value) is int and value > 0
+            if not valid:
+                raise ValueError(f"not a convolution's fields: {name}={value!r}")
+        return cls(**values)
 
     @property
     def label(self) -> str:
@@ -89,7 +123,7 @@ class ConvWorkload:
         kh, kw = self.kernel_size
         extras = [f"s{self.strides[0]}" if self.strides != (1, 1) else "",
                   f"d{self.dilation[0]}" if self.dilation != (1, 1) else "",
-                  f"g{self.groups}" if self.groups > 1 else "", self.padding]
+                  f"g{self.groups}" if self.groups > 1 else "", self.padding, "tf32" if self.tf32 else ""]
         return " ".join([f"{self.input_shape}->{self.filters} {kh}x{kw}", *filter(None, extras)])
 
     @property
@@ -168,9 +202,8 @@ class ConvWorkload:
 
     @functools.cached_property
     def key(self) -> str:
-        """A stable identity (a hash of every field), used in cache file names and tuning logs."""
-        fields = dataclasses.astuple(self)
-        return "conv2d-" + hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+        """A stable identity (a hash of `fields()`), used in cache file names and tuning logs."""
+        return "conv2d-" + hashlib.sha256(repr(tuple(self.fields().values())).encode()).hexdigest()[:16]
 
     def prim_func(self, weight_block: int = 0):
         return conv2d_forward(self, weight_block)
@@ -418,7 +451,7 @@ def conv2d_forward(wl: ConvWorkload, weight_block: int = 0):
     args = [x, w] + ([b] if b is not None else []) + [y]
     # The workload and weight layout ride along as attributes: tuning logs name what they tuned.
     func = te.create_prim_func(args).with_attr(
-        {WORKLOAD_ATTR: json.dumps(dataclasses.asdict(wl)), WEIGHT_BLOCK_ATTR: weight_block})
+        {WORKLOAD_ATTR: json.dumps(wl.fields()), WEIGHT_BLOCK_ATTR: weight_block})
     return read_unaligned(func)
 
 

@@ -96,9 +96,15 @@ class Engine:
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, wl: ConvWorkload, x: np.ndarray) -> np.ndarray:
-        """The layer's output for x (in the workload's shape, any real dtype: cast to the compute dtype)."""
+    def forward(self, wl: ConvWorkload, x):
+        """The layer's output for x (in the workload's shape, any real dtype: cast to the compute dtype). For x
+        on the GPU (a runtime.GpuTensor, read in place, in the compute dtype), a tensor of x's library there."""
         runner, weights = self._prepared(wl)
+        if isinstance(x, runtime.GpuTensor):
+            if x.dtype != np.dtype(wl.dtype):
+                raise TypeError(f"Layer '{self.owner}' reads a tensor on the GPU in place, so it must have the "
+                                f"layer's compute dtype {wl.dtype}. Received dtype={x.dtype}")
+            return x.like_source(runner.on_device(x.tensor, weights, wl.output_shape))
         y = self._outputs.take(wl.output_shape, np.dtype(wl.dtype))
         runner(x.astype(wl.dtype, copy=False), weights, y, self.threads)
         return y
@@ -120,9 +126,9 @@ class Engine:
                   input_gradient: bool) -> dict:
         """{"input": dL/dx or None, "kernel": dL/dW (Keras's layout), "bias": dL/db or None} for dy = dL/dy,
         all in the compute dtype; `output`, the layer's output for x, saves recomputing the pre-activation."""
-        if self.remote is not None or self.target.kind.name != "llvm":
-            raise NotImplementedError("gradients run on this host's CPU only for now: layer "
-                                      f"'{self.owner}' has target={self.target.kind.name!r}, remote={self.remote!r}")
+        if self.remote is not None:
+            raise NotImplementedError("gradients run on this host's CPU or GPU, not over RPC: layer "
+                                      f"'{self.owner}' has remote={self.remote!r}")
         self._check_runnable()
         dtype = wl.dtype
         x = np.ascontiguousarray(x, dtype=dtype)
@@ -135,9 +141,9 @@ class Engine:
         return {"input": dx, "kernel": dw, "bias": db}
 
     def _run(self, kernel, *inputs, out: np.ndarray) -> None:
-        """Run a gradient kernel that is not a convolution; its inputs are read in place (declared unaligned,
-        as the forward kernel's x)."""
-        self.kernel(kernel).kernel.function(*[runtime.input_tensor(a) for a in inputs], runtime.output_tensor(out))
+        """Run a gradient kernel that is not a convolution (on the CPU its inputs are read in place: they are
+        declared unaligned, as the forward kernel's x)."""
+        self.kernel(kernel).kernel.call(*inputs, out=out)
 
     def _activation_gradient(self, wl: ConvWorkload, x, dy, output) -> np.ndarray:
         """dz = dy · act'(z), from the output where that is exact (backward.FROM_OUTPUT), else from the

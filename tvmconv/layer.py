@@ -12,6 +12,7 @@ from .compute import ConvWorkload, conv_output_shape
 from .keras import activations, constraints, initializers, regularizers, settings, validation
 from .keras.arrays import to_array
 from .keras.symbolic import KerasTensor
+from .runtime import GpuTensor
 
 
 class Conv2D:
@@ -20,7 +21,7 @@ class Conv2D:
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
                  input_shape=None, batch_input_shape=None, batch_size=None, dtype=None, name=None,
-                 trainable=True, weights=None, target=None, threads=None, remote=None):
+                 trainable=True, weights=None, target=None, threads=None, remote=None, tf32=False):
         self.groups = validation.positive_int(groups, "groups")
         self.filters = validation.positive_int(filters, "filters")
         if self.filters % self.groups:
@@ -51,6 +52,7 @@ class Conv2D:
         self.target, self._target_given = targets.resolve(target), target
         self.threads = None if threads is None else validation.positive_int(threads, "threads")
         self.remote = rpc_devices.standardize(remote)
+        self.tf32 = targets.check_tf32(validation.as_bool(tf32, "tf32"), self.target, self.compute_dtype)
         self._engine = engine.Engine(self.target, self.threads, self.remote, self.name)
         self.batch_input_shape = validation.batch_input_shape(input_shape, batch_input_shape, batch_size)
         self._initial_weights = validation.weight_list(weights, "weights")
@@ -96,13 +98,8 @@ class Conv2D:
             self.set_weights(self._initial_weights)
             self._initial_weights = None
 
-    @property
-    def kernel(self):
-        return self._kernel
-
-    @property
-    def bias(self):
-        return self._bias
+    kernel = property(lambda self: self._kernel)
+    bias = property(lambda self: self._bias)
 
     @property
     def weights(self) -> list:
@@ -163,12 +160,12 @@ class Conv2D:
             n, c, h, w = input_shape
         return ConvWorkload(int(n), int(h), int(w), int(c), self.filters, self.kernel_size, self.strides,
                             self.dilation_rate, self.padding, self.groups, self.data_format, self.compute_dtype,
-                            self.use_bias, self.activation if isinstance(self.activation, str) else "linear")
+                            self.use_bias, self.activation if isinstance(self.activation, str) else "linear", self.tf32)
 
-    def _input(self, inputs, what: str = "Input 0") -> tuple[np.ndarray, ConvWorkload | None]:
-        """The input as an array, and its workload (None for an empty batch), the layer built for it. A shape
-        is checked on its first call."""
-        x = to_array(inputs, f"{what} of layer '{self.name}'")
+    def _input(self, inputs, what: str = "Input 0", gpu: bool = False) -> tuple:
+        """The input as an array (with `gpu`, a tensor on a CUDA layer's GPU as a runtime.GpuTensor), and its
+        workload (None for an empty batch), the layer built for it. A shape is checked on its first call."""
+        x = to_array(inputs, f"{what} of layer '{self.name}'", gpu and self.target.kind.name == "cuda")
         if x.dtype.kind not in "biuf":
             raise TypeError(f"{what} of layer '{self.name}' must be a real numeric array (it is cast to "
                             f"{self.compute_dtype}). Received dtype={x.dtype}")
@@ -198,10 +195,13 @@ class Conv2D:
     def __call__(self, inputs):
         if isinstance(inputs, KerasTensor):
             return self._symbolic_call(inputs)
-        x, wl = self._input(inputs)
+        x, wl = self._input(inputs, gpu=True)
+        if isinstance(x, GpuTensor) and (callable(self.activation) or self.activity_regularizer is not None):
+            raise TypeError(f"Layer '{self.name}' applies its callable activation or activity regularizer to numpy "
+                            "arrays: pass the input as a numpy array, not as a tensor on the GPU")
         if wl is None:  # an empty batch has an empty answer; nothing to compile
             return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
-        y = self._engine.forward(wl, x)
+        y = self._engine.forward(wl, x)  # a tensor on the GPU for a GpuTensor x
         if callable(self.activation):
             y = np.asarray(self.activation(y), dtype=self.compute_dtype)
         if self.activity_regularizer is not None:
@@ -252,7 +252,8 @@ class Conv2D:
                               (constraints, ("kernel_constraint", "bias_constraint"))):
             config.update({name: module.serialize(getattr(self, name)) for name in names})
         # Given, not defaults; a live RPC session is not configuration.
-        for name, value in (("target", self._target_given), ("threads", self.threads), ("remote", self.remote)):
+        for name, value in (("target", self._target_given), ("threads", self.threads), ("remote", self.remote),
+                            ("tf32", self.tf32 or None)):
             if value is not None and not (name == "remote" and not isinstance(value, (str, dict))):
                 config[name] = value
         return config

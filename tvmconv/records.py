@@ -36,7 +36,7 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import targets, tuning_logs  # tuning_logs: the shipped records (package data)
+from . import schedules, targets, tuning_logs  # tuning_logs: the shipped records (package data)
 from .backward import GRADIENT_ATTR, GRADIENT_KERNELS, GradientKernel
 from .compute import WEIGHT_BLOCK_ATTR, WORKLOAD_ATTR, ConvWorkload
 
@@ -201,8 +201,7 @@ def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload | Gradie
     attrs = record.workload.mod["main"].attrs
     if attrs is None or WORKLOAD_ATTR not in attrs:
         return None
-    fields = json.loads(str(attrs[WORKLOAD_ATTR]))
-    wl = ConvWorkload(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    wl = ConvWorkload.from_fields(json.loads(str(attrs[WORKLOAD_ATTR])))
     if GRADIENT_ATTR in attrs:
         return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), 0
     return wl, int(attrs[WEIGHT_BLOCK_ATTR])
@@ -397,6 +396,7 @@ def best(workload: ConvWorkload | GradientKernel, target: tvm.target.Target, roo
 def apply(tuned: Tuned, func) -> s_tir.Schedule:
     """The tuned schedule replayed on `func` (the same workload, or one it stands in for)."""
     sch = s_tir.Schedule(func)
+    schedules.register_intrinsics(str(i.attrs[0]) for i in tuned.trace.insts if i.kind.name == "Tensorize")
     tuned.trace.apply_to_schedule(sch, remove_postproc=False)
     return sch
 

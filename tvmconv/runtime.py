@@ -224,6 +224,27 @@ def to_device(array: np.ndarray, device: str) -> tvm_ffi.Tensor:
     return tensor
 
 
+class GpuTensor:
+    """A caller's tensor on a CUDA GPU (torch, CuPy, ...), taken by DLPack without a copy: a CUDA kernel reads
+    it in place, and its output goes back as a tensor of the caller's library, on the GPU."""
+
+    def __init__(self, source):
+        self.tensor = tvm_ffi.from_dlpack(source)
+        self.shape = tuple(self.tensor.shape)
+        self.dtype = np.dtype(str(self.tensor.dtype))
+        self._library = sys.modules[type(source).__module__.split(".")[0]]
+
+    @staticmethod
+    def holds(source) -> bool:
+        """Whether `source` is a DLPack producer's tensor on a CUDA GPU."""
+        device = getattr(source, "__dlpack_device__", None)
+        return device is not None and device()[0] == CUDA
+
+    def like_source(self, tensor: tvm_ffi.Tensor):
+        """`tensor` as a tensor of the source's library (its `from_dlpack`), sharing its memory."""
+        return self._library.from_dlpack(tensor)
+
+
 def copy_to_host(tensor: tvm_ffi.Tensor, out: np.ndarray) -> np.ndarray:
     """Copy a device tensor into the C-contiguous array `out`."""
     host = out if is_aligned(out) else aligned_empty(out.shape, out.dtype)
@@ -285,9 +306,15 @@ class Kernel:
         use_threads(threads)
         self.function(input_tensor(x), *weights, output_tensor(out))
 
+    def call(self, *inputs: np.ndarray, out: np.ndarray) -> None:
+        """Run a function whose every input is declared unaligned (the gradient kernels that are not
+        convolutions): inputs read in place, on the calling thread's pool."""
+        self.function(*map(input_tensor, inputs), output_tensor(out))
+
 
 class CudaKernel(Kernel):
-    """A compiled CUDA function: weights kept on the GPU, input and output copied for each call."""
+    """A compiled CUDA function: weights kept on the GPU, input and output copied for each call, or a
+    caller's GPU tensors used in place (`on_device`)."""
 
     device = "cuda"
 
@@ -298,6 +325,17 @@ class CudaKernel(Kernel):
         result = device_empty(out.shape, out.dtype, self.device)
         self.function(to_device(x, self.device), *weights, result)
         copy_to_host(result, out)
+
+    def call(self, *inputs: np.ndarray, out: np.ndarray) -> None:
+        result = device_empty(out.shape, out.dtype, self.device)
+        self.function(*(to_device(np.ascontiguousarray(a), self.device) for a in inputs), result)
+        copy_to_host(result, out)
+
+    def on_device(self, x: tvm_ffi.Tensor, weights: list, output_shape: tuple) -> tvm_ffi.Tensor:
+        """The output for `x`, a tensor on this GPU (a caller's, by DLPack: read in place), on the GPU."""
+        out = device_empty(output_shape, str(x.dtype), self.device)
+        self.function(x, *weights, out)
+        return out
 
 
 # ---------------------------------------------------------------- exported bundles (tvmconv.export)

@@ -71,6 +71,9 @@ _AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], 
 
 # A GPU library's host code runs on the GPU machine's CPU, whatever it is: baseline x86-64.
 _GPU_HOST = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+# What a block may use on every CUDA GPU since Volta without opting in; MetaSchedule's GPU verification
+# (tuning) rejects candidates beyond them and refuses targets that do not state them.
+_CUDA_LIMITS = {"max_shared_memory_per_block": 48 * 1024, "max_threads_per_block": 1024, "thread_warp_size": 32}
 
 # Named targets. The x86 presets use the oldest CPU model with that vector ISA, so their code
 # runs on every CPU that has it (AMD Zen 1 and later for AVX2, Zen 4 and Skylake-SP for AVX-512).
@@ -80,8 +83,8 @@ PRESETS = {
                            "num-cores": host()["num-cores"]},
     "aarch64": lambda: {**_AARCH64, "mcpu": "cortex-a72"},
     "aarch64-neoverse": lambda: {**_AARCH64, "mcpu": "neoverse-n1"},
-    "cuda-sm_80": lambda: {"kind": "cuda", "arch": "sm_80", "host": _GPU_HOST},
-    "cuda-sm_90": lambda: {"kind": "cuda", "arch": "sm_90", "host": _GPU_HOST},
+    "cuda-sm_80": lambda: {"kind": "cuda", "arch": "sm_80", **_CUDA_LIMITS, "host": _GPU_HOST},
+    "cuda-sm_90": lambda: {"kind": "cuda", "arch": "sm_90", **_CUDA_LIMITS, "host": _GPU_HOST},
 }
 PRESETS["cuda"] = PRESETS["cuda-sm_80"]
 
@@ -163,6 +166,21 @@ def cross_compiler(target: tvm.target.Target):
         raise RuntimeError(f"Cross-compiling for {arch} needs {compiler}, which is not installed: "
                            f"apt-get install {package}")
     return tvm.support.cc.cross_compiler(compiler)
+
+
+def check_tf32(tf32: bool, target: tvm.target.Target, dtype: str) -> bool:
+    """`tf32` (Conv2D's argument) if the target has TF32 tensor cores (CUDA sm_80 and later) and the layer
+    computes in float32; ValueError otherwise."""
+    if not tf32:
+        return False
+    arch = str(target.attrs.get("arch", "")) if target.kind.name == "cuda" else ""
+    if not (arch.startswith("sm_") and arch[3:].isdigit() and int(arch[3:]) >= 80):
+        raise ValueError("`tf32=True` multiplies on the tensor cores of CUDA GPUs from sm_80 (A100) on: use a target "
+                         f"such as 'cuda-sm_80' or 'cuda-sm_90'. Received: target={target_key(target)}")
+    if dtype != "float32":
+        raise ValueError(f"`tf32=True` is for float32 layers; this layer computes in {dtype} (float16 layers use the "
+                         "tensor cores already)")
+    return True
 
 
 def runnable_here(target: tvm.target.Target) -> bool:

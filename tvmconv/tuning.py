@@ -5,7 +5,7 @@ Design spaces ("space"):
              one design space per structural variant (loop order, padding, window unrolling),
              the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`);
              a workload its rule has no template for (the gradient kernels that are not
-             convolutions; CUDA so far) tunes in the generated space instead;
+             convolutions) tunes in the generated space instead;
   auto     — MetaSchedule's own generated space ("post-order-apply") over our compute;
   both     — the two together: the best record wins at build time, whichever space made it.
 Every workload, a convolution or a gradient kernel, goes through the same steps (the workload
@@ -155,12 +155,22 @@ def _build(mod, target, _params):
 
 def _export_for(target_dict: dict):
     """LocalBuilder's export step: a shared library linked by the target's (cross) compiler, which an
-    RPC server without a compiler can load (MetaSchedule's default writes a .tar)."""
+    RPC server without a compiler can load (MetaSchedule's default writes a .tar); for a CUDA target,
+    with the fatbin nvcc builds beside it (`build.device_code`: the same file name, `.fatbin`)."""
     def export(module) -> str:
+        target = tvm.target.Target(target_dict)
         path = os.path.join(tempfile.mkdtemp(prefix="tvmconv-tune-"), "kernel.so")
-        module.export_library(path, fcompile=targets.cross_compiler(tvm.target.Target(target_dict)))
+        module.export_library(path, fcompile=targets.cross_compiler(target))
+        if target.kind.name == "cuda":
+            with open(path[:-3] + ".fatbin", "wb") as f:
+                f.write(build.device_code(module, target))
         return path
     return export
+
+
+def builder(target) -> ms.builder.LocalBuilder:
+    """MetaSchedule's LocalBuilder with the two steps above: what tuning builds candidates with."""
+    return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=_build, f_export=_export_for(target.export()))
 
 
 def _evaluator() -> ms.runner.EvaluatorConfig:
@@ -339,7 +349,8 @@ def _warm_start(cost_model, contexts: list, seeds, per_task: int = 256) -> int:
 # ---------------------------------------------------------------- tuning
 
 
-def _trials_on_record(folder: str, wl) -> int:
+def trials_on_record(folder: str, wl) -> int:
+    """The trials run for `wl` in a log folder (its records, or more where `logs prune` dropped some)."""
     idx = records.index(folder)
     entry = idx and idx.entries.get(wl.key)
     return entry["trials"] if entry else 0
@@ -391,7 +402,7 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
             # slice shortens the slices after it.
             slice_end = deadline and time.monotonic() + max(deadline - time.monotonic(), 0) * (
                 weights[i] / sum(weights[j] for j in order[position:]))
-            done = _trials_on_record(folder, wl)
+            done = trials_on_record(folder, wl)
             remaining = budget - done
             callback = None
             if remaining > 0 and not stopped:
@@ -411,8 +422,7 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
                             tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=folder,
                             max_trials_global=remaining, max_trials_per_task=remaining,
                             num_trials_per_iter=min(TRIALS_PER_ROUND, remaining),
-                            builder=ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT_S, f_build=_build,
-                                                            f_export=_export_for(target.export())),
+                            builder=builder(target),
                             runner=_runner(rpc, target),
                             database=database if seeds is None else _Seeded(database, seeds),
                             cost_model=cost_model,
@@ -443,7 +453,7 @@ def _result(wl, target, folder, rpc, done, callback, stopped) -> TuneResult:
             timed[name] = max(timed[name], _gflops(kernel.kernel, wl.prim_func(kernel.weight_block), wl.flops,
                                                    kernel.library, rpc, repeat=5))
     measured = callback.measured if callback else 0
-    return TuneResult(wl, folder, max(done + measured, _trials_on_record(folder, wl)), measured,
+    return TuneResult(wl, folder, max(done + measured, trials_on_record(folder, wl)), measured,
                       callback.errors if callback else 0,
                       wl.flops / tuned.seconds / 1e9 if tuned else None,
                       timed.get("record"), timed["default"], stopped)
@@ -464,12 +474,12 @@ def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: st
     past its slice; Ctrl-C ends the run there too. `gradients` also
     tunes what training runs (see `conv_workloads`): forward workloads, and the gradient kernels that
     are not convolutions, which tune in MetaSchedule's generated space; builds use such a record only
-    where it re-timed faster than the kernel's own schedule. Gradients run on this host's CPU only (as
-    Conv2D.gradients does), so `gradients` and `rpc` do not go together.
+    where it re-timed faster than the kernel's own schedule. Gradients run on this machine's CPU or GPU, not
+    over RPC (as Conv2D.gradients does), so `gradients` and `rpc` do not go together.
     """
     if gradients and rpc is not None:
-        raise NotImplementedError("gradients run on this host's CPU only (as Conv2D.gradients does): tune them "
-                                  "without `rpc`")
+        raise NotImplementedError("gradients run on this machine's CPU or GPU, not over RPC (as Conv2D.gradients "
+                                  "does): tune them without `rpc`")
     counted = counted_workloads(layer_or_model, input_shape, gradients)
     return tune_workloads(list(counted), trials, target, log_dir, space, rpc, time_budget,
                           counts=list(counted.values()))

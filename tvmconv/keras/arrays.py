@@ -2,20 +2,27 @@
 
 numpy arrays, read-only ones included (np.load(mmap_mode="r"), np.frombuffer), are used as they are: the
 kernels only read their inputs, and runtime.input_tensor hands read-only memory over too. DLPack producers
-(torch, JAX, CuPy, ...) are read in place where they are in CPU memory; anything else (`__array__`, lists) goes
+(torch, JAX, CuPy, ...) are read in place where they are in CPU memory (a CUDA layer's input also on its
+GPU); anything else (`__array__`, lists) goes
 through np.asarray, a copy where it must be one.
 """
 import numpy as np
 
+from ..runtime import GpuTensor
+
 _DLPACK_CPU = 1  # DLPack's kDLCPU
 
 
-def to_array(x, argument: str) -> np.ndarray:
-    """`x` as a numpy array, sharing its memory where that can be done. `argument` names it in errors."""
+def to_array(x, argument: str, gpu: bool = False) -> np.ndarray | GpuTensor:
+    """`x` as a numpy array, sharing its memory where that can be done; with `gpu` (a layer whose kernels run
+    on a CUDA GPU), a producer's tensor on the GPU as a GpuTensor, read in place. `argument` names it in
+    errors."""
     if isinstance(x, np.ndarray):
         return x
     if getattr(x, "requires_grad", False) and callable(getattr(x, "detach", None)):
         x = x.detach()  # torch exports no tensor that autograd records, and the values are the same
+    if gpu and GpuTensor.holds(x):
+        return GpuTensor(x)
     if hasattr(x, "__dlpack__"):
         device = tuple(x.__dlpack_device__()) if hasattr(x, "__dlpack_device__") else (_DLPACK_CPU, 0)
         if device[0] != _DLPACK_CPU:
