@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
 
     if args.max_batch is None:
         parser.error("--bundle needs --max-batch N (the batch the bundle was exported at)")
+    for flag, path in (("--bundle", args.bundle), ("--unbatched-bundle", args.unbatched_bundle)):
+        if path is not None and not os.path.isdir(path):
+            parser.error(f"{flag} must be a bundle's folder (tvmconv export); {path!r} is not a folder")
     common = [flag for name, value in (("--threads", args.threads), ("--concurrency", args.server_concurrency))
               if value is not None for flag in (name, str(value))]
     if args.unbatched_bundle is None:
