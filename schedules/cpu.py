@@ -36,6 +36,11 @@ class CpuCore:
     registers: int              # vector registers
     fma_ports: float = 2        # vector FMAs issued per cycle, at vector_bits
     fma_latency: int = 4        # cycles before an FMA's result feeds the next one
+    # Chains in flight per FMA port and cycle of latency that keep the ports busy in a convolution's
+    # inner loop: more than 1, since each step's FMAs wait on its broadcast loads. Fitted on Zen 3 to
+    # sweeps of every tile on ResNet-50's and MobileNetV2's layers: 1.5. E.g. on the 1x1 layers of
+    # width 7, tiles of 2 vectors x 5 columns (10 chains) ran 1.2-1.4x those of 2 x 4 (8 chains).
+    chain_slack: float = 1.5
     load_ports: float = 2       # vector loads per cycle, at vector_bits
     broadcast_slots: float = 1  # load slots one broadcast of an input value takes
     l1_bytes: int = 32 << 10    # data cache per core
@@ -45,8 +50,8 @@ class CpuCore:
 
     @property
     def accumulators(self) -> float:
-        """Independent FMA chains that keep every FMA port busy: ports x latency."""
-        return self.fma_ports * self.fma_latency
+        """Independent FMA chains that keep every FMA port busy: ports x latency x slack."""
+        return self.fma_ports * self.fma_latency * self.chain_slack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +83,13 @@ def _used(extent: int, tile: int) -> float:
 def _tile_efficiency(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh: int, fv: int) -> float:
     """The share of the FMA peak a register tile of ow x oh output pixels x fv filter vectors reaches in its
     inner loop. Each reduction step issues ow·oh·fv FMAs, loads fv weight vectors and broadcasts ow·oh
-    input values; it takes at least as long as the FMA ports, the load ports and one FMA latency (each
-    accumulator's chain) need, and, when a filter block's weights for the whole reduction outgrow L1,
-    as long as L2 takes to deliver the step's weight vectors."""
+    input values; it takes at least as long as the FMA ports and the load ports need, and as each
+    accumulator's chain needs (`CpuCore.accumulators` chains keep the ports busy), and, when a filter
+    block's weights for the whole reduction outgrow L1, as long as L2 takes to deliver the step's weight
+    vectors."""
     fmas, bytes_per_element = ow * oh * fv, 8 if wl.accum_dtype == "float64" else 4
-    cycles = max(fmas / core.fma_ports, (fv + core.broadcast_slots * ow * oh) / core.load_ports, core.fma_latency)
+    cycles = max(fmas / core.fma_ports, (fv + core.broadcast_slots * ow * oh) / core.load_ports,
+                 core.accumulators / core.fma_ports)
     block_bytes = wl.kernel_size[0] * wl.kernel_size[1] * wl.group_in_channels * fv * n_lanes * bytes_per_element
     if block_bytes > core.l1_bytes * 3 // 4:
         cycles = max(cycles, fv * n_lanes * bytes_per_element / core.l2_bytes_per_cycle)
@@ -138,9 +145,14 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     candidates = [(ow, oh, fv) for ow, oh, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), (1, 2, 4),
                                                                    _vector_counts(wl, n_lanes))
                   if wl.out_height % oh == 0 and _fits(core.registers, fv, ow, oh)]
-    # Ties go to the tile with the most FMAs per load (fewer loads leave room for what the model omits).
+    # Ties go to the tile with the most FMAs per load (fewer loads leave room for what the model omits),
+    # then to the widest, except for 1x1 kernels: to the tallest. A wide tile's columns share the input
+    # lines of a window's taps; a 1x1 kernel has none to share (Zen 3, ResNet-50: 1 column x 4 rows ran
+    # 1.0-1.5x 4 columns x 1 row on the 1x1 layers of width 14 to 56, and 0.9-1.0x on the 3x3 layers).
+    pointwise = wl.kernel_size == (1, 1)
     ow, oh, fv = max(candidates, key=lambda c: (round(_tile_score(core, wl, n_lanes, *c), 6),
-                                                c[0] * c[1] * c[2] / (c[0] * c[1] + c[2]), c[0]))
+                                                c[0] * c[1] * c[2] / (c[0] * c[1] + c[2]),
+                                                (c[1], c[0]) if pointwise else (c[0], c[1])))
     return Knobs(n_lanes, fv, ow, oh, filters_first=_filters_first(core, wl, n_lanes * fv))
 
 

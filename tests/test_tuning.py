@@ -202,6 +202,9 @@ def test_model_workloads_and_budget_split_by_flops():
                                                           ("kernel-gradient-image", strided[0])]
 
 
+# ~2 minutes on 2 cores (every gradient kernel of a layer tuned): behind the marker, to keep the
+# default run near 15 minutes.
+@pytest.mark.slow
 def test_gradient_kernels_tune_and_builds_use_a_record_only_where_it_is_faster(tmp_path, monkeypatch, rng):
     """The gradient kernels that are not convolutions (dW's own kernels for pointwise and depthwise layers,
     the activation's derivative, dW's regrouped input) tune in MetaSchedule's generated space; the record
