@@ -554,6 +554,19 @@ def test_options_are_checked(arguments, message):
         serving.Options(**arguments)
 
 
+def test_model_calls_at_once_default_to_one_with_batching(monkeypatch):
+    """Concurrent batches are short ones: with --max-batch the server runs one model call at a time unless told."""
+    from tvmconv import serving
+    assert serving.Options().concurrency == 4
+    assert serving.Options(max_batch=8).concurrency == 1
+    assert serving.Options(max_batch=8, concurrency=3).concurrency == 3
+    started = []
+    monkeypatch.setattr(serving, "run", lambda bundle, options, host, port: started.append(options))
+    for flags in ([], ["--max-batch", "8"], ["--max-batch", "8", "--concurrency", "2"]):
+        assert cli.main(["serve", "bundle", *flags]) == 0
+    assert [options.concurrency for options in started] == [4, 1, 2]
+
+
 def test_serve_refuses_bad_arguments_with_a_message(small_bundle, tmp_path, capsys):
     assert cli.main(["serve", small_bundle[1], "--max-batch", "8"]) == 2
     assert ("--max-batch 8 needs a bundle exported at batch 8, and " + small_bundle[1] + " is compiled for batch 4"

@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     serve_parser.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     serve_parser.add_argument("--threads", type=int, default=None,
                               help="kernel threads per model call (default: TVM_NUM_THREADS, else every CPU)")
-    serve_parser.add_argument("--concurrency", type=int, default=4, help="model calls at once (default 4)")
+    serve_parser.add_argument("--concurrency", type=int, default=None,
+                              help="model calls at once (default 4; with --max-batch, 1: concurrent batches are short)")
     serve_parser.add_argument("--max-batch", type=int, default=None, metavar="N",
                               help="dynamic batching: merge concurrent requests into calls of N samples (the bundle "
                                    "must be exported at batch N)")

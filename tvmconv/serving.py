@@ -64,7 +64,10 @@ class Options:
     model_name: str | None = None         # default: the bundle folder's name
     trusted_keys: tuple = ()              # public keys (PEM paths or bytes): refuse a bundle none of them signed
     threads: int | None = None            # kernel threads per model call (default: TVM_NUM_THREADS, else every CPU)
-    concurrency: int = 4                  # model calls at once
+    # Model calls at once; None: 4, or 1 with max_batch. Concurrent batches are short ones, each running the
+    # whole compiled batch on cores the others need too (Zen 3, a ResNet block at client concurrency 8:
+    # 27.9 requests/s with 4 calls at once, 57.1 with 1; docs/benchmarks.md).
+    concurrency: int | None = None
     max_batch: int | None = None          # dynamic batching, at the bundle's compiled batch
     max_delay_ms: float = 5.0             # how long a request waits for others to batch with
     max_request_bytes: int = 64 << 20
@@ -81,8 +84,11 @@ class Options:
 
         for name in ("concurrency", "max_request_bytes", "max_buffered_bytes", "threads", "max_batch"):
             value = getattr(self, name)
-            if not (value is None and name in ("threads", "max_batch")) and (type(value) is not int or value < 1):
+            if not (value is None and name in ("concurrency", "threads", "max_batch")) and (
+                    type(value) is not int or value < 1):
                 raise ValueError(f"{flag(name)} must be a positive int, got {value!r}")
+        if self.concurrency is None:
+            object.__setattr__(self, "concurrency", 4 if self.max_batch is None else 1)
         for name, unit in (("max_delay_ms", "milliseconds"), ("header_timeout", "seconds"),
                            ("body_timeout", "seconds"), ("drain_timeout", "seconds")):
             value, least = getattr(self, name), "non-negative" if name == "max_delay_ms" else "positive"
@@ -421,7 +427,7 @@ def create_app(bundle: str, options: Options = Options()) -> FastAPI:
         service.budget = _ByteBudget(options.max_buffered_bytes, metrics.buffered)
         service.calls = batching.ModelCalls(service.predictor, options.concurrency, options.max_batch,
                                             options.max_delay_ms / 1e3, metrics.batch_sizes, metrics.queue_depth)
-        service.json_workers = anyio.CapacityLimiter(options.concurrency)
+        service.json_workers = anyio.CapacityLimiter(len(os.sched_getaffinity(0)))  # a process per CPU at most
         service.log_startup()
         async with anyio.create_task_group() as group:
             if options.max_batch:
