@@ -235,20 +235,14 @@ class CudaRule:
             apply(sch, workload, knobs)
             _bind_the_rest(sch)
 
-    @schedule.register
-    def _(self, workload: backward.ActivationGradient, sch: s_tir.Schedule, target, knobs=None) -> None:
+    @schedule.register(backward.ActivationGradient)
+    @schedule.register(backward.WeightGradientImage)
+    def _(self, workload, sch: s_tir.Schedule, target, knobs=None) -> None:
         schedule_elementwise(sch)
 
-    @schedule.register
-    def _(self, workload: backward.WeightGradientImage, sch: s_tir.Schedule, target, knobs=None) -> None:
-        schedule_elementwise(sch)
-
-    @schedule.register
-    def _(self, workload: backward.DepthwiseWeightGradient, sch: s_tir.Schedule, target, knobs=None) -> None:
-        schedule_weight_gradient_reduction(sch)
-
-    @schedule.register
-    def _(self, workload: backward.PointwiseWeightGradient, sch: s_tir.Schedule, target, knobs=None) -> None:
+    @schedule.register(backward.DepthwiseWeightGradient)
+    @schedule.register(backward.PointwiseWeightGradient)
+    def _(self, workload, sch: s_tir.Schedule, target, knobs=None) -> None:
         schedule_weight_gradient_reduction(sch)
 
 
