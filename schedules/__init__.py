@@ -7,8 +7,8 @@ schedule modules):
   applies(target) -> bool                 whether it schedules code for this target
   default_knobs(workload, target)         the template's knobs for a workload by default; None for a
                                           workload whose schedule has no knobs (a gradient kernel)
-  schedule(workload, sch, target, knobs)  schedule `sch`, an s_tir.Schedule of
-                                          workload.prim_func(knobs.weight_block) (0 without knobs), in
+  schedule(workload, sch, target, knobs)  schedule `sch`, an s_tir.Schedule of workload.prim_func(
+                                          knobs.weight_block, knobs.flat_tile) (0, 0 without knobs), in
                                           place; NotImplementedError for a kind of workload it has no
                                           schedule for. Knobs may hold sampled decisions (tuning).
   tunable_knobs(workload, target)         the template's structural variants for a workload, one
@@ -18,7 +18,8 @@ schedule modules):
                                           sampled in `sch`
 
 Knobs are frozen dataclasses; `weight_block` names the packed weight layout they read
-(`compute.pack_weights`). Workloads are a `compute.ConvWorkload` or a `backward.GradientKernel`.
+(`compute.pack_weights`), `flat_tile` the compute's pixel axis they tile (`compute.conv2d_forward`).
+Workloads are a `compute.ConvWorkload` or a `backward.GradientKernel`.
 The x86 and arm rules are instances of cpu.CpuRule, each with its model of a core; the generic CPU
 rule, last, accepts any LLVM target.
 """

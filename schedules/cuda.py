@@ -39,6 +39,7 @@ class Knobs:
     window_stage: bool = True  # stage the whole kh x kw window per step (False: one tap per step)
 
     weight_block = 0  # Keras's weight layout (compute.pack_weights)
+    flat_tile = 0  # the conv stage over (batch, rows, columns) (compute.conv2d_forward)
 
 
 def _fit(extent: int, wanted: int) -> int:

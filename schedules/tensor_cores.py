@@ -44,6 +44,7 @@ class Knobs:
     k_chunks: int = 2  # fragments along the reduction per shared-memory stage
 
     weight_block = 0  # Keras's weight layout (compute.pack_weights)
+    flat_tile = 0  # the conv stage over (batch, rows, columns) (compute.conv2d_forward)
 
 
 def applies(wl: ConvWorkload, target) -> bool:

@@ -57,11 +57,18 @@ EDGE_KNOBS = [
     cpu.Knobs(lanes=16, f_vectors=2, ow_tile=4, oh_tile=2, rc_tile=3),  # non-dividing tiles, all axes
     cpu.Knobs(lanes=8, f_vectors=1, ow_tile=5, filters_first=True, pad_inline=True),
     cpu.Knobs(lanes=1, f_vectors=5, ow_tile=3, rc_tile=1),            # scalar lanes
+    # Flat tiles over all samples' pixels: a tile that crosses rows and samples, and one past the last pixel.
+    cpu.Knobs(lanes=8, f_vectors=2, ow_tile=5, flat=True),
+    cpu.Knobs(lanes=4, f_vectors=1, ow_tile=7, rc_tile=3, flat=True, filters_first=True, pad_inline=True),
+    cpu.Knobs(lanes=1, f_vectors=3, ow_tile=16, flat=True, unroll_window=True),
+    cpu.Knobs(lanes=1, f_vectors=1, ow_tile=3, flat=True),  # a tile of one filter
+    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=1, flat=True),  # a tile of one pixel
 ]
 
 
 @pytest.mark.parametrize("knobs", EDGE_KNOBS, ids=repr)
-@pytest.mark.parametrize("name", ["3x3 same", "depthwise s2", "grouped", "channels_first", "first layer 7x7 s2"])
+@pytest.mark.parametrize("name", ["3x3 same", "3x3 stride 2", "depthwise s2", "grouped", "channels_first",
+                                  "first layer 7x7 s2"])
 def test_edge_knobs(name, knobs):
     _check(WORKLOADS[name], knobs)
 
@@ -89,6 +96,24 @@ def test_x86_defaults_fit_the_register_file():
         assert knobs.lanes == lanes
         accumulators = knobs.ow_tile * knobs.oh_tile * knobs.f_vectors
         assert 8 <= accumulators and accumulators + knobs.f_vectors + 1 <= registers
+
+
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512"])
+def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
+    """Width 7 leaves tiles of up to 6 columns a tail. The defaults tile the flat pixel axis there (AVX2: at
+    least 10 accumulators, where 7 columns of one vector hold 7), unless 7 columns reach the accumulators
+    the core needs (AVX-512: 7 x 2 vectors). Widths of two tiles or more keep rectangles."""
+    target = targets.resolve(preset)
+    registers = 32 if preset == "x86-avx512" else 16
+    for wl in (ConvWorkload(1, 7, 7, 512, 512, (3, 3), padding="same"), ConvWorkload(8, 7, 7, 2048, 512, (1, 1)),
+               ConvWorkload(1, 14, 14, 1024, 2048, (1, 1), (2, 2))):
+        knobs = x86.RULE.default_knobs(wl, target)
+        if preset == "x86-avx2":
+            assert knobs.flat and knobs.flat_tile == knobs.ow_tile and knobs.ow_tile * knobs.f_vectors >= 10, knobs
+        else:
+            assert knobs.flat or wl.out_width % knobs.ow_tile == 0, (wl.label, knobs)
+        assert knobs.ow_tile * knobs.f_vectors + knobs.f_vectors + 3 <= registers
+    assert not x86.RULE.default_knobs(ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same"), target).flat
 
 
 def test_window_unrolling_only_for_small_windows():

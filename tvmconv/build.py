@@ -174,7 +174,7 @@ def weight_block(knobs) -> int:
 
 def scheduled(workload, target: tvm.target.Target, rule, knobs):
     """The PrimFunc of `workload` scheduled by a schedules/ rule with these knobs."""
-    sch = s_tir.Schedule(workload.prim_func(weight_block(knobs)))
+    sch = s_tir.Schedule(workload.prim_func(weight_block(knobs), 0 if knobs is None else knobs.flat_tile))
     rule.schedule(workload, sch, target, knobs)
     return sch.mod["main"]
 

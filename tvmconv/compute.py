@@ -205,8 +205,8 @@ class ConvWorkload:
         """A stable identity (a hash of `fields()`), used in cache file names and tuning logs."""
         return "conv2d-" + hashlib.sha256(repr(tuple(self.fields().values())).encode()).hexdigest()[:16]
 
-    def prim_func(self, weight_block: int = 0):
-        return conv2d_forward(self, weight_block)
+    def prim_func(self, weight_block: int = 0, flat_tile: int = 0):
+        return conv2d_forward(self, weight_block, flat_tile)
 
     def stand_ins(self) -> list[tuple["ConvWorkload", str | None]]:
         """This workload, then those whose records may stand in for it, closest first, each with how it
@@ -384,14 +384,17 @@ WEIGHT_BLOCK_ATTR = "tvmconv.kernel_block"
 
 
 @functools.lru_cache(maxsize=512)
-def conv2d_forward(wl: ConvWorkload, weight_block: int = 0):
+def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0):
     """The forward PrimFunc with arguments (x, weights[, bias], y), x and y in the workload's layout.
     Built once per workload and layout (PrimFuncs are immutable): builds, record lookups and tuning share it.
 
     The weights are in Keras's layout (kh, kw, in_channels // groups, filters), or packed by
     `pack_weights` when weight_block > 0. Stages, by block name:
       "data_pad" — the input, zero-padded and channels-last; absent when the input already is both.
-      "conv"     — the convolution in the accumulator dtype, always (batch, height, width, filters).
+      "conv"     — the convolution in the accumulator dtype: (batch, height, width, filters), or with
+                   flat_tile > 0 (pixels, filters), the pixels of all samples and rows as one axis
+                   rounded up to a multiple of flat_tile. Its last pixels repeat the last real one,
+                   so that tiles of flat_tile pixels need no bound checks (see schedules/cpu.py).
       "epilogue" — bias + activation + cast, written in the workload's layout.
     """
     kh, kw = wl.kernel_size
@@ -424,15 +427,30 @@ def conv2d_forward(wl: ConvWorkload, weight_block: int = 0):
         return w[rh, rw, rc, f]
 
     rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, cg), "rc")
-    conv = te.compute(
-        (wl.batch, wl.out_height, wl.out_width, wl.filters),
-        lambda n, oh, ow, f: te.sum(
-            data[n, oh * sh + rh * dh, ow * sw + rw * dw, (f // fg) * cg + rc].astype(acc)
-            * weight(rh, rw, rc, f).astype(acc), axis=[rh, rw, rc]),
-        name="conv")
+
+    def window_sum(n, oh, ow, f):
+        return te.sum(data[n, oh * sh + rh * dh, ow * sw + rw * dw, (f // fg) * cg + rc].astype(acc)
+                      * weight(rh, rw, rc, f).astype(acc), axis=[rh, rw, rc])
+
+    oh_ow = wl.out_height * wl.out_width
+    if not flat_tile:
+        conv = te.compute((wl.batch, wl.out_height, wl.out_width, wl.filters), window_sum, name="conv")
+
+        def conv_at(n, oh, ow, f):
+            return conv(n, oh, ow, f)  # a call, not [], gives an expression with a dtype
+    else:
+        pixels = wl.batch * oh_ow
+
+        def flat_sum(p, f):
+            last = tirx.min(p, pixels - 1) if pixels % flat_tile else p
+            return window_sum(last // oh_ow, last % oh_ow // wl.out_width, last % wl.out_width, f)
+        conv = te.compute((-(-pixels // flat_tile) * flat_tile, wl.filters), flat_sum, name="conv")
+
+        def conv_at(n, oh, ow, f):
+            return conv(n * oh_ow + oh * wl.out_width + ow, f)
 
     def biased(n, oh, ow, f):
-        value = conv(n, oh, ow, f)  # a call, not [], gives an expression with a dtype
+        value = conv_at(n, oh, ow, f)
         return value + b[f].astype(acc) if b is not None else value
 
     def in_layout(value):  # index the workload's layout, read the channels-last conv
