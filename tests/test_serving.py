@@ -25,7 +25,7 @@ from test_bundles import expected
 from test_export import small_model
 
 import tvmconv
-from tvmconv import bundle, cli, reference, runtime
+from tvmconv import bundle, cli, protocol, reference, runtime
 
 pytest.importorskip("fastapi", reason="serving needs the serve extra: pip install .[serve]")
 triton = pytest.importorskip("tritonclient.http", reason="the protocol tests use Triton's client: pip install .[test]")
@@ -319,6 +319,17 @@ def test_predict_answers_concurrent_npy_requests(server, small_bundle):
     meta = json.loads(call(server.url, "/metadata")[2])
     assert meta["input"] == {"shape": [None, 10, 10, 3], "dtype": "float32", "data_format": "channels_last",
                              "compiled_batch": 4}
+
+
+@pytest.mark.parametrize("y", [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.arange(12.0).reshape(3, 4).T,
+                               np.zeros((0, 3), np.float32), np.arange(6, dtype=np.float16).reshape(1, 6)],
+                         ids=["C order", "Fortran order", "empty", "float16"])
+def test_npy_answers_load_back_as_the_outputs(y):
+    body, media_type = protocol.write_npy([y], None)
+    assert media_type == "application/x-npy"
+    loaded = np.load(io.BytesIO(body), allow_pickle=False)
+    assert loaded.dtype == y.dtype and loaded.shape == y.shape
+    np.testing.assert_array_equal(loaded, y)
 
 
 def test_predict_speaks_tf_serving_json(server, small_bundle, rng):

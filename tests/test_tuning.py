@@ -118,7 +118,9 @@ def test_a_record_slower_than_the_defaults_gives_way_to_them(tuned, tmp_path, mo
     folder = records.folder(copy, HOST)
     monkeypatch.setenv("TVMCONV_TUNING_LOGS", copy)
     x = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
-    for record_gflops, default_gflops, used in ((1.0, 2.0, False), (2.0, 1.0, True), (1.0, None, True)):
+    # A record must re-time clearly faster (records.RECORD_MARGIN): a 3% lead is a tie, which the defaults win.
+    for record_gflops, default_gflops, used in ((1.0, 2.0, False), (2.0, 1.0, True), (1.03, 1.0, False),
+                                                (1.0, None, True)):
         note_comparison(folder, WL, record_gflops, default_gflops)
         assert (records.best(WL, HOST, [copy]) is not None) == used
         assert records.best(WL, HOST, [copy], keep_slower=True).trials == 4

@@ -82,8 +82,11 @@ def write_npy(outputs: list[np.ndarray], model: ModelInterface) -> tuple[bytes, 
     """npy bytes for one output, npz (by output name) for several; and the media type."""
     buffer = io.BytesIO()
     if len(outputs) == 1:
-        np.save(buffer, outputs[0], allow_pickle=False)
-        return buffer.getvalue(), "application/x-npy"
+        # The header, then the array's memory joined to it: one copy of the data, where np.save through a
+        # BytesIO makes three (a 56x56x256 block's answer: ~1/5 of the server's time, py-spy).
+        y = np.ascontiguousarray(outputs[0])
+        np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(y))
+        return b"".join((buffer.getvalue(), y.reshape(-1).view(np.uint8))), "application/x-npy"
     np.savez(buffer, **{tensor.name: y for tensor, y in zip(model.outputs, outputs, strict=True)})
     return buffer.getvalue(), "application/x-npz"
 
