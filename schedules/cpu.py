@@ -5,7 +5,9 @@ Register blocking, as topi's x86 and arm_cpu schedules do it: each register tile
 accumulator) over the whole reduction, so every loaded weight vector feeds `ow_tile` FMAs and
 every broadcast input value feeds `f_vectors`. The weights are packed (`compute.pack_weights`)
 so a tile's weights are one contiguous stream. The epilogue (bias, activation, cast, and the
-channels-first transpose) runs on the tile while it is still in registers.
+channels-first transpose) runs on the tile while it is still in registers. Outputs too narrow for
+tiles of columns (7x7) get flat tiles instead (`Knobs.flat`): `ow_tile` pixels along the pixels of all
+samples and rows as one axis, the epilogue then a pass of its own.
 
 Knobs are data: `default_knobs` picks defaults from the shape and a model of the core (`CpuCore`:
 vector width, register count), which each family (x86.py, arm.py) derives from the target. The
@@ -177,7 +179,8 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
 
 def _flat_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, pixels: int, fv: int) -> float:
     """A flat tile's score (`Knobs.flat`): its efficiency, discounted for the idle pixels of its last tile and
-    for the epilogue's pass, which writes the conv stage and reads it back at L2's rate."""
+    for the epilogue's pass, which writes the conv stage and reads it back, at L2's rate where the stage
+    fits there, else at the rate of L3 and memory."""
     total = wl.batch * wl.out_height * wl.out_width
     score = (_tile_efficiency(core, wl, n_lanes, pixels, 1, fv) * _used(total, pixels)
              * _used(wl.filters, fv * n_lanes))
@@ -247,17 +250,17 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     if knobs.flat:
         p, f, rh, rw, rc = sch.get_loops(conv)
         p_o, p_i = sch.split(p, factors=[None, knobs.ow_tile])
-        rows, tile, unrolled = (p_o,), p_o, (p_i,)
+        rows, columns, unrolled = (p_o,), (), (p_i,)
     else:
         n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)
         oh_o, oh_i = sch.split(oh, factors=[None, knobs.oh_tile])
         ow_o, ow_i = sch.split(ow, factors=[None, knobs.ow_tile])
-        rows, tile, unrolled = (n, oh_o), ow_o, (oh_i, ow_i)
+        rows, columns, unrolled = (n, oh_o), (ow_o,), (oh_i, ow_i)
     f_o, f_r, f_v = sch.split(f, factors=[None, knobs.f_vectors, knobs.lanes])
     rc_step = wl.group_in_channels if isinstance(knobs.rc_tile, int) and knobs.rc_tile == 0 else knobs.rc_tile
     rc_o, rc_i = sch.split(rc, factors=[None, rc_step])
     outer = (f_o, *rows) if knobs.filters_first else (*rows, f_o)
-    sch.reorder(*outer, *([] if knobs.flat else [tile]), rc_o, rh, rw, rc_i, *unrolled, f_r, f_v)
+    sch.reorder(*outer, *columns, rc_o, rh, rw, rc_i, *unrolled, f_r, f_v)
     # Threads split rows and filter blocks together: 7x7 layers have too few rows for many cores.
     parallel = sch.fuse(*outer)
     sch.parallel(parallel)
@@ -281,7 +284,7 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         sch.set_scope(conv, 0, "local")
         # (With a last-axis activation, "epilogue" is the pre-activation tensor; the stages after it
         # need whole rows and stay outside.)
-        sch.reverse_compute_at(sch.get_sblock("epilogue"), tile)
+        sch.reverse_compute_at(sch.get_sblock("epilogue"), columns[0])
     if knobs.unroll_window:
         sch.unroll(rh)
         sch.unroll(rw)
