@@ -85,6 +85,16 @@ def lanes(wl: ConvWorkload, core: CpuCore) -> int:
     return max(core.vector_bits // (64 if wl.accum_dtype == "float64" else 32), 1)
 
 
+def _element_bytes(wl: ConvWorkload) -> int:
+    """Bytes of one accumulator element, as the model counts the bytes a loop order or a pass streams."""
+    return 8 if wl.accum_dtype == "float64" else 4
+
+
+def _peak_cycles(core: CpuCore, wl: ConvWorkload) -> float:
+    """Cycles the workload's FLOPs take at the core's FMA peak."""
+    return wl.flops / (2 * core.fma_ports * core.vector_bits // (8 * _element_bytes(wl)))
+
+
 def _used(extent: int, tile: int) -> float:
     """The share of a tiled loop's iterations that do work: a tile overhanging the extent idles."""
     return extent / (-(-extent // tile) * tile)
@@ -97,7 +107,7 @@ def _tile_efficiency(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh:
     accumulator's chain needs (`CpuCore.accumulators` chains keep the ports busy), and, when a filter
     block's weights for the whole reduction outgrow L1, as long as L2 takes to deliver the step's weight
     vectors."""
-    fmas, bytes_per_element = ow * oh * fv, 8 if wl.accum_dtype == "float64" else 4
+    fmas, bytes_per_element = ow * oh * fv, _element_bytes(wl)
     cycles = max(fmas / core.fma_ports, (fv + core.broadcast_slots * ow * oh) / core.load_ports,
                  core.accumulators / core.fma_ports)
     block_bytes = wl.kernel_size[0] * wl.kernel_size[1] * wl.group_in_channels * fv * n_lanes * bytes_per_element
@@ -125,14 +135,13 @@ def _filters_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
     filter block once per row, so all the weights again for each row once they outgrow L2 (ResNet-50's
     7x7x512 layers: 66 MB); filters first reads the whole input once per filter block, once the input
     outgrows L2."""
-    bytes_per_element = 8 if wl.accum_dtype == "float64" else 4
+    bytes_per_element = _element_bytes(wl)
     weights = math.prod(wl.weights_shape) * bytes_per_element
     image = math.prod(wl.input_shape) * bytes_per_element
     rows, blocks = wl.batch * wl.out_height, -(-wl.filters // block)
     rows_first = weights * (rows if weights > core.l2_bytes else 1) + image
     filters_first = image * (blocks if image > core.l2_bytes else 1) + weights
-    flops_per_cycle = 2 * core.fma_ports * core.vector_bits // (8 * bytes_per_element)
-    return rows_first / core.beyond_l2_bytes_per_cycle > wl.flops / flops_per_cycle and filters_first < rows_first
+    return rows_first / core.beyond_l2_bytes_per_cycle > _peak_cycles(core, wl) and filters_first < rows_first
 
 
 def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
@@ -169,11 +178,12 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     # (each thread's input tiles stay in cache while the weights stream past); on wider layers 0.5-1.0x
     # mostly, the 1x1 ones worst (for them tall tiles beat wide ones, and flat tiles are wide).
     if wl.out_width < 8:
-        flat = max(((t, v) for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes))
-                    if _fits(core.registers, v, t)),
-                   key=lambda c: (round(_flat_score(core, wl, n_lanes, *c), 6), c[0] * c[1] / (c[0] + c[1])))
-        if _flat_score(core, wl, n_lanes, *flat) > _tile_score(core, wl, n_lanes, ow, oh, fv):
-            return Knobs(n_lanes, flat[1], flat[0], flat=True)
+        scores = {(t, v): _flat_score(core, wl, n_lanes, t, v)
+                  for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes))
+                  if _fits(core.registers, v, t)}
+        t, v = max(scores, key=lambda c: (round(scores[c], 6), c[0] * c[1] / (c[0] + c[1])))
+        if scores[t, v] > _tile_score(core, wl, n_lanes, ow, oh, fv):
+            return Knobs(n_lanes, v, t, flat=True)
     return Knobs(n_lanes, fv, ow, oh, filters_first=_filters_first(core, wl, n_lanes * fv))
 
 
@@ -184,9 +194,8 @@ def _flat_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, pixels: int, fv: 
     total = wl.batch * wl.out_height * wl.out_width
     score = (_tile_efficiency(core, wl, n_lanes, pixels, 1, fv) * _used(total, pixels)
              * _used(wl.filters, fv * n_lanes))
-    bytes_per_element = 8 if wl.accum_dtype == "float64" else 4
-    compute_cycles = wl.flops / (2 * core.fma_ports * core.vector_bits // (8 * bytes_per_element)) / score
-    stage_bytes = total * wl.filters * bytes_per_element
+    compute_cycles = _peak_cycles(core, wl) / score
+    stage_bytes = total * wl.filters * _element_bytes(wl)
     rate = core.l2_bytes_per_cycle if stage_bytes <= core.l2_bytes else core.beyond_l2_bytes_per_cycle
     pass_cycles = 2 * stage_bytes / rate
     return score * compute_cycles / (compute_cycles + pass_cycles)

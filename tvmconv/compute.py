@@ -432,13 +432,13 @@ def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0):
         return te.sum(data[n, oh * sh + rh * dh, ow * sw + rw * dw, (f // fg) * cg + rc].astype(acc)
                       * weight(rh, rw, rc, f).astype(acc), axis=[rh, rw, rc])
 
-    oh_ow = wl.out_height * wl.out_width
     if not flat_tile:
         conv = te.compute((wl.batch, wl.out_height, wl.out_width, wl.filters), window_sum, name="conv")
 
         def conv_at(n, oh, ow, f):
             return conv(n, oh, ow, f)  # a call, not [], gives an expression with a dtype
     else:
+        oh_ow = wl.out_height * wl.out_width
         pixels = wl.batch * oh_ow
 
         def flat_sum(p, f):

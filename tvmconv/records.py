@@ -286,9 +286,9 @@ class Tuned:
 class _Index:
     """Per log folder: its database and, per workload key, the workload, the weight blocks on record,
     its records, its fastest record's time, the trials run (its records, or more when `logs prune`
-    dropped some: summary.json keeps the count) and whether its best record failed to re-time
-    RECORD_MARGIN faster than the schedule without one (summary.json). Re-read when a file changes (a tuning run in another process
-    appends to it)."""
+    dropped some: summary.json keeps the count) and whether the schedule without a record wins: its best
+    record did not re-time RECORD_MARGIN faster (summary.json). Re-read when a file changes (a tuning run
+    in another process appends to it)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -319,7 +319,7 @@ class _Index:
             noted = summary.get(key, {})
             entry["trials"] = max(entry["records"], noted.get("trials", 0))
             # Re-timed after tuning, in one run: the best record against the schedule without one.
-            entry["slower_than_default"] = ((noted.get("retimed_gflops") or 0)
+            entry["defaults_win"] = ((noted.get("retimed_gflops") or 0)
                                             < (noted.get("default_gflops") or 0) * RECORD_MARGIN)
 
     def _stamp(self):
@@ -371,7 +371,7 @@ def _records_of(workload, logs, target: tvm.target.Target, keep_slower: bool,
         entry = idx.entries.get(workload.key)
         if entry is None:
             continue
-        if entry["slower_than_default"] and not keep_slower:
+        if entry["defaults_win"] and not keep_slower:
             passed_over = True
             continue
         for block in entry["blocks"]:
@@ -449,7 +449,7 @@ def summarize(path: str) -> list[dict]:
         rows.append({"workload": entry["workload"], "records": entry["records"], "trials": entry["trials"],
                      "tuner_gflops": entry["workload"].flops / best_seconds / 1e9 if best_seconds else None,
                      "retimed_gflops": noted.get("retimed_gflops"), "default_gflops": noted.get("default_gflops"),
-                     "used": not entry["slower_than_default"], "date": noted.get("date")})
+                     "used": not entry["defaults_win"], "date": noted.get("date")})
     return rows
 
 
