@@ -70,6 +70,14 @@ class Knobs:
     # then need not divide the width (7x7 layers) and the epilogue runs as a pass of its own.
     flat: bool = False
 
+    def __post_init__(self):
+        # Tile sizes given as numbers must be usable; tuning passes sampled decisions instead (`sample_tiles`),
+        # drawn from usable sizes.
+        for name, least in (("lanes", 1), ("f_vectors", 1), ("ow_tile", 1), ("oh_tile", 1), ("rc_tile", 0)):
+            value = getattr(self, name)
+            if isinstance(value, int) and (isinstance(value, bool) or value < least):
+                raise ValueError(f"Knobs.{name} must be an int of at least {least}, got {value!r}")
+
     @property
     def weight_block(self) -> int:
         """Filters per packed weight block: one register tile's width."""

@@ -66,6 +66,14 @@ EDGE_KNOBS = [
 ]
 
 
+@pytest.mark.parametrize("fields, name", [(dict(ow_tile=0, flat=True), "ow_tile"), (dict(ow_tile=-3), "ow_tile"),
+                                          (dict(f_vectors=0), "f_vectors"), (dict(rc_tile=-1), "rc_tile"),
+                                          (dict(oh_tile=True), "oh_tile")])
+def test_unusable_tile_sizes_are_refused_naming_the_knob(fields, name):
+    with pytest.raises(ValueError, match=rf"Knobs\.{name} must be an int of at least"):
+        cpu.Knobs(**{"lanes": 8, "f_vectors": 2, "ow_tile": 5, **fields})
+
+
 @pytest.mark.parametrize("knobs", EDGE_KNOBS, ids=repr)
 @pytest.mark.parametrize("name", ["3x3 same", "3x3 stride 2", "depthwise s2", "grouped", "channels_first",
                                   "first layer 7x7 s2"])
