@@ -55,11 +55,13 @@ EDGE_KNOBS = [
     cpu.Knobs(lanes=4, f_vectors=1, ow_tile=1),                       # tile = 1 everywhere
     cpu.Knobs(lanes=8, f_vectors=3, ow_tile=9, oh_tile=9),            # tiles as large as (or past) the extent
     cpu.Knobs(lanes=16, f_vectors=2, ow_tile=4, oh_tile=2, rc_tile=3),  # non-dividing tiles, all axes
-    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=5, filters_first=True, pad_inline=True),
+    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=5, order="filters", pad_inline=True),
+    cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, oh_tile=2, order="pixels", pad_inline=True, unroll_window=True),
     cpu.Knobs(lanes=1, f_vectors=5, ow_tile=3, rc_tile=1),            # scalar lanes
     # Flat tiles over all samples' pixels: a tile that crosses rows and samples, and one past the last pixel.
     cpu.Knobs(lanes=8, f_vectors=2, ow_tile=5, flat=True),
-    cpu.Knobs(lanes=4, f_vectors=1, ow_tile=7, rc_tile=3, flat=True, filters_first=True, pad_inline=True),
+    cpu.Knobs(lanes=4, f_vectors=1, ow_tile=7, rc_tile=3, flat=True, order="filters", pad_inline=True),
+    cpu.Knobs(lanes=8, f_vectors=2, ow_tile=5, flat=True, order="pixels"),
     cpu.Knobs(lanes=1, f_vectors=3, ow_tile=16, flat=True, unroll_window=True),
     cpu.Knobs(lanes=1, f_vectors=1, ow_tile=3, flat=True),  # a tile of one filter
     cpu.Knobs(lanes=8, f_vectors=1, ow_tile=1, flat=True),  # a tile of one pixel
@@ -72,6 +74,11 @@ EDGE_KNOBS = [
 def test_unusable_tile_sizes_are_refused_naming_the_knob(fields, name):
     with pytest.raises(ValueError, match=rf"Knobs\.{name} must be an int of at least"):
         cpu.Knobs(**{"lanes": 8, "f_vectors": 2, "ow_tile": 5, **fields})
+
+
+def test_an_unknown_loop_order_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"Knobs\.order must be one of 'rows', 'filters', 'pixels', got 'columns'"):
+        cpu.Knobs(lanes=8, f_vectors=2, ow_tile=5, order="columns")
 
 
 @pytest.mark.parametrize("knobs", EDGE_KNOBS, ids=repr)
