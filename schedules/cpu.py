@@ -194,17 +194,25 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
                                                 (c[1], c[0]) if pointwise else (c[0], c[1])))
     # Where the width holds less than two tiles of 4 columns (7x7 layers: 5 columns with a tail, or 7 of
     # one vector), flat tiles of any number of pixels may do better, at the cost of the epilogue's pass.
-    # Measured on Zen 3: on the 7x7 layers of ResNet-50 and MobileNetV2, 1.1-2.3x the rectangles, rows first
-    # (each thread's input tiles stay in cache while the weights stream past); on wider layers 0.5-1.0x
-    # mostly, the 1x1 ones worst (for them tall tiles beat wide ones, and flat tiles are wide).
+    # Measured on Zen 3: on the 7x7 layers of ResNet-50 and MobileNetV2, 1.1-2.3x the rectangles; on wider
+    # layers 0.5-1.0x mostly, the 1x1 ones worst (for them tall tiles beat wide ones, and flat tiles are
+    # wide). They run pixels first: each tile's input stays in L1 while every filter block's weights stream
+    # past; on those layers that ran 0.98-1.3x rows first and 1.0-1.5x filters first at batch 1 and 8,
+    # except three of ResNet-50's at batch 8 (its 3x3 ones and its 1x1 stride-2 one: 0.81-0.97x filters first).
     if wl.out_width < 8:
         scores = {(t, v): _flat_score(core, wl, n_lanes, t, v)
                   for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes))
                   if _fits(core.registers, v, t)}
         t, v = max(scores, key=lambda c: (round(scores[c], 6), c[0] * c[1] / (c[0] + c[1])))
         if scores[t, v] > _tile_score(core, wl, n_lanes, ow, oh, fv):
-            return Knobs(n_lanes, v, t, flat=True)
-    return Knobs(n_lanes, fv, ow, oh, order="filters" if _filters_first(core, wl, n_lanes * fv) else "rows")
+            return Knobs(n_lanes, v, t, order="pixels", flat=True)
+    # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
+    # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
+    # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,
+    # stride 1) ran 0.6-0.98x.
+    trailing_pad = wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
+    return Knobs(n_lanes, fv, ow, oh, order="filters" if _filters_first(core, wl, n_lanes * fv) else "rows",
+                 pad_inline=trailing_pad)
 
 
 def _flat_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, pixels: int, fv: int) -> float:
