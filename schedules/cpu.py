@@ -196,16 +196,18 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     # one vector), flat tiles of any number of pixels may do better, at the cost of the epilogue's pass.
     # Measured on Zen 3: on the 7x7 layers of ResNet-50 and MobileNetV2, 1.1-2.3x the rectangles; on wider
     # layers 0.5-1.0x mostly, the 1x1 ones worst (for them tall tiles beat wide ones, and flat tiles are
-    # wide). They run pixels first: each tile's input stays in L1 while every filter block's weights stream
-    # past; on those layers that ran 0.98-1.3x rows first and 1.0-1.5x filters first at batch 1 and 8,
-    # except three of ResNet-50's at batch 8 (its 3x3 ones and its 1x1 stride-2 one: 0.81-0.97x filters first).
+    # wide). They run pixels first: each tile's input stays in cache while every filter block's weights
+    # stream past; on those layers that ran 0.98-1.3x rows first and 1.0-1.2x filters first at batch 1 and 8,
+    # except where a window's taps multiply a tile's input beyond L1 and the whole input outgrows L2: ResNet-50's
+    # 3x3 layers of width 7 at batch 8 ran filters first at 1.2-1.3x (each block's weights then stay in L2).
     if wl.out_width < 8:
         scores = {(t, v): _flat_score(core, wl, n_lanes, t, v)
                   for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes))
                   if _fits(core.registers, v, t)}
         t, v = max(scores, key=lambda c: (round(scores[c], 6), c[0] * c[1] / (c[0] + c[1])))
         if scores[t, v] > _tile_score(core, wl, n_lanes, ow, oh, fv):
-            return Knobs(n_lanes, v, t, order="pixels", flat=True)
+            windowed = wl.kernel_size != (1, 1) and math.prod(wl.input_shape) * _element_bytes(wl) > core.l2_bytes
+            return Knobs(n_lanes, v, t, order="filters" if windowed else "pixels", flat=True)
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
     # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,

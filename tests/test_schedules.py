@@ -131,6 +131,30 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
     assert not x86.RULE.default_knobs(ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same"), target).flat
 
 
+def test_loop_orders_and_inline_padding_of_the_defaults():
+    """Depthwise layers and flat tiles run pixels first (each pixel's channels in one stream), depthwise tiles
+    at stride 2 span 2 columns; padding only after the input is read through bound checks, padding on all
+    sides is copied. Tuning searches every order."""
+    target = targets.resolve("x86-avx2")
+    depthwise = x86.RULE.default_knobs(ConvWorkload(8, 112, 112, 32, 32, (3, 3), padding="same", groups=32), target)
+    assert (depthwise.order, depthwise.ow_tile, depthwise.pad_inline) == ("pixels", 4, True)
+    strided = x86.RULE.default_knobs(ConvWorkload(1, 112, 112, 96, 96, (3, 3), (2, 2), padding="same", groups=96),
+                                     target)
+    assert (strided.order, strided.ow_tile) == ("pixels", 2)
+    flat = x86.RULE.default_knobs(ConvWorkload(1, 7, 7, 960, 320, (1, 1)), target)
+    assert flat.flat and flat.order == "pixels"
+    # With a 3x3 window, filter blocks first once the input outgrows L2 (batch 8).
+    for batch, order in ((1, "pixels"), (8, "filters")):
+        windowed = x86.RULE.default_knobs(ConvWorkload(batch, 7, 7, 512, 512, (3, 3), padding="same"), target)
+        assert windowed.flat and windowed.order == order, (batch, windowed)
+    trailing = ConvWorkload(1, 56, 56, 128, 128, (3, 3), (2, 2), padding="same")
+    assert trailing.pads == (0, 0, 1, 1) and x86.RULE.default_knobs(trailing, target).pad_inline
+    all_sides = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
+    knobs = x86.RULE.default_knobs(all_sides, target)
+    assert not knobs.pad_inline and not knobs.flat and knobs.order == "rows"
+    assert {k.order for k in x86.RULE.tunable_knobs(all_sides, target)} == set(cpu.ORDERS)
+
+
 def test_window_unrolling_only_for_small_windows():
     target = targets.resolve("x86-avx512")
     small = ConvWorkload(1, 14, 14, 32, 32, (3, 3), padding="same", groups=32)
