@@ -206,8 +206,9 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
                   if _fits(core.registers, v, t)}
         t, v = max(scores, key=lambda c: (round(scores[c], 6), c[0] * c[1] / (c[0] + c[1])))
         if scores[t, v] > _tile_score(core, wl, n_lanes, ow, oh, fv):
-            windowed = wl.kernel_size != (1, 1) and math.prod(wl.input_shape) * _element_bytes(wl) > core.l2_bytes
-            return Knobs(n_lanes, v, t, order="filters" if windowed else "pixels", flat=True)
+            input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
+            window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
+            return Knobs(n_lanes, v, t, order="filters" if window_beyond_l2 else "pixels", flat=True)
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
     # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,
