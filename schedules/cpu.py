@@ -197,9 +197,10 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     # Measured on Zen 3: on the 7x7 layers of ResNet-50 and MobileNetV2, 1.1-2.3x the rectangles; on wider
     # layers 0.5-1.0x mostly, the 1x1 ones worst (for them tall tiles beat wide ones, and flat tiles are
     # wide). They run pixels first: each tile's input stays in cache while every filter block's weights
-    # stream past; on those layers that ran 0.98-1.3x rows first and 1.0-1.2x filters first at batch 1 and 8,
-    # except where a window's taps multiply a tile's input beyond L1 and the whole input outgrows L2: ResNet-50's
-    # 3x3 layers of width 7 at batch 8 ran filters first at 1.2-1.3x (each block's weights then stay in L2).
+    # stream past; on those layers that ran 0.98-1.3x rows first and mostly 1.0-1.5x filters first at batch 1
+    # and 8 (ResNet-50's 1x1 stride-2 one at batch 8: 0.81-0.98x in three runs), except where a window's taps
+    # multiply a tile's input beyond L1 and the whole input outgrows L2: ResNet-50's 3x3 layers of width 7 at
+    # batch 8 ran filters first at 1.2-1.3x (each block's weights then stay in L2).
     if wl.out_width < 8:
         scores = {(t, v): _flat_score(core, wl, n_lanes, t, v)
                   for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes))
