@@ -472,8 +472,9 @@ def memory(pid: int, field: str) -> int:
 
 
 def test_buffered_request_bytes_are_bounded(tmp_path, rng):
-    """Eight concurrent 60 MiB uploads under --max-buffered-mb 128: the server's peak RSS grows by two bodies
-    and their answers, not eight bodies (511 MiB without the bound here); every answer is right."""
+    """Eight concurrent 60 MiB uploads under --max-buffered-mb 128: the server holds at most two bodies at once
+    (its gauge of buffered bytes, sampled throughout), its peak RSS grows by about that, not by eight bodies
+    (511 MiB without the bound here), and every answer is right."""
     layer = tvmconv.Conv2D(2, 1, kernel_initializer=tvmconv.initializers.GlorotUniform(seed=1))
     tvmconv.export(layer, (256, 8, 8, 64), str(tmp_path / "wide"))  # 16 KiB in, 512 bytes out per sample
     x = rng.standard_normal((3840, 8, 8, 64)).astype(np.float32)
@@ -481,8 +482,11 @@ def test_buffered_request_bytes_are_bounded(tmp_path, rng):
     assert len(body) > 60 << 20
     with served(str(tmp_path / "wide"), tmp_path, "--max-request-mb", "64", "--max-buffered-mb", "128") as running:
         assert call(running.url, "/predict", npy(x[:4]), {"Content-Type": "application/x-npy"})[0] == 200
-        before = memory(running.process.pid, "VmRSS")
-        answers = [None] * 8
+        pid = running.process.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS (Linux): the peak below is the uploads' own
+        before = memory(pid, "VmRSS")
+        answers, held = [None] * 8, []
 
         def upload(i):
             answers[i] = call(running.url, "/predict", body, {"Content-Type": "application/x-npy"})
@@ -490,14 +494,20 @@ def test_buffered_request_bytes_are_bounded(tmp_path, rng):
         threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
+        while any(thread.is_alive() for thread in threads):
+            held.append(metrics(running)[("tvmconv_buffered_request_bytes", ())])
+            time.sleep(0.02)
         for thread in threads:
             thread.join(300)
-        growth = memory(running.process.pid, "VmHWM") - before
+        growth = memory(pid, "VmHWM") - before
     want = layer_reference(layer, x)
     for status, _, answer in answers:
         assert status == 200
         np.testing.assert_allclose(np.load(io.BytesIO(answer)), want, rtol=1e-4, atol=1e-5)
-    assert growth < (128 + 32) << 20, f"peak RSS grew by {growth >> 20} MiB"
+    assert max(held) == 2 * len(body) and max(held) <= 128 << 20, (max(held), len(body))
+    # Two bodies are 120 MiB; what the server allocates besides them (answers, outputs, the allocator's slack)
+    # comes on top: 133-135 MiB in all on an idle machine, once 195 MiB with the test suite running beside it.
+    assert growth < 4 * len(body), f"peak RSS grew by {growth >> 20} MiB"
 
 
 # ---------------------------------------------------------------- auth, docs, names, options
