@@ -300,10 +300,12 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     f_o, f_r, f_v = sch.split(f, factors=[None, knobs.f_vectors, knobs.lanes])
     rc_step = wl.group_in_channels if isinstance(knobs.rc_tile, int) and knobs.rc_tile == 0 else knobs.rc_tile
     rc_o, rc_i = sch.split(rc, factors=[None, rc_step])
-    if knobs.order == "pixels":
+    if knobs.order == "rows":
+        outer, tiles = (*rows, f_o), columns
+    elif knobs.order == "filters":
+        outer, tiles = (f_o, *rows), columns
+    else:  # "pixels"
         outer, tiles = rows, (*columns, f_o)
-    else:
-        outer, tiles = ((f_o, *rows) if knobs.order == "filters" else (*rows, f_o)), columns
     sch.reorder(*outer, *tiles, rc_o, rh, rw, rc_i, *unrolled, f_r, f_v)
     # Threads split rows and filter blocks together, unless the order puts filter blocks inside: 7x7 layers
     # have too few rows for many cores.

@@ -320,7 +320,7 @@ class _Index:
             entry["trials"] = max(entry["records"], noted.get("trials", 0))
             # Re-timed after tuning, in one run: the best record against the schedule without one.
             entry["defaults_win"] = ((noted.get("retimed_gflops") or 0)
-                                            < (noted.get("default_gflops") or 0) * RECORD_MARGIN)
+                                     < (noted.get("default_gflops") or 0) * RECORD_MARGIN)
 
     def _stamp(self):
         files = [os.path.join(self.path, name) for name in (WORKLOADS_FILE, RECORDS_FILE, SUMMARY_FILE)]
