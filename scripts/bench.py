@@ -9,8 +9,9 @@ Run from the repository root with the `bench` extra installed (pip install -e ".
 
 Peers, each in its own process, one after the other (thread pools of several runtimes in one process
 fight over the cores), on the same inputs and weights, NHWC in and out, float32, `--threads` threads:
-  tvmconv           `layer(x)`, the whole call; its bare kernel is timed too (TVM's time evaluator), for
-                    the per-call overhead. Tuning records apply as in any build (`--log-dir` adds a root).
+  tvmconv           `layer(x)`, the whole call. For the per-call overhead, the call, its kernel called from
+                    Python and the kernel alone (TVM's time evaluator) are then timed again, taking turns.
+                    Tuning records apply as in any build (`--log-dir` adds a root).
   tvmconv-defaults  the same with no tuning record: the templates' defaults.
   torch             torch.nn.functional.conv2d on channels_last tensors: oneDNN, which re-lays out the
                     weights on every call.
@@ -62,9 +63,10 @@ from benchlib import (  # noqa: E402
     git_commit,
     keras_pads,
     measure_fma_peak,
+    median,
     random_inputs,
     time_call,
-    time_tvm_kernel,
+    time_call_and_kernel,
     torch_layout,
 )
 
@@ -96,9 +98,9 @@ def _tvmconv(workload: Workload, x, weights, threads: int, defaults: bool) -> tu
     compiled = layer.compiled_kernel(x.shape)
 
     def extra(repeat: int) -> dict:
-        kernel = time_tvm_kernel(compiled, layer.kernel_arguments(x), repeat)
-        return {"kernel": kernel.as_json(), "schedule": compiled.schedule, "knobs": repr(compiled.knobs),
-                "tuning": str(compiled.tuning) if compiled.tuning else None}
+        calls = time_call_and_kernel(lambda: layer(x), compiled, layer.kernel_arguments(x), repeat)
+        return {"overhead": {name: t.as_json() for name, t in calls.items()}, "schedule": compiled.schedule,
+                "knobs": repr(compiled.knobs), "tuning": str(compiled.tuning) if compiled.tuning else None}
     return (lambda: layer(x)), (lambda: np.array(layer(x))), extra
 
 
@@ -336,19 +338,25 @@ def summarize(items: list[dict], peers: dict, peak: float) -> dict:
 
 
 def overhead(peers: dict) -> dict:
-    """tvmconv's per-call overhead: layer(x) against its bare kernel, at 1x56x56x64 -> 64 3x3 and over
-    MobileNetV2's layers (their kernel / call throughput ratio)."""
+    """tvmconv's per-call overhead, from its call and kernel timed in turns (benchlib.time_call_and_kernel):
+    at 1x56x56x64 -> 64 3x3 (%), over MobileNetV2's layers at batch 1 (kernel / call throughput), and where
+    their time goes (medians over those layers, µs): the FFI call of the kernel from Python, and tvmconv's
+    Python around it (the DLPack tensors, the thread count, the output pool, the layer's checks)."""
     if "tvmconv" not in peers:
         return {}
-    rows = [r for r in peers["tvmconv"]["results"] if r["ok"]]
-    ratio = {(r["name"], r["batch"]): r["kernel"]["median_s"] / r["timing"]["median_s"] for r in rows}
+    rows = {(r["name"], r["batch"]): r["overhead"] for r in peers["tvmconv"]["results"] if r["ok"]}
+    seconds = {key: {step: t["median_s"] for step, t in steps.items()} for key, steps in rows.items()}
     found = {}
-    if (OVERHEAD_WORKLOAD, 1) in ratio:
-        found["pct_at_56x56x64_3x3"] = 100 * (1 / ratio[(OVERHEAD_WORKLOAD, 1)] - 1)
-    mobilenet = [v for (name, batch), v in ratio.items() if name.startswith("mobilenet_v2/") and batch == 1]
+    if (OVERHEAD_WORKLOAD, 1) in seconds:
+        at = seconds[(OVERHEAD_WORKLOAD, 1)]
+        found["pct_at_56x56x64_3x3"] = 100 * (at["call"] / at["kernel"] - 1)
+    mobilenet = [s for (name, batch), s in seconds.items() if name.startswith("mobilenet_v2/") and batch == 1]
     if mobilenet:
-        found["mobilenet_v2_call_over_kernel_min"] = min(mobilenet)
-        found["mobilenet_v2_call_over_kernel_geomean"] = geomean(mobilenet)
+        ratios = [s["kernel"] / s["call"] for s in mobilenet]
+        found["mobilenet_v2_call_over_kernel_min"] = min(ratios)
+        found["mobilenet_v2_call_over_kernel_geomean"] = geomean(ratios)
+        found["mobilenet_v2_ffi_call_us"] = 1e6 * median(s["kernel_from_python"] - s["kernel"] for s in mobilenet)
+        found["mobilenet_v2_tvmconv_python_us"] = 1e6 * median(s["call"] - s["kernel_from_python"] for s in mobilenet)
     return found
 
 

@@ -57,22 +57,37 @@ class Timing:
                 "number": self.number, "repeat": len(self.seconds)}
 
 
+def _seconds_per_call(call, number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        call()
+    return (time.perf_counter() - start) / number
+
+
 def time_call(call, repeat: int) -> Timing:
     """Seconds per call of a Python callable, one value per repeat, timed with perf_counter."""
     number = calls_per_repeat(call)
-    results = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            call()
-        results.append((time.perf_counter() - start) / number)
-    return Timing(number, results)
+    return Timing(number, [_seconds_per_call(call, number) for _ in range(repeat)])
 
 
-def time_tvm_kernel(compiled, arguments, repeat: int) -> Timing:
-    """A compiled kernel alone (build.CompiledKernel), with TVM's time evaluator."""
-    number = calls_per_repeat(lambda: compiled.kernel.function(*arguments))
-    return Timing(number, compiled.time_evaluator(number=number, repeat=repeat)(*arguments))
+def time_call_and_kernel(call, compiled, arguments, repeat: int) -> dict[str, Timing]:
+    """A call of tvmconv (`call`, e.g. layer(x)), the compiled kernel it runs called from Python on
+    `arguments` made beforehand ("kernel_from_python": the FFI call), and that kernel alone ("kernel": TVM's
+    time evaluator, back to back in C++), taking turns one repeat each, each turn starting with the next of
+    the three: the machine's drift (10-40% over minutes here, and within a turn: whichever ran last was
+    slower by 3-8% on ResNet-50's layers) then falls on all three alike, and their differences are the
+    call's overhead."""
+    number = calls_per_repeat(call)
+    evaluator = compiled.time_evaluator(number=number, repeat=1)
+    function = compiled.kernel.function
+    timers = [("kernel", lambda: evaluator(*arguments)[0]),
+              ("kernel_from_python", lambda: _seconds_per_call(lambda: function(*arguments), number)),
+              ("call", lambda: _seconds_per_call(call, number))]
+    turns = {name: [] for name, _ in timers}
+    for turn in range(repeat):
+        for name, timer in timers[turn % 3:] + timers[:turn % 3]:
+            turns[name].append(timer())
+    return {name: Timing(number, seconds) for name, seconds in turns.items()}
 
 
 class OtherLoad:

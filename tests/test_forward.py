@@ -173,3 +173,31 @@ def test_outputs_are_reused_only_when_dropped():
     address = third.ctypes.data
     del third
     assert layer(x).ctypes.data == address  # dropped: its memory serves the next call
+
+
+@pytest.mark.parametrize("handle", ["tensor", "array"])
+def test_the_output_pool_keeps_each_array_with_its_handle(handle):
+    """The pool hands back each array with what its runner writes through, made once: a CPU tensor over
+    it, or the array itself (CUDA and RPC runners copy their result into it). Either way an array is
+    reused only when nobody holds it, its handle or a view of it."""
+    output_for = runtime.output_tensor if handle == "tensor" else (lambda array: array)
+    made = []
+    pool = runtime.OutputPool()
+
+    def take():
+        return pool.take((2, 3), "float32", lambda array: made.append(array.shape) or output_for(array))
+    y, out = take()
+    if handle == "tensor":
+        assert out.data_ptr() == y.ctypes.data and out.shape == y.shape
+    else:
+        assert out is y
+    address = y.ctypes.data
+    del y, out
+    y, out = take()
+    assert y.ctypes.data == address and len(made) == 1  # dropped: reused, its handle not made again
+    other, other_out = take()
+    assert other.ctypes.data != address and len(made) == 2  # `y` is held
+    view = other[0]
+    del other, other_out
+    third, _ = take()  # `y` held, `other` held through a view
+    assert not np.shares_memory(third, view) and third.ctypes.data != address and len(made) == 3

@@ -105,8 +105,8 @@ class Engine:
                 raise TypeError(f"Layer '{self.owner}' reads a tensor on the GPU in place, so it must have the "
                                 f"layer's compute dtype {wl.dtype}. Received dtype={x.dtype}")
             return x.like_source(runner.on_device(x.tensor, weights, wl.output_shape))
-        y = self._outputs.take(wl.output_shape, np.dtype(wl.dtype))
-        runner(x.astype(wl.dtype, copy=False), weights, y, self.threads)
+        y, out = self._outputs.take(wl.output_shape, wl.dtype, runner.output_for)
+        runner(x.astype(wl.dtype, copy=False), weights, out, self.threads)
         return y
 
     def kernel_arguments(self, wl: ConvWorkload, x: np.ndarray) -> list:

@@ -105,6 +105,9 @@ def default_threads() -> int:
 
 _threads_lock = threading.Lock()
 _threads_in_use = threading.local()  # TVM keeps one pool per calling thread
+# The environment as os.environ keeps it (CPython on POSIX: bytes), read per call: os.environ.get takes four
+# Python-level steps, which cost 1.5-3 µs between two kernel calls (measured), this one lookup.
+_environ_bytes = os.environ._data
 
 
 def use_threads(count: int | None) -> None:
@@ -116,7 +119,7 @@ def use_threads(count: int | None) -> None:
     the variable unset). So the variable is left at least at `count`, and when unset is set to
     default_threads(), which it then keeps reporting. Nothing is done when the calling thread's last
     call asked for the same and the variable is as that call left it: the per-call cost is one lookup."""
-    if getattr(_threads_in_use, "state", None) == (count, os.environ.get("TVM_NUM_THREADS")):
+    if getattr(_threads_in_use, "state", None) == (count, _environ_bytes.get(b"TVM_NUM_THREADS")):
         return
     threads = count or default_threads()
     needed = str(max(threads, default_threads()))
@@ -124,7 +127,7 @@ def use_threads(count: int | None) -> None:
         os.environ["TVM_NUM_THREADS"] = needed
         _load_tvm_runtime()
         tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)  # 1: every core, fastest first
-        _threads_in_use.state = (count, needed)
+        _threads_in_use.state = (count, _environ_bytes.get(b"TVM_NUM_THREADS"))
 
 
 def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
@@ -256,35 +259,44 @@ def copy_to_host(tensor: tvm_ffi.Tensor, out: np.ndarray) -> np.ndarray:
 
 def _idle_reference_counts() -> tuple[int, int]:
     """getrefcount of a pooled array nobody else holds, and of its memory, as OutputPool.take sees
-    them: measured in the same code shape, since interpreters count borrowed references differently."""
-    arrays = [aligned_empty((1,), np.float32)]
-    for array in arrays:
+    them: measured in the same code shape, since interpreters count borrowed references differently.
+    (The entry's handle holds one reference to the array: a tensor over it, or the array itself.)"""
+    array = aligned_empty((1,), np.float32)
+    entries = [((1,), "float32", array, output_tensor(array))]
+    del array
+    for entry in entries:
+        array = entry[2]
         counts = sys.getrefcount(array), sys.getrefcount(array.base)
     return counts
 
 
 class OutputPool:
     """Output arrays reused by later calls once the caller holds no reference to them (nor any view):
-    a fresh multi-megabyte array costs page faults on every call. Each layer keeps at most `keep`."""
+    a fresh multi-megabyte array costs page faults on every call. Each array is kept with what its runner
+    writes it through (`runner.output_for(array)`: here a tensor over it, made once, where making it for
+    every call cost ~1 µs). Each layer keeps at most `keep`."""
 
     IDLE = _idle_reference_counts()
 
     def __init__(self, keep: int = 2):
-        self._arrays: list[np.ndarray] = []
+        self._entries: list[tuple] = []  # (shape, dtype name, array, its handle)
         self._keep = keep
         self._lock = threading.Lock()
 
-    def take(self, shape, dtype) -> np.ndarray:
+    def take(self, shape: tuple, dtype: str, output_for) -> tuple:
+        """(array, handle) of an idle array of this shape and dtype, else of a new one (handle: output_for(array))."""
         with self._lock:
-            for array in self._arrays:
+            for entry in self._entries:
+                array = entry[2]  # (the handle, entry[3], not bound to a name: it may be the array itself)
                 # Any reference beyond the idle counts means in use: to the array itself, or to its memory
                 # (array.base, see aligned_empty) from a view, since numpy points views at the memory's owner.
-                if (array.shape == shape and array.dtype == dtype
+                if (entry[0] == shape and entry[1] == dtype
                         and (sys.getrefcount(array), sys.getrefcount(array.base)) == self.IDLE):
-                    return array
+                    return array, entry[3]
             array = aligned_empty(shape, dtype)
-            self._arrays = [array, *self._arrays][:self._keep]
-            return array
+            out = output_for(array)
+            self._entries = [(shape, dtype, array, out), *self._entries][:self._keep]
+            return array, out
 
 
 class Kernel:
@@ -301,10 +313,15 @@ class Kernel:
     def weights(self, arrays) -> list:
         return [to_tensor(np.ascontiguousarray(a)) for a in arrays]
 
-    def __call__(self, x: np.ndarray, weights: list, out: np.ndarray, threads: int | None = None) -> None:
-        """Run on `threads` of this CPU's cores (None: default_threads())."""
+    def output_for(self, array: np.ndarray) -> tvm_ffi.Tensor:
+        """What __call__ writes `array` through, for a caller that reuses the array (OutputPool)."""
+        return output_tensor(array)
+
+    def __call__(self, x: np.ndarray, weights: list, out, threads: int | None = None) -> None:
+        """Run on `threads` of this CPU's cores (None: default_threads()); `out`: the output array, or
+        output_for(array)."""
         use_threads(threads)
-        self.function(input_tensor(x), *weights, output_tensor(out))
+        self.function(input_tensor(x), *weights, out if isinstance(out, tvm_ffi.Tensor) else output_tensor(out))
 
     def call(self, *inputs: np.ndarray, out: np.ndarray) -> None:
         """Run a function whose every input is declared unaligned (the gradient kernels that are not
@@ -320,6 +337,9 @@ class CudaKernel(Kernel):
 
     def weights(self, arrays) -> list:
         return [to_device(np.ascontiguousarray(a), self.device) for a in arrays]
+
+    def output_for(self, array: np.ndarray) -> np.ndarray:
+        return array  # the result is copied into it
 
     def __call__(self, x: np.ndarray, weights: list, out: np.ndarray, threads: int | None = None) -> None:
         result = device_empty(out.shape, out.dtype, self.device)
