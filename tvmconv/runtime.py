@@ -284,10 +284,13 @@ class OutputPool:
         self._lock = threading.Lock()
 
     def take(self, shape: tuple, dtype: str, output_for) -> tuple:
-        """(array, handle) of an idle array of this shape and dtype, else of a new one (handle: output_for(array))."""
+        """(array, handle) of an idle array of this shape and dtype, else of a new one, whose handle is
+        output_for(array)."""
         with self._lock:
             for entry in self._entries:
-                array = entry[2]  # (the handle, entry[3], not bound to a name: it may be the array itself)
+                # (entry[3], the handle, is not bound to a name here: where it is the array itself, that name
+                # would be one more reference, and the array would never look idle)
+                array = entry[2]
                 # Any reference beyond the idle counts means in use: to the array itself, or to its memory
                 # (array.base, see aligned_empty) from a view, since numpy points views at the memory's owner.
                 if (entry[0] == shape and entry[1] == dtype
