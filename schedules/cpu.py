@@ -243,9 +243,10 @@ def _vector_counts(wl: ConvWorkload, n_lanes: int) -> list[int]:
 def _fits(registers: int, fv: int, ow: int, oh: int = 1) -> bool:
     """The tile's accumulators, its weight vectors, one broadcast and two spare fit in the registers
     (a tile that left one of 32 AVX-512 registers spare, 14 columns x 2 vectors, ran 25% slower than 7 x 2;
-    on Zen 3 with 16, one spare was enough: 2 vectors x 6 columns, or 3 columns x 2 rows, ran 1.04-1.10x
-    the default 2 x 4 on ResNet-50's 3x3 layers of width 56 and 28, where 4 x 3 and 2 x 7 spilled at
-    0.4x. Not changed: it would move 82 of the x86-avx2 preset's defaults and AVX-512's untested)."""
+    on Zen 3 with 16, one spare was enough for some: 2 vectors x 6 columns, or 3 columns x 2 rows, ran
+    1.04-1.16x the default 2 x 4 on ResNet-50's 3x3 layers of width 56 and 28, where 4 x 3 and 2 x 7 spilled
+    at 0.4x; but 3 x 2 ran 0.4-0.5x the default on its 1x1 layers of width 56, and 6 columns 0.63x on
+    MobileNetV2's first layer. Not changed: no rule told them apart)."""
     return oh * ow * fv + fv + 3 <= registers
 
 
