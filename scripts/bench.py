@@ -344,8 +344,8 @@ def overhead(peers: dict) -> dict:
     Python around it (the DLPack tensors, the thread count, the output pool, the layer's checks)."""
     if "tvmconv" not in peers:
         return {}
-    rows = {(r["name"], r["batch"]): r["overhead"] for r in peers["tvmconv"]["results"] if r["ok"]}
-    seconds = {key: {step: t["median_s"] for step, t in steps.items()} for key, steps in rows.items()}
+    seconds = {(r["name"], r["batch"]): {step: t["median_s"] for step, t in r["overhead"].items()}
+               for r in peers["tvmconv"]["results"] if r["ok"]}
     found = {}
     if (OVERHEAD_WORKLOAD, 1) in seconds:
         at = seconds[(OVERHEAD_WORKLOAD, 1)]

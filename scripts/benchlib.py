@@ -85,7 +85,8 @@ def time_call_and_kernel(call, compiled, arguments, repeat: int) -> dict[str, Ti
               ("call", lambda: _seconds_per_call(call, number))]
     turns = {name: [] for name, _ in timers}
     for turn in range(repeat):
-        for name, timer in timers[turn % 3:] + timers[:turn % 3]:
+        first = turn % len(timers)
+        for name, timer in timers[first:] + timers[:first]:
             turns[name].append(timer())
     return {name: Timing(number, seconds) for name, seconds in turns.items()}
 

@@ -494,11 +494,10 @@ def test_buffered_request_bytes_are_bounded(tmp_path, rng):
         threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
-        while any(thread.is_alive() for thread in threads):
+        deadline = time.monotonic() + 300
+        while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
             held.append(metrics(running)[("tvmconv_buffered_request_bytes", ())])
             time.sleep(0.02)
-        for thread in threads:
-            thread.join(300)
         growth = memory(pid, "VmHWM") - before
     want = layer_reference(layer, x)
     for status, _, answer in answers:
