@@ -201,12 +201,10 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     # and 8 (ResNet-50's 1x1 stride-2 one at batch 8: 0.81-0.98x in three runs), except where a window's taps
     # multiply a tile's input beyond L1 and the whole input outgrows L2: ResNet-50's 3x3 layers of width 7 at
     # batch 8 ran filters first at 1.2-1.3x (each block's weights then stay in L2).
-    if wl.out_width < 8:
-        scores = {(t, v): _flat_score(core, wl, n_lanes, t, v)
-                  for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes))
-                  if _fits(core.registers, v, t)}
-        t, v = max(scores, key=lambda c: (round(scores[c], 6), c[0] * c[1] / (c[0] + c[1])))
-        if scores[t, v] > _tile_score(core, wl, n_lanes, ow, oh, fv):
+    flat_tiles = _flat_tiles(core, wl, n_lanes)
+    if flat_tiles:
+        t, v = flat_tiles[0]
+        if _flat_score(core, wl, n_lanes, t, v) > _tile_score(core, wl, n_lanes, ow, oh, fv):
             input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
             window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
             return Knobs(n_lanes, v, t, order="filters" if window_beyond_l2 else "pixels", flat=True)
@@ -217,6 +215,16 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     trailing_pad = wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
     return Knobs(n_lanes, fv, ow, oh, order="filters" if _filters_first(core, wl, n_lanes * fv) else "rows",
                  pad_inline=trailing_pad)
+
+
+def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:
+    """The flat tiles (pixels, filter vectors) that fit, best first by `_flat_score` (ties: most FMAs per
+    load); none for depthwise layers or where the width holds two tiles of 4 columns (see default_knobs)."""
+    if wl.out_width >= 8 or wl.groups == wl.in_channels == wl.filters:
+        return []
+    scores = {(t, v): round(_flat_score(core, wl, n_lanes, t, v), 6)
+              for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes)) if _fits(core.registers, v, t)}
+    return sorted(scores, key=lambda c: (scores[c], c[0] * c[1] / (c[0] + c[1])), reverse=True)
 
 
 def _flat_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, pixels: int, fv: int) -> float:
@@ -259,30 +267,37 @@ def _window_unrollable(wl: ConvWorkload) -> bool:
 def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
     """The template's structural variants, tile sizes left at their defaults (`sample_tiles` samples them):
     every filter-vector count that fits and is not wasted, each with every loop order, padding
-    method and window unrolling that applies."""
+    method and window unrolling that applies; and where flat tiles apply (`_flat_tiles`), the same with
+    flat tiles, each vector count with its best-scoring number of pixels. A flat tile shapes the compute
+    (the conv stage's pixels are padded to its multiple), so it is no sampled decision: each is a task of
+    its own (tvmconv.tuning.tasks), and one per vector count keeps the trials from spreading thin."""
     registers = core.registers
-    default = default_knobs(wl, core)
-    vector_counts = [fv for fv in _vector_counts(wl, default.lanes) if _fits(registers, fv, 1)]
-    variants = []
-    for fv, order, pad_inline, unroll_window in itertools.product(
-            vector_counts, ORDERS, (False, True) if wl.has_data_pad else (False,),
-            (False, True) if _window_unrollable(wl) else (False,)):
-        ow = max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c))
-        variants.append(Knobs(default.lanes, fv, ow, order=order, pad_inline=pad_inline,
-                              unroll_window=unroll_window))
-    return variants
+    n_lanes = default_knobs(wl, core).lanes
+    vector_counts = [fv for fv in _vector_counts(wl, n_lanes) if _fits(registers, fv, 1)]
+    flat_pixels = {}
+    for pixels, fv in _flat_tiles(core, wl, n_lanes):
+        flat_pixels.setdefault(fv, pixels)
+    tiles = [(fv, max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c)), False)
+             for fv in vector_counts] + [(fv, pixels, True) for fv, pixels in flat_pixels.items()]
+    return [Knobs(n_lanes, fv, ow, order=order, pad_inline=pad_inline, unroll_window=unroll_window, flat=flat)
+            for (fv, ow, flat), order, pad_inline, unroll_window in itertools.product(
+                tiles, ORDERS, (False, True) if wl.has_data_pad else (False,),
+                (False, True) if _window_unrollable(wl) else (False,))]
 
 
 def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore, knobs: Knobs) -> Knobs:
     """`knobs` with ow_tile, oh_tile and rc_tile replaced by decisions sampled in `sch`: register tiles
     that fit (with one output row; taller tiles may spill, the tuner measures it), and input-channel
-    steps that divide the group's channels."""
+    steps that divide the group's channels. A flat tile keeps its pixels (the compute is padded to
+    them) and has no rows."""
     def sample(candidates):
         return sch.sample_categorical(candidates, [1 / len(candidates)] * len(candidates))
-    widths = [c for c in range(1, min(wl.out_width, 16) + 1) if _fits(core.registers, knobs.f_vectors, c)]
-    heights = [c for c in (1, 2, 4) if c <= wl.out_height]
     cg = wl.group_in_channels
     steps = sorted({cg} | {c for c in (4, 8, 16, 32, 64, 128) if c < cg and cg % c == 0})
+    if knobs.flat:
+        return dataclasses.replace(knobs, rc_tile=sample(steps))
+    widths = [c for c in range(1, min(wl.out_width, 16) + 1) if _fits(core.registers, knobs.f_vectors, c)]
+    heights = [c for c in (1, 2, 4) if c <= wl.out_height]
     return dataclasses.replace(knobs, ow_tile=sample(widths), oh_tile=sample(heights), rc_tile=sample(steps))
 
 

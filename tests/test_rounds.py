@@ -78,7 +78,10 @@ def test_a_round_on_this_cpu_from_candidates_to_the_record_a_build_uses(tmp_path
                             ({**spec, "target": {"kind": "llvm", "mcpu": "cortex-a72",
                                                  "mtriple": "aarch64-linux-gnu"}}, "not a round's"),
                             ({**spec, "plan": [{"fields": {"filters": "many"}, "trials": 2}]}, "damaged round file"),
-                            ({**spec, "candidates": [{**spec["candidates"][0], "workload": 5}]}, "not a round's")):
+                            ({**spec, "candidates": [{**spec["candidates"][0], "workload": 5}]}, "not a round's"),
+                            ({**spec, "candidates": [{**spec["candidates"][0], "flat_tile": -1}]}, "not a round's"),
+                            # A layout that is not the trace's: the flat tile names another PrimFunc.
+                            ({**spec, "candidates": [{**spec["candidates"][0], "flat_tile": 3}]}, "does not replay")):
         round_file.write_text(json.dumps(forged))
         with pytest.raises(ValueError, match=message):
             rounds.ingest(directory, logs)

@@ -6,22 +6,23 @@ import pytest
 import tvm
 from paths import PATHS
 
-from tvmconv import build, reference, runtime, targets
+from tvmconv import build, records, reference, runtime, targets, tuning
 from tvmconv.compute import ConvWorkload, pack_weights
 from tvmconv.schedules import cpu, find_rule, x86
 
 HOST = targets.resolve(None)
 
 
-def _check(wl: ConvWorkload, knobs, seed=0):
+def _check(wl: ConvWorkload, knobs, seed=0, record=None):
+    """The kernel of `knobs` (or of a tuning `record`) against the float64 reference."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(wl.input_shape)
     kernel = rng.standard_normal(wl.weights_shape)
     bias = rng.standard_normal(wl.filters) if wl.use_bias else None
-    compiled = build.get_kernel(wl, HOST, knobs)
-    assert compiled.knobs == knobs
+    compiled = build.get_kernel(wl, HOST, knobs, record=record)
+    assert compiled.knobs == knobs and compiled.tuning == record
     y = runtime.aligned_empty(wl.output_shape, wl.dtype)
-    weights = [pack_weights(kernel.astype(wl.dtype), knobs.weight_block)] + ([bias.astype(wl.dtype)] if wl.use_bias else [])
+    weights = [pack_weights(kernel.astype(wl.dtype), compiled.weight_block)] + ([bias.astype(wl.dtype)] if wl.use_bias else [])
     compiled.kernel(x.astype(wl.dtype), compiled.kernel.weights(weights), y)  # x at numpy's alignment
     expected = reference.conv2d(x, kernel, bias, wl.strides, wl.padding, wl.dilation, wl.groups, wl.channels_last)
     expected = reference.ACTIVATIONS[wl.activation](expected)
@@ -153,6 +154,33 @@ def test_loop_orders_and_inline_padding_of_the_defaults():
     knobs = x86.RULE.default_knobs(all_sides, target)
     assert not knobs.pad_inline and not knobs.flat and knobs.order == "rows"
     assert {k.order for k in x86.RULE.tunable_knobs(all_sides, target)} == set(cpu.ORDERS)
+
+
+def test_flat_tiles_are_tuned_in_tasks_of_their_own():
+    """Where flat tiles apply (widths under 8, not depthwise), the tuner's space holds them besides the rectangles,
+    one number of pixels per vector count, each layout (weight block, flat tile) a task of its own. A program
+    sampled from a flat design space replays from its trace as a record does, and computes the convolution."""
+    wl = ConvWorkload(1, 7, 7, 8, 32, (3, 3), padding="same")
+    rule = find_rule(HOST)
+    variants = rule.tunable_knobs(wl, HOST)
+    flat = [k for k in variants if k.flat]
+    assert flat and any(not k.flat for k in variants) and {k.order for k in flat} == set(cpu.ORDERS)
+    assert len({(k.f_vectors, k.ow_tile) for k in flat}) == len({k.f_vectors for k in flat})
+    for other in (ConvWorkload(1, 8, 8, 8, 32, (3, 3), padding="same"), ConvWorkload(1, 7, 7, 8, 8, (3, 3), groups=8)):
+        assert not any(k.flat for k in rule.tunable_knobs(other, HOST)), other.label
+    contexts = tuning.tasks(wl, HOST, "template")
+    layouts = [records.workload_of(context.mod["main"])[1] for context in contexts]
+    assert sorted(layouts) == sorted({(k.weight_block, k.flat_tile) for k in variants})
+    checked = 0
+    for context, layout in zip(contexts, layouts, strict=True):
+        if layout[1]:
+            spaces = context.generate_design_space()
+            assert len(spaces) == sum((k.weight_block, k.flat_tile) == layout for k in variants)
+            # One per task, the orders in turn: each build takes seconds.
+            space = spaces[checked % len(spaces)]
+            _check(wl, None, record=records.Tuned("sampled", *layout, space.trace, 1.0, 1, None))
+            checked += 1
+    assert checked == len({k.f_vectors for k in flat})
 
 
 def test_window_unrolling_only_for_small_windows():

@@ -295,6 +295,33 @@ def test_a_damaged_log_line_is_skipped_with_a_warning_naming_it(tuned, tmp_path,
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_a_flat_tile_record_is_found_and_applied_and_a_forged_layout_skipped(tmp_path, rng):
+    """A record of a flat-tile task (tvmconv.tuning.tasks) is found under its layout, (weight block, flat tile),
+    and replays on that PrimFunc; a record whose PrimFunc claims a negative flat tile is skipped with a warning."""
+    wl = ConvWorkload(1, 7, 7, 8, 32, (3, 3), padding="same")
+    context = next(c for c in tuning.tasks(wl, HOST, "template") if records.workload_of(c.mod["main"])[1][1])
+    layout = records.workload_of(context.mod["main"])[1]
+    sampled = context.generate_design_space()[0]
+    forged = tvm.IRModule({"main": wl.prim_func(*layout).with_attr(tvmconv.compute.FLAT_TILE_ATTR, -1)})
+    folder = records.folder(str(tmp_path), HOST)
+    with records.locked(folder):
+        log = records.Log(folder)
+        for mod in (context.mod, forged):
+            log.commit_tuning_record(ms.database.TuningRecord(sampled.trace, log.commit_workload(mod), [1e-4], HOST,
+                                                              ms.arg_info.ArgInfo.from_entry_func(mod)))
+    tuned, messages = _messages(lambda: records.best(wl, HOST, [str(tmp_path)], keep_slower=True))
+    assert any("skipped 1 records" in m for m in messages), messages
+    assert (tuned.weight_block, tuned.flat_tile) == layout
+    compiled = build.get_kernel(wl, HOST, record=tuned)
+    assert compiled.schedule == "tuning record"
+    x, kernel = rng.standard_normal(wl.input_shape), rng.standard_normal(wl.weights_shape)
+    bias = rng.standard_normal(wl.filters)
+    y = runtime.aligned_empty(wl.output_shape, np.float32)
+    compiled.kernel(x.astype(np.float32), compiled.kernel.weights(
+        [tvmconv.compute.pack_weights(kernel.astype(np.float32), compiled.weight_block), bias.astype(np.float32)]), y)
+    np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
+
+
 def test_a_damaged_summary_is_skipped_with_a_warning(tuned, tmp_path):
     root, _ = tuned
     copy = tmp_path / "logs"
@@ -340,7 +367,7 @@ def test_appends_after_a_torn_line_keep_every_record_with_its_workload(tuned, tm
     with records.locked(str(folder)):
         log = records.Log(str(folder))
         record = source.get_all_tuning_records()[0]
-        moved = tvm.IRModule({"main": other.prim_func(records.workload_of(record)[1])})
+        moved = tvm.IRModule({"main": other.prim_func(*records.workload_of(record.workload.mod["main"])[1])})
         log.commit_tuning_record(ms.database.TuningRecord(record.trace, log.commit_workload(moved), record.run_secs,
                                                           record.target, record.args_info))
     reread, messages = _messages(lambda: records.Log(str(folder)))
@@ -482,8 +509,8 @@ def test_a_new_cpu_starts_from_what_another_cpu_of_its_isa_measured(tmp_path, rn
     # The search's database hands out this target's records first, then the seeds; it writes only here.
     log = records.Log(records.folder(root, HOST))
     seeded = tuning._Seeded(log, seeds)
-    block = records.workload_of(seeds.get_all_tuning_records()[0])[1]
-    top = seeded.get_top_k(seeded.commit_workload(tvm.IRModule({"main": WL.prim_func(block)})), 3)
+    layout = records.workload_of(seeds.get_all_tuning_records()[0].workload.mod["main"])[1]
+    top = seeded.get_top_k(seeded.commit_workload(tvm.IRModule({"main": WL.prim_func(*layout)})), 3)
     assert top and all(targets.target_key(r.target) == targets.target_key(other) for r in top)
     assert len(log.get_all_tuning_records()) == 0
     cost_model = tvm.s_tir.meta_schedule.cost_model.XGBModel(num_warmup_samples=1)

@@ -9,8 +9,9 @@ Every compiled workload, a forward convolution (`ConvWorkload`) or a gradient ke
   key          a stable identity (cache file names, tuning logs);
   label        a short readable description;
   flops        the work it does, for GFLOP/s figures;
-  prim_func(weight_block)  the unscheduled PrimFunc (weights packed in blocks of `weight_block` filters,
-               0: Keras's layout; kernels without weights ignore it), built once per workload and block;
+  prim_func(weight_block, flat_tile)  the unscheduled PrimFunc (weights packed in blocks of `weight_block`
+               filters, 0: Keras's layout; the conv stage's pixels as one axis in tiles of `flat_tile`, 0:
+               rows and columns; kernels without weights ignore both), built once per workload and layout;
   stand_ins()  the workloads whose tuning records may serve it, closest first, itself first.
 How a workload is scheduled by default is its schedule rule's business (schedules/).
 
@@ -381,6 +382,9 @@ WORKLOAD_ATTR = "tvmconv.workload"
 # The PrimFunc's attribute naming its weight layout. Its name predates the word "weights" here and
 # stays: tuning logs match records by the PrimFunc's structure, attributes included.
 WEIGHT_BLOCK_ATTR = "tvmconv.kernel_block"
+# The PrimFunc's attribute naming its flat tile, only where it has one: records of PrimFuncs without one
+# (those tuned before flat tiles were tunable) keep matching.
+FLAT_TILE_ATTR = "tvmconv.flat_tile"
 
 
 @functools.lru_cache(maxsize=512)
@@ -468,8 +472,8 @@ def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0):
         y = te.compute(out_shape, in_layout(lambda *i: act(biased(*i)).astype(wl.dtype)), name="epilogue")
     args = [x, w] + ([b] if b is not None else []) + [y]
     # The workload and weight layout ride along as attributes: tuning logs name what they tuned.
-    func = te.create_prim_func(args).with_attr(
-        {WORKLOAD_ATTR: json.dumps(wl.fields()), WEIGHT_BLOCK_ATTR: weight_block})
+    layout = {WEIGHT_BLOCK_ATTR: weight_block, **({FLAT_TILE_ATTR: flat_tile} if flat_tile else {})}
+    func = te.create_prim_func(args).with_attr({WORKLOAD_ATTR: json.dumps(wl.fields()), **layout})
     return read_unaligned(func)
 
 

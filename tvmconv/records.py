@@ -38,7 +38,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import schedules, targets, tuning_logs  # tuning_logs: the shipped records (package data)
 from .backward import GRADIENT_ATTR, GRADIENT_KERNELS, GradientKernel
-from .compute import WEIGHT_BLOCK_ATTR, WORKLOAD_ATTR, ConvWorkload
+from .compute import FLAT_TILE_ATTR, WEIGHT_BLOCK_ATTR, WORKLOAD_ATTR, ConvWorkload
 
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
@@ -199,16 +199,20 @@ class Log(ms.database.PyDatabase):
         os.replace(staging, self.files[1])
 
 
-def workload_of(record: ms.database.TuningRecord) -> tuple[ConvWorkload | GradientKernel, int] | None:
-    """What a record tuned, read from its PrimFunc's attributes (compute.conv2d_forward,
-    backward.GradientKernel): the workload and its packed weight block (None: not a tvmconv workload)."""
-    attrs = record.workload.mod["main"].attrs
+def workload_of(func) -> tuple[ConvWorkload | GradientKernel, tuple[int, int]] | None:
+    """What a PrimFunc (a record's, a task's) computes, read from its attributes (compute.conv2d_forward,
+    backward.GradientKernel): the workload and the PrimFunc's layout, (weight block, flat tile) as
+    `prim_func` takes them (None: not a tvmconv workload)."""
+    attrs = func.attrs
     if attrs is None or WORKLOAD_ATTR not in attrs:
         return None
     wl = ConvWorkload.from_fields(json.loads(str(attrs[WORKLOAD_ATTR])))
     if GRADIENT_ATTR in attrs:
-        return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), 0
-    return wl, int(attrs[WEIGHT_BLOCK_ATTR])
+        return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), (0, 0)
+    layout = (int(attrs[WEIGHT_BLOCK_ATTR]), int(attrs.get(FLAT_TILE_ATTR, 0)))
+    if min(layout) < 0:  # the log is read, not trusted
+        raise ValueError(f"a record's weight block and flat tile must not be negative, got {layout}")
+    return wl, layout
 
 
 def seconds(record: ms.database.TuningRecord) -> float | None:
@@ -273,6 +277,7 @@ class Tuned:
     """The record a kernel was built from."""
     folder: str          # the log folder (root/target key) it came from
     weight_block: int    # the packed weight layout of the tuned PrimFunc
+    flat_tile: int       # its conv stage's flat tile (0: rows and columns), as compute.conv2d_forward takes it
     trace: object        # the schedule, as a MetaSchedule trace
     seconds: float       # its time as the tuner measured it
     trials: int          # trials run for this workload in that folder
@@ -284,7 +289,7 @@ class Tuned:
 
 
 class _Index:
-    """Per log folder: its database and, per workload key, the workload, the weight blocks on record,
+    """Per log folder: its database and, per workload key, the workload, the PrimFunc layouts on record,
     its records, its fastest record's time, the trials run (its records, or more when `logs prune`
     dropped some: summary.json keeps the count) and whether the schedule without a record wins: its best
     record did not re-time RECORD_MARGIN faster (summary.json). Re-read when a file changes (a tuning run
@@ -298,15 +303,15 @@ class _Index:
         unknown = 0
         for record in self.database.get_all_tuning_records():
             try:
-                found = workload_of(record)
+                found = workload_of(record.workload.mod["main"])
             except (TypeError, ValueError, KeyError):  # attributes this tvmconv cannot read
                 found, unknown = None, unknown + 1
             if found is None:
                 continue
-            wl, block = found
-            entry = self.entries.setdefault(wl.key, {"workload": wl, "blocks": set(), "records": 0,
+            wl, layout = found
+            entry = self.entries.setdefault(wl.key, {"workload": wl, "layouts": set(), "records": 0,
                                                      "best_seconds": None})
-            entry["blocks"].add(block)
+            entry["layouts"].add(layout)
             entry["records"] += 1
             time = seconds(record)
             if time is not None and (entry["best_seconds"] is None or time < entry["best_seconds"]):
@@ -363,7 +368,7 @@ def _memoized(key: tuple, logs, find):
 
 def _records_of(workload, logs, target: tvm.target.Target, keep_slower: bool,
                 reused: str | None) -> tuple[list[Tuned], bool]:
-    """The valid records of `workload` in `logs`, one per log and weight block, and whether a log's records
+    """The valid records of `workload` in `logs`, one per log and PrimFunc layout, and whether a log's records
     were passed over for not re-timing RECORD_MARGIN faster than the schedule without one (unless
     `keep_slower`)."""
     found, passed_over = [], False
@@ -374,10 +379,10 @@ def _records_of(workload, logs, target: tvm.target.Target, keep_slower: bool,
         if entry["defaults_win"] and not keep_slower:
             passed_over = True
             continue
-        for block in entry["blocks"]:
-            record = idx.database.fastest(tvm.IRModule({"main": workload.prim_func(block)}), targets.target_key(target))
+        for layout in entry["layouts"]:
+            record = idx.database.fastest(tvm.IRModule({"main": workload.prim_func(*layout)}), targets.target_key(target))
             if record is not None:
-                found.append(Tuned(path, block, record.trace, seconds(record), entry["trials"], reused))
+                found.append(Tuned(path, *layout, record.trace, seconds(record), entry["trials"], reused))
     return found, passed_over
 
 

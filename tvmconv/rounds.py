@@ -40,7 +40,7 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from . import backward, build, records, schedules, targets, timing, tuning
-from .compute import WEIGHT_BLOCK_ATTR, ConvWorkload
+from .compute import ConvWorkload
 
 ROUND_CANDIDATES = 256  # a round's candidates, shared by the workloads by the trials they still need
 COST_MODEL_FILE = "cost_model.tar"  # the XGBoost model and its training data, beside the database
@@ -221,8 +221,8 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
     if not any(shares):
         return None
     rule = schedules.find_rule(target)
-    # What to build: per kernel (workload index, weight block, the candidate's trace in JSON or None for a
-    # reference, whether a reference is the default schedule), and its builder input.
+    # What to build: per kernel (workload index, its PrimFunc's layout (weight block, flat tile), the candidate's
+    # trace in JSON or None for a reference, whether a reference is the default schedule), and its builder input.
     kernels, inputs = [], []
     for index, ((wl, _), share) in enumerate(zip(plan, shares, strict=True)):
         if not share:
@@ -230,20 +230,21 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
         contexts = tuning.tasks(wl, target, space)
         blocks = set()
         for i, context in enumerate(contexts):
-            block = int(context.mod["main"].attrs.get(WEIGHT_BLOCK_ATTR, 0))
+            _, layout = records.workload_of(context.mod["main"])
             count = share // len(contexts) + (i < share % len(contexts))
             measured = _measured_traces(database, context.mod)
             for candidate in _propose(context, count, database, cost_model, measured) if count else []:
-                kernels.append((index, block, _trace_json(candidate.sch.trace), False))
+                kernels.append((index, layout, _trace_json(candidate.sch.trace), False))
                 inputs.append(ms.builder.BuilderInput(candidate.sch.mod, target))
-                blocks.add(block)
+                blocks.add(layout[0])
         # The references, one per weight layout: the default schedule, and for another layout the rule's
-        # variant that reads it, tile sizes at their defaults (their inputs are random in that layout).
+        # variant that reads it, tile sizes at their defaults (their inputs are random in that layout; a flat
+        # tile changes no argument).
         default = rule.default_knobs(wl, target)
         variants = {k.weight_block: k for k in reversed(rule.tunable_knobs(wl, target))}
         for block in sorted(blocks | {build.weight_block(default)}):
             knobs = default if build.weight_block(default) == block else variants[block]
-            kernels.append((index, block, None, knobs == default))
+            kernels.append((index, (block, 0 if knobs is None else knobs.flat_tile), None, knobs == default))
             inputs.append(ms.builder.BuilderInput(tvm.IRModule({"main": build.scheduled(wl, target, rule, knobs)}),
                                                   target))
     spec = _round_spec(plan, target, directory, space, size, number, kernels, inputs,
@@ -265,12 +266,12 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
     # References first: the timing checks each candidate's output against its reference's.
     order = sorted(range(len(kernels)), key=lambda n: kernels[n][2] is not None)
     for n in order:
-        (index, block, trace, is_default), result = kernels[n], built[n]
+        (index, (block, flat_tile), trace, is_default), result = kernels[n], built[n]
         wl = plan[index][0]
         if result.error_msg:
             if trace is None:
                 raise RuntimeError(f"the default schedule of {wl.label} did not build:\n{result.error_msg}")
-            candidates.append({"workload": index, "weight_block": block, "trace": trace,
+            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "trace": trace,
                                "error": result.error_msg.strip()[-2000:]})
             continue
         kernel_id = f"{n:04d}"
@@ -289,7 +290,8 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
             if is_default:
                 defaults[str(index)] = kernel_id
         else:
-            candidates.append({"workload": index, "weight_block": block, "kernel": kernel_id, "trace": trace})
+            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "kernel": kernel_id,
+                               "trace": trace})
     return {"format": timing.ROUND_FORMAT, "token": secrets.token_hex(8), "round": number, "space": space,
             "size": size, "target": json.loads(str(target)), "target_key": targets.target_key(target),
             "plan": [{**_describe(wl), "trials": trials} for wl, trials in plan],
@@ -337,7 +339,7 @@ def _plan_and_candidates(spec: dict, path: str) -> tuple:
                  and all(isinstance(kernel, str) for kernel in defaults.values())
                  and all(type(trials) is int and trials > 0 for _, trials in plan) and isinstance(candidates, list)
                  and all(isinstance(c, dict) and type(c.get("workload")) is int and 0 <= c["workload"] < len(plan)
-                         and type(c.get("weight_block")) is int and c["weight_block"] >= 0
+                         and all(type(c.get(name)) is int and c[name] >= 0 for name in ("weight_block", "flat_tile"))
                          and isinstance(c.get("trace"), list)
                          and isinstance(c.get("kernel") if "error" not in c else c["error"], str) for c in candidates))
     except (KeyError, TypeError, AttributeError) as err:
@@ -361,15 +363,15 @@ def ingest(directory: str, log_root: str | None = None) -> tuple[list[IngestedWo
         result = {"error": candidate["error"]} if "error" in candidate else results.get(candidate["kernel"])
         if result is None:  # not timed before the round's time limit: left for a later round
             continue
-        index, block = candidate["workload"], candidate["weight_block"]
-        sch = s_tir.Schedule(plan[index][0].prim_func(block))
+        index, layout = candidate["workload"], (candidate["weight_block"], candidate["flat_tile"])
+        sch = s_tir.Schedule(plan[index][0].prim_func(*layout))
         try:  # the candidate's trace, replayed on its workload (instructions: [kind, inputs, attributes, ...])
             schedules.register_intrinsics(i[2][0] for i in candidate["trace"][0] if i[0] == "Tensorize")
             s_tir.Trace.apply_json_to_schedule(candidate["trace"], sch)
         except Exception as err:  # a trace of another workload, or a damaged one
             raise ValueError(f"damaged round file {path}: a candidate of {plan[index][0].label} does not replay "
                              f"({err})") from None
-        by_task.setdefault((index, block), []).append((sch, result))
+        by_task.setdefault((index, layout), []).append((sch, result))
     log_root = log_root or records.user_root()
     folder = records.folder(log_root, target)
     # One writer at a time; the log is read again under the lock, since another process may have added to it.
@@ -377,8 +379,8 @@ def ingest(directory: str, log_root: str | None = None) -> tuple[list[IngestedWo
         database = records.Log(folder)
         cost_model = _cost_model(folder)
         counts = {}
-        for (index, block), measured in by_task.items():
-            mod = tvm.IRModule({"main": plan[index][0].prim_func(block)})
+        for (index, layout), measured in by_task.items():
+            mod = tvm.IRModule({"main": plan[index][0].prim_func(*layout)})
             workload_record = database.commit_workload(mod)
             for sch, result in measured:
                 database.commit_tuning_record(ms.database.TuningRecord(

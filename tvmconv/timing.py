@@ -29,7 +29,7 @@ from . import runtime
 
 ROUND_FILE = "round.json"
 RESULTS_FILE = "results.json"
-ROUND_FORMAT = "tvmconv-round-1"
+ROUND_FORMAT = "tvmconv-round-2"
 KERNELS = "kernels"  # the round's folder of libraries (and fatbins), which ROUND_FILE names
 # Each kernel: REPEATS repeats of at least MIN_REPEAT_MS (TVM's evaluator raises the calls per repeat to
 # get there), after one checked call. On a GPU a ResNet-50 layer at batch 1 takes 5-150 µs: a kernel then

@@ -1,8 +1,9 @@
 """Autotuning: MetaSchedule's evolutionary search, guided by its XGBoost cost model, per target.
 
 Design spaces ("space"):
-  template — our schedules/ template: one MetaSchedule task per packed weight layout, each with
-             one design space per structural variant (loop order, padding, window unrolling),
+  template — our schedules/ template: one MetaSchedule task per PrimFunc layout (packed weight block,
+             flat tile), each with one design space per structural variant (loop order, padding, window
+             unrolling),
              the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`);
              a workload its rule has no template for (the gradient kernels that are not
              convolutions) tunes in the generated space instead;
@@ -120,25 +121,27 @@ def _template_space(rule, wl: ConvWorkload, target, variants):
     return ms.space_generator.ScheduleFn(design_spaces)
 
 
-def _task(workload, target, weight_block: int, space_generator, space: str) -> ms.TuneContext:
-    return ms.TuneContext(tvm.IRModule({"main": workload.prim_func(weight_block)}), target=target,
+def _task(workload, target, layout: tuple[int, int], space_generator, space: str) -> ms.TuneContext:
+    """The task of `workload.prim_func(*layout)`: layout is (weight block, flat tile)."""
+    return ms.TuneContext(tvm.IRModule({"main": workload.prim_func(*layout)}), target=target,
                           space_generator=space_generator, search_strategy=ms.search_strategy.EvolutionarySearch(),
-                          task_name=f"{workload.key}-b{weight_block}-{space}")
+                          task_name=f"{workload.key}-b{layout[0]}-f{layout[1]}-{space}")
 
 
 def tasks(workload, target, space: str) -> list[ms.TuneContext]:
     """The MetaSchedule tasks that tune `workload` in this design space. Where its rule has no template for
     it, it tunes in MetaSchedule's generated space whatever `space` says."""
     rule = schedules.find_rule(target)
-    by_block: dict[int, list] = {}
+    by_layout: dict[tuple[int, int], list] = {}
     if space in ("template", "both"):
         for knobs in rule.tunable_knobs(workload, target):
-            by_block.setdefault(knobs.weight_block, []).append(knobs)
-    contexts = [_task(workload, target, block, _template_space(rule, workload, target, variants), "template")
-                for block, variants in by_block.items()]
+            by_layout.setdefault((knobs.weight_block, knobs.flat_tile), []).append(knobs)
+    contexts = [_task(workload, target, layout, _template_space(rule, workload, target, variants), "template")
+                for layout, variants in by_layout.items()]
     if space in ("auto", "both") or not contexts:
-        block = build.weight_block(rule.default_knobs(workload, target))
-        contexts.append(_task(workload, target, block, "post-order-apply", "auto"))
+        # MetaSchedule's generated space tiles the rows and columns itself: no flat tile.
+        contexts.append(_task(workload, target, (build.weight_block(rule.default_knobs(workload, target)), 0),
+                              "post-order-apply", "auto"))
     return contexts
 
 
