@@ -322,6 +322,33 @@ def test_a_flat_tile_record_is_found_and_applied_and_a_forged_layout_skipped(tmp
     np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
 
 
+def test_the_search_steps_one_sampled_tile_size_at_a_time(rng):
+    """The template's tasks mutate with tvmconv's mutation alone (MetaSchedule's own mutators find nothing of
+    theirs in the template's traces): one sampled tile size moved to a neighbouring candidate. Every mutated
+    program replays and computes the convolution."""
+    (context, *_) = tuning.tasks(WL, HOST, "template")
+    (mutation,) = context.space_generator.mutator_probs  # as the search strategy calls it, through the FFI
+    traces = [space.trace for space in context.generate_design_space()]
+    checked = 0
+    for n in range(24):
+        trace = traces[n % len(traces)]
+        mutated = mutation.apply(trace)
+        before, after = ([int(t.get_decision(i)) for i in t.insts if i.kind.name == "SampleCategorical"]
+                         for t in (trace, mutated))
+        moved = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+        assert len(moved) == 1 and abs(moved[0][0] - moved[0][1]) == 1, (before, after)
+        if checked < 2:
+            tuned = records.Tuned("mutated", *records.workload_of(context.mod["main"])[1], mutated, 1.0, 1, None)
+            compiled = build.get_kernel(WL, HOST, record=tuned)
+            assert compiled.schedule == "tuning record"
+            x, kernel = rng.standard_normal(WL.input_shape), rng.standard_normal(WL.weights_shape)
+            y = runtime.aligned_empty(WL.output_shape, np.float32)
+            compiled.kernel(x.astype(np.float32), compiled.kernel.weights(
+                [tvmconv.compute.pack_weights(kernel.astype(np.float32), compiled.weight_block), np.zeros(16, np.float32)]), y)
+            np.testing.assert_allclose(y, reference.conv2d(x, kernel, None, padding="same"), rtol=1e-4, atol=1e-4)
+            checked += 1
+
+
 def test_a_damaged_summary_is_skipped_with_a_warning(tuned, tmp_path):
     root, _ = tuned
     copy = tmp_path / "logs"

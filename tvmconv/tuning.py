@@ -3,8 +3,8 @@
 Design spaces ("space"):
   template — our schedules/ template: one MetaSchedule task per PrimFunc layout (packed weight block,
              flat tile), each with one design space per structural variant (loop order, padding, window
-             unrolling),
-             the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`);
+             unrolling), the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`),
+             which the search mutates one step at a time (`_StepOneTileSize`);
              a workload its rule has no template for (the gradient kernels that are not
              convolutions) tunes in the generated space instead;
   auto     — MetaSchedule's own generated space ("post-order-apply") over our compute;
@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import signal
 import tempfile
 import threading
@@ -110,6 +111,34 @@ def stack_seconds(workloads: list, counts: list[int], target, rpc=None) -> list[
 # ---------------------------------------------------------------- design spaces
 
 
+@derived_object
+class _StepOneTileSize(ms.mutator.PyMutator):
+    """The evolutionary search's mutation in the template's space: one tile size that `rule.sample_tiles`
+    sampled (a SampleCategorical decision) moved to the next larger or smaller of its candidates, which
+    sample_tiles lists in order. MetaSchedule's own mutators change only the decisions of its own rules
+    (MutateTileSize: sample_perfect_tile; MutateUnroll: unroll annotations), none of which the template
+    makes: without this mutation the search would only re-sample, never refine a good program."""
+
+    def __init__(self):
+        super().__init__()
+        self.rng = random.Random()
+
+    def _initialize_with_tune_context(self, context) -> None:
+        pass
+
+    def apply(self, trace, _rand_state):
+        sampled = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical" and len(inst.attrs[0]) > 1]
+        if not sampled:
+            return None
+        inst = self.rng.choice(sampled)
+        decision, last = int(trace.get_decision(inst)), len(inst.attrs[0]) - 1
+        step = self.rng.choice((-1, 1)) if 0 < decision < last else (1 if decision == 0 else -1)
+        return trace.with_decision(inst, decision + step, remove_postproc=True)
+
+    def clone(self):
+        return _StepOneTileSize()
+
+
 def _template_space(rule, wl: ConvWorkload, target, variants):
     def design_spaces(sch):
         spaces = []
@@ -118,7 +147,7 @@ def _template_space(rule, wl: ConvWorkload, target, variants):
             rule.schedule(wl, space, target, rule.sample_tiles(space, wl, target, knobs))
             spaces.append(space)
         return spaces
-    return ms.space_generator.ScheduleFn(design_spaces)
+    return ms.space_generator.ScheduleFn(design_spaces, mutator_probs={_StepOneTileSize(): 1.0})
 
 
 def _task(workload, target, layout: tuple[int, int], space_generator, space: str) -> ms.TuneContext:
