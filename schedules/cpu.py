@@ -160,10 +160,14 @@ def _filters_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
     return rows_first / core.beyond_l2_bytes_per_cycle > _peak_cycles(core, wl) and filters_first < rows_first
 
 
+def _depthwise(wl: ConvWorkload) -> bool:
+    return wl.groups == wl.in_channels == wl.filters
+
+
 def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     """Default knobs for this core: the register tile the model of the core scores best, and the loop order
     that streams the fewest bytes from beyond L2."""
-    depthwise = wl.groups == wl.in_channels == wl.filters
+    depthwise = _depthwise(wl)
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
     # So small groups get narrower vectors, e.g. 4 lanes for ResNeXt's 4 filters per group.
@@ -220,7 +224,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
 def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:
     """The flat tiles (pixels, filter vectors) that fit, best first by `_flat_score` (ties: most FMAs per
     load); none for depthwise layers or where the width holds two tiles of 4 columns (see default_knobs)."""
-    if wl.out_width >= 8 or wl.groups == wl.in_channels == wl.filters:
+    if wl.out_width >= 8 or _depthwise(wl):
         return []
     scores = {(t, v): round(_flat_score(core, wl, n_lanes, t, v), 6)
               for t, v in itertools.product(range(1, 17), _vector_counts(wl, n_lanes)) if _fits(core.registers, v, t)}

@@ -4,31 +4,13 @@ import re
 import numpy as np
 import pytest
 import tvm
+from kernel_check import HOST
+from kernel_check import check_kernel as _check
 from paths import PATHS
 
-from tvmconv import build, records, reference, runtime, targets, tuning
+from tvmconv import build, records, targets, tuning
 from tvmconv.compute import ConvWorkload, pack_weights
 from tvmconv.schedules import cpu, find_rule, x86
-
-HOST = targets.resolve(None)
-
-
-def _check(wl: ConvWorkload, knobs, seed=0, record=None):
-    """The kernel of `knobs` (or of a tuning `record`) against the float64 reference."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(wl.input_shape)
-    kernel = rng.standard_normal(wl.weights_shape)
-    bias = rng.standard_normal(wl.filters) if wl.use_bias else None
-    compiled = build.get_kernel(wl, HOST, knobs, record=record)
-    assert compiled.knobs == knobs and compiled.tuning == record
-    y = runtime.aligned_empty(wl.output_shape, wl.dtype)
-    weights = [pack_weights(kernel.astype(wl.dtype), compiled.weight_block)] + ([bias.astype(wl.dtype)] if wl.use_bias else [])
-    compiled.kernel(x.astype(wl.dtype), compiled.kernel.weights(weights), y)  # x at numpy's alignment
-    expected = reference.conv2d(x, kernel, bias, wl.strides, wl.padding, wl.dilation, wl.groups, wl.channels_last)
-    expected = reference.ACTIVATIONS[wl.activation](expected)
-    tolerance = 1e-10 if wl.dtype == "float64" else 1e-4
-    np.testing.assert_allclose(y, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
-
 
 WORKLOADS = {
     "3x3 same": ConvWorkload(1, 9, 10, 8, 24, (3, 3), padding="same"),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tvm
 from farm import board_address, tracker_with_server
+from kernel_check import check_kernel
 from tvm.s_tir import meta_schedule as ms
 
 import tvmconv
@@ -295,7 +296,7 @@ def test_a_damaged_log_line_is_skipped_with_a_warning_naming_it(tuned, tmp_path,
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_a_flat_tile_record_is_found_and_applied_and_a_forged_layout_skipped(tmp_path, rng):
+def test_a_flat_tile_record_is_found_and_applied_and_a_forged_layout_skipped(tmp_path):
     """A record of a flat-tile task (tvmconv.tuning.tasks) is found under its layout, (weight block, flat tile),
     and replays on that PrimFunc; a record whose PrimFunc claims a negative flat tile is skipped with a warning."""
     wl = ConvWorkload(1, 7, 7, 8, 32, (3, 3), padding="same")
@@ -312,17 +313,10 @@ def test_a_flat_tile_record_is_found_and_applied_and_a_forged_layout_skipped(tmp
     tuned, messages = _messages(lambda: records.best(wl, HOST, [str(tmp_path)], keep_slower=True))
     assert any("skipped 1 records" in m for m in messages), messages
     assert (tuned.weight_block, tuned.flat_tile) == layout
-    compiled = build.get_kernel(wl, HOST, record=tuned)
-    assert compiled.schedule == "tuning record"
-    x, kernel = rng.standard_normal(wl.input_shape), rng.standard_normal(wl.weights_shape)
-    bias = rng.standard_normal(wl.filters)
-    y = runtime.aligned_empty(wl.output_shape, np.float32)
-    compiled.kernel(x.astype(np.float32), compiled.kernel.weights(
-        [tvmconv.compute.pack_weights(kernel.astype(np.float32), compiled.weight_block), bias.astype(np.float32)]), y)
-    np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
+    assert check_kernel(wl, record=tuned).schedule == "tuning record"
 
 
-def test_the_search_steps_one_sampled_tile_size_at_a_time(rng):
+def test_the_search_steps_one_sampled_tile_size_at_a_time():
     """The template's tasks mutate with tvmconv's mutation alone (MetaSchedule's own mutators find nothing of
     theirs in the template's traces): one sampled tile size moved to a neighbouring candidate. Every mutated
     program replays and computes the convolution."""
@@ -339,13 +333,7 @@ def test_the_search_steps_one_sampled_tile_size_at_a_time(rng):
         assert len(moved) == 1 and abs(moved[0][0] - moved[0][1]) == 1, (before, after)
         if checked < 2:
             tuned = records.Tuned("mutated", *records.workload_of(context.mod["main"])[1], mutated, 1.0, 1, None)
-            compiled = build.get_kernel(WL, HOST, record=tuned)
-            assert compiled.schedule == "tuning record"
-            x, kernel = rng.standard_normal(WL.input_shape), rng.standard_normal(WL.weights_shape)
-            y = runtime.aligned_empty(WL.output_shape, np.float32)
-            compiled.kernel(x.astype(np.float32), compiled.kernel.weights(
-                [tvmconv.compute.pack_weights(kernel.astype(np.float32), compiled.weight_block), np.zeros(16, np.float32)]), y)
-            np.testing.assert_allclose(y, reference.conv2d(x, kernel, None, padding="same"), rtol=1e-4, atol=1e-4)
+            assert check_kernel(WL, record=tuned).schedule == "tuning record"
             checked += 1
 
 

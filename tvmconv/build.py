@@ -198,7 +198,8 @@ def _scheduled_choice(workload, target: tvm.target.Target, rule, knobs, tuned) -
     workload gives way to the rule's default schedule."""
     if tuned is not None:
         try:
-            return records.apply(tuned, workload.prim_func(tuned.weight_block, tuned.flat_tile)).mod["main"], None, tuned
+            func = workload.prim_func(tuned.weight_block, tuned.flat_tile)
+            return records.apply(tuned, func).mod["main"], None, tuned
         except Exception as err:  # e.g. a batch-1 trace whose tile sizes do not fit this batch
             warnings.warn(f"tvmconv: the tuning record in {tuned.folder} does not apply to this workload ({err}); "
                           "using the template's defaults", RuntimeWarning)

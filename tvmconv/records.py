@@ -380,7 +380,8 @@ def _records_of(workload, logs, target: tvm.target.Target, keep_slower: bool,
             passed_over = True
             continue
         for layout in entry["layouts"]:
-            record = idx.database.fastest(tvm.IRModule({"main": workload.prim_func(*layout)}), targets.target_key(target))
+            mod = tvm.IRModule({"main": workload.prim_func(*layout)})
+            record = idx.database.fastest(mod, targets.target_key(target))
             if record is not None:
                 found.append(Tuned(path, *layout, record.trace, seconds(record), entry["trials"], reused))
     return found, passed_over

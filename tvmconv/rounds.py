@@ -221,8 +221,9 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
     if not any(shares):
         return None
     rule = schedules.find_rule(target)
-    # What to build: per kernel (workload index, its PrimFunc's layout (weight block, flat tile), the candidate's
-    # trace in JSON or None for a reference, whether a reference is the default schedule), and its builder input.
+    # What to build: per kernel (workload index, its PrimFunc's layout (weight block, flat tile), the
+    # candidate's trace in JSON or None for a reference, whether a reference is the default schedule), and its
+    # builder input.
     kernels, inputs = [], []
     for index, ((wl, _), share) in enumerate(zip(plan, shares, strict=True)):
         if not share:
@@ -271,8 +272,8 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
         if result.error_msg:
             if trace is None:
                 raise RuntimeError(f"the default schedule of {wl.label} did not build:\n{result.error_msg}")
-            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "trace": trace,
-                               "error": result.error_msg.strip()[-2000:]})
+            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile,
+                               "trace": trace, "error": result.error_msg.strip()[-2000:]})
             continue
         kernel_id = f"{n:04d}"
         library = f"{kernel_id}.so"
@@ -290,8 +291,8 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
             if is_default:
                 defaults[str(index)] = kernel_id
         else:
-            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "kernel": kernel_id,
-                               "trace": trace})
+            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile,
+                               "kernel": kernel_id, "trace": trace})
     return {"format": timing.ROUND_FORMAT, "token": secrets.token_hex(8), "round": number, "space": space,
             "size": size, "target": json.loads(str(target)), "target_key": targets.target_key(target),
             "plan": [{**_describe(wl), "trials": trials} for wl, trials in plan],
