@@ -10,9 +10,10 @@ import tempfile
 
 import numpy as np
 import pytest
+from kernel_check import check_kernel
 
 import tvmconv
-from tvmconv import build, records, targets
+from tvmconv import build, records, targets, tuning
 from tvmconv.compute import ConvWorkload
 
 HOST = targets.resolve(None)
@@ -85,6 +86,22 @@ def test_same_workload_in_another_layer_comes_from_memory():
     second(x)
     assert second.compiled_kernel(x.shape).origin == "memory cache"
     assert second.compiled_kernel(x.shape).workload == first.compiled_kernel(x.shape).workload
+
+
+def test_one_trace_on_two_layouts_is_two_kernels_and_each_record_is_reported_as_itself():
+    """A template trace replays on the PrimFuncs of several weight blocks: the memory cache keys a record's
+    kernel by its layout too, and a kernel found there reports the record asked for."""
+    wl = ConvWorkload(1, 5, 6, 8, 32, (3, 3), padding="same")
+    contexts = [c for c in tuning.tasks(wl, HOST, "template") if not records.workload_of(c.mod["main"])[1][1]]
+    assert len(contexts) >= 2
+    trace = contexts[0].generate_design_space()[0].trace
+    compiled = []
+    for folder, context in (("a", contexts[0]), ("b", contexts[1]), ("c", contexts[1])):
+        tuned = records.Tuned(folder, *records.workload_of(context.mod["main"])[1], trace, 1.0, 1, None)
+        compiled.append(check_kernel(wl, record=tuned))
+        assert compiled[-1].tuning.folder == folder and compiled[-1].weight_block == tuned.weight_block
+    assert [c.origin == "memory cache" for c in compiled] == [False, False, True]
+    assert compiled[0].weight_block != compiled[1].weight_block
 
 
 # ---------------------------------------------------------------- failing soft, never open

@@ -281,10 +281,12 @@ def get_kernel(workload, target: tvm.target.Target, knobs=None, log_roots=None,
     with _lock:
         rule, knobs, tuned = _choice(workload, target, knobs, record, log_roots)
         # Kept under the choice, so a record that falls back to the defaults is replayed (and reported) once.
-        choice = (workload.key, key, knobs, tuned and str(tuned.trace))
+        # A trace replays on the PrimFunc of its layout: the same trace on another layout is another kernel.
+        choice = (workload.key, key, knobs, tuned and (tuned.weight_block, tuned.flat_tile, str(tuned.trace)))
         cached = _memory.get(choice)
         if cached is not None:
-            return dataclasses.replace(cached, origin="memory cache")
+            # The same program may come from another record (another folder): report the one asked for.
+            return dataclasses.replace(cached, origin="memory cache", tuning=cached.tuning and tuned)
         func, knobs, tuned = _scheduled_choice(workload, target, rule, knobs, tuned)
         library, gpu_code, origin = _library(func, target, key, workload.key, {
             "workload": dataclasses.asdict(workload), "label": workload.label,
