@@ -166,7 +166,9 @@ def _depthwise(wl: ConvWorkload) -> bool:
 
 def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     """Default knobs for this core: the register tile the model of the core scores best, and the loop order
-    that streams the fewest bytes from beyond L2."""
+    that streams the fewest bytes from beyond L2. The reduction runs over all of a group's input channels
+    in one step, named as the number the template samples (`sample_tiles`), so the defaults are a program
+    of the tuner's space (tvmconv.tuning seeds the search with it)."""
     depthwise = _depthwise(wl)
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
@@ -184,7 +186,8 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
         fv = 2 if wl.filters % (2 * n_lanes) == 0 else 1
         widest = 4 if wl.strides[1] == 1 else 2
         ow = max(range(1, min(wl.out_width, widest) + 1), key=lambda c: (_used(wl.out_width, c), c))
-        return Knobs(n_lanes, fv, ow, order="pixels", pad_inline=True, unroll_window=_window_unrollable(wl))
+        return Knobs(n_lanes, fv, ow, rc_tile=wl.group_in_channels, order="pixels", pad_inline=True,
+                     unroll_window=_window_unrollable(wl))
     candidates = [(ow, oh, fv) for ow, oh, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), (1, 2, 4),
                                                                    _vector_counts(wl, n_lanes))
                   if wl.out_height % oh == 0 and _fits(core.registers, fv, ow, oh)]
@@ -211,14 +214,15 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
         if _flat_score(core, wl, n_lanes, t, v) > _tile_score(core, wl, n_lanes, ow, oh, fv):
             input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
             window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
-            return Knobs(n_lanes, v, t, order="filters" if window_beyond_l2 else "pixels", flat=True)
+            return Knobs(n_lanes, v, t, rc_tile=wl.group_in_channels, order="filters" if window_beyond_l2 else "pixels",
+                         flat=True)
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
     # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,
     # stride 1) ran 0.6-0.98x.
     trailing_pad = wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
-    return Knobs(n_lanes, fv, ow, oh, order="filters" if _filters_first(core, wl, n_lanes * fv) else "rows",
-                 pad_inline=trailing_pad)
+    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels,
+                 order="filters" if _filters_first(core, wl, n_lanes * fv) else "rows", pad_inline=trailing_pad)
 
 
 def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:

@@ -19,6 +19,7 @@ tuning: that, not the tuner's figure, is the reported speed.
 import collections
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -322,11 +323,12 @@ def _gflops(kernel, func, flops: int, library: str | None, rpc, repeat: int = 15
 
 @derived_object
 class _Seeded(ms.database.PyDatabase):
-    """The target's log (where every record is written) with records measured elsewhere beside it
-    (records.seed_database): the search's first population takes the best of both. The seeds are never
-    written here; a seed only lands in the log once the search picks it and measures it on this target."""
+    """The target's log (where every record is written) with records measured elsewhere or outside the search
+    beside it (`seeds`, databases in order: the defaults' program, `_default_seed`; records.seed_database):
+    the search's first population takes the log's records, then the seeds'. The seeds are never written
+    here; a seed only lands in the log once the search picks it and measures it on this target."""
 
-    def __init__(self, log, seeds):
+    def __init__(self, log, seeds: list):
         super().__init__()
         self.log, self.seeds = log, seeds
 
@@ -340,9 +342,11 @@ class _Seeded(ms.database.PyDatabase):
         self.log.commit_tuning_record(record)
 
     def get_top_k(self, workload, top_k):
-        own = list(self.log.get_top_k(workload, top_k))
-        seeds = self.seeds.get_top_k(self.seeds.commit_workload(workload.mod), top_k) if top_k > len(own) else []
-        return own + list(seeds)[:top_k - len(own)]
+        found = list(self.log.get_top_k(workload, top_k))
+        for seeds in self.seeds:
+            if len(found) < top_k:
+                found += list(seeds.get_top_k(seeds.commit_workload(workload.mod), top_k - len(found)))
+        return found
 
     def get_all_tuning_records(self):
         return self.log.get_all_tuning_records()
@@ -360,14 +364,59 @@ class _Seeded(ms.database.PyDatabase):
         return len(self.log)
 
 
-def _warm_start(cost_model, contexts: list, seeds, per_task: int = 256) -> int:
-    """Train the cost model on the seeds' measurements of these tasks (their times come from another CPU or
-    session, but which schedules are fast ranks alike on one ISA); returns how many it learned from."""
+def _default_program(wl, target, contexts: list) -> tuple[ms.TuneContext, s_tir.Trace] | None:
+    """The rule's default schedule as a program of its template's space, and the task it belongs to: the
+    defaults' variant, each tile size the template samples decided at the default's value. None where the
+    defaults are no program of the space (no template, or a default tile size the template does not sample)."""
+    rule = schedules.find_rule(target)
+    defaults = rule.default_knobs(wl, target)
+    layout = defaults and (defaults.weight_block, defaults.flat_tile)
+    context = next((c for c in contexts if records.workload_of(c.mod["main"])[1] == layout), None)
+    if context is None:
+        return None
+    for variant in rule.tunable_knobs(wl, target):
+        sch = s_tir.Schedule(context.mod)
+        knobs = rule.sample_tiles(sch, wl, target, variant)
+        sampled = {f.name: getattr(knobs, f.name) for f in dataclasses.fields(knobs)
+                   if isinstance(getattr(knobs, f.name), tvm.ir.expr.Var)}
+        if dataclasses.replace(knobs, **{name: getattr(defaults, name) for name in sampled}) != defaults:
+            continue
+        rule.schedule(wl, sch, target, knobs)
+        trace = sch.trace
+        for inst in trace.insts:
+            name = next((n for n, rv in sampled.items() if inst.outputs and inst.outputs[0].same_as(rv)), None)
+            if name is not None:
+                candidates = [int(c) for c in inst.attrs[0]]
+                if getattr(defaults, name) not in candidates:
+                    return None
+                trace = trace.with_decision(inst, candidates.index(getattr(defaults, name)), remove_postproc=True)
+        return context, trace
+    return None
+
+
+def _default_seed(wl, target, contexts: list, rpc) -> ms.database.MemoryDatabase | None:
+    """The defaults' program (`_default_program`) timed here (or on the RPC device), in a database of its own:
+    seeded with it, the search starts where the defaults are, and its mutation steps from them."""
+    found = _default_program(wl, target, contexts)
+    if found is None:
+        return None
+    context, trace = found
+    kernel = build.get_kernel(wl, target, record=False)
+    gflops = _gflops(kernel.kernel, context.mod["main"], wl.flops, kernel.library, rpc, repeat=5)
+    database = ms.database.MemoryDatabase()
+    database.commit_tuning_record(ms.database.TuningRecord(
+        trace, database.commit_workload(context.mod), [wl.flops / gflops / 1e9], target,
+        ms.arg_info.ArgInfo.from_entry_func(context.mod)))
+    return database
+
+
+def _warm_start(cost_model, contexts: list, seeds: list, per_task: int = 256) -> int:
+    """Train the cost model on the seeds' measurements of these tasks (those of other CPUs or sessions: which
+    schedules are fast ranks alike on one ISA); returns how many it learned from."""
     learned = 0
-    for context in contexts:
-        found = seeds.get_top_k(seeds.commit_workload(context.mod), per_task)
+    for context, database in itertools.product(contexts, seeds):
         candidates, results = [], []
-        for record in found:
+        for record in database.get_top_k(database.commit_workload(context.mod), per_task):
             try:
                 sch = s_tir.Schedule(context.mod)
                 record.trace.apply_to_schedule(sch, remove_postproc=False)
@@ -418,7 +467,8 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
         raise ValueError(f"`counts` must hold a positive integer per workload, got {counts!r}")
     log_root = log_dir or records.user_root()
     folder = records.folder(log_root, target)
-    seeds = records.seed_database(target, exclude=folder, roots=list(dict.fromkeys([log_root, *records.search_roots()])))
+    other_cpus = records.seed_database(target, exclude=folder,
+                                       roots=list(dict.fromkeys([log_root, *records.search_roots()])))
     threads = threads or runtime.default_threads()
     deadline = time.monotonic() + time_budget if time_budget else None
     results = {}
@@ -449,9 +499,9 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
                 with bar:
                     callback = _Progress(bar, wl.flops, should_stop)
                     contexts = tasks(wl, target, space)
+                    seeded = [db for db in (_default_seed(wl, target, contexts, rpc), other_cpus) if db is not None]
                     cost_model = ms.cost_model.XGBModel(num_warmup_samples=min(32, remaining))
-                    if seeds is not None:
-                        _warm_start(cost_model, contexts, seeds)
+                    _warm_start(cost_model, contexts, seeded)
                     try:
                         ms.tune_tasks(
                             tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=folder,
@@ -459,7 +509,7 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
                             num_trials_per_iter=min(TRIALS_PER_ROUND, remaining),
                             builder=builder(target),
                             runner=_runner(rpc, target),
-                            database=database if seeds is None else _Seeded(database, seeds),
+                            database=_Seeded(database, seeded) if seeded else database,
                             cost_model=cost_model,
                             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
                             task_scheduler="gradient")
