@@ -15,7 +15,8 @@ schedule modules):
                                           MetaSchedule design space each; [] where it has no template
                                           (tuning then searches MetaSchedule's generated space)
   sample_tiles(sch, workload, target, knobs)  `knobs` with its tile sizes turned into decisions
-                                          sampled in `sch`
+                                          sampled in `sch`; where the defaults' sizes are among the
+                                          candidates, tuning starts its search from them
 
 Knobs are frozen dataclasses; `weight_block` names the packed weight layout they read
 (`compute.pack_weights`), `flat_tile` the compute's pixel axis they tile (`compute.conv2d_forward`).
