@@ -523,13 +523,13 @@ def test_a_new_cpu_starts_from_what_another_cpu_of_its_isa_measured(tmp_path, rn
     assert len(seeds.get_all_tuning_records()) == 4
     # The search's database hands out this target's records first, then the seeds; it writes only here.
     log = records.Log(records.folder(root, HOST))
-    seeded = tuning._Seeded(log, [seeds])
+    seeded = tuning._Seeded(log, seeds)
     layout = records.workload_of(seeds.get_all_tuning_records()[0].workload.mod["main"])[1]
     top = seeded.get_top_k(seeded.commit_workload(tvm.IRModule({"main": WL.prim_func(*layout)})), 3)
     assert top and all(targets.target_key(r.target) == targets.target_key(other) for r in top)
     assert len(log.get_all_tuning_records()) == 0
     cost_model = tvm.s_tir.meta_schedule.cost_model.XGBModel(num_warmup_samples=1)
-    assert tuning._warm_start(cost_model, tuning.tasks(WL, HOST, "template"), [seeds]) >= 1
+    assert tuning._warm_start(cost_model, tuning.tasks(WL, HOST, "template"), seeds) >= 1
     (result,) = tuning.tune_workloads([WL], trials=4, log_dir=root, progress=False)
     assert result.measured == 4 and result.errors == 0 and result.gflops > 0
     compiled = build.get_kernel(WL, HOST, record=records.best(WL, HOST, [root], keep_slower=True))
@@ -547,23 +547,33 @@ def test_a_new_cpu_starts_from_what_another_cpu_of_its_isa_measured(tmp_path, rn
     ConvWorkload(1, 16, 16, 16, 16, (3, 3), padding="same", groups=16),    # depthwise, bound checks, unrolled window
     ConvWorkload(1, 16, 16, 8, 32, (3, 3), strides=(2, 2), padding="same"),  # padding after the input
 ], ids=lambda wl: wl.label)
-def test_the_search_starts_from_the_defaults_program(wl, tmp_path):
+def test_the_first_round_measures_the_defaults_and_their_neighbours(wl, tmp_path):
     """The rule's defaults are a program of the template's space: its trace, decisions at the default tile
-    sizes, schedules exactly what a build with the defaults does; timed here, it is the first of the search's
-    population where the log has no record yet."""
+    sizes, schedules exactly what a build with the defaults does. Each neighbour moves one decision a step, or
+    keeps the decisions in another structural variant. A first tuning run measures them all and writes them to
+    the log."""
     rule = tvmconv.schedules.find_rule(HOST)
     defaults = rule.default_knobs(wl, HOST)
-    contexts = tuning.tasks(wl, HOST, "template")
-    seed = tuning._default_seed(wl, HOST, contexts, None)
-    (record,) = seed.get_all_tuning_records()
-    tuned = records.Tuned("defaults", defaults.weight_block, defaults.flat_tile, record.trace, 1.0, 1, None)
-    replayed = records.apply(tuned, wl.prim_func(defaults.weight_block, defaults.flat_tile)).mod["main"]
-    assert replayed.script() == build.scheduled(wl, HOST, rule, defaults).script()
-    assert 0 < float(record.run_secs[0]) < 1
-    context, _ = tuning._default_program(wl, HOST, contexts)
-    searched = tuning._Seeded(records.Log(records.folder(str(tmp_path), HOST)), [seed])
-    (first,) = searched.get_top_k(searched.commit_workload(context.mod), 4)
-    assert str(first.trace) == str(record.trace)
+    func = wl.prim_func(defaults.weight_block, defaults.flat_tile)
+    context, traces = tuning.neighbourhood(wl, HOST, tuning.tasks(wl, HOST, "template"))
+    assert records.workload_of(context.mod["main"])[1] == (defaults.weight_block, defaults.flat_tile)
+    tuned = records.Tuned("defaults", defaults.weight_block, defaults.flat_tile, traces[0], 1.0, 1, None)
+    assert records.apply(tuned, func).mod["main"].script() == build.scheduled(wl, HOST, rule, defaults).script()
+
+    def decisions(trace):
+        return [int(trace.get_decision(i)) for i in trace.insts if i.kind.name == "SampleCategorical"]
+
+    def program(trace):  # without the postprocessing a measured record's trace carries
+        sch = tvm.s_tir.Schedule(func)
+        trace.apply_to_schedule(sch, remove_postproc=True)
+        return sch.mod["main"].script()
+    moved = [sum(abs(a - b) for a, b in zip(decisions(t), decisions(traces[0]), strict=True)) for t in traces[1:]]
+    assert set(moved) <= {0, 1} and 1 in moved
+    assert len({program(t) for t in traces}) == len(traces)  # each a program of its own
+    (result,) = tuning.tune_workloads([wl], trials=len(traces), log_dir=str(tmp_path), progress=False)
+    assert result.measured == len(traces) and result.errors == 0
+    logged = records.Log(records.folder(str(tmp_path), HOST)).get_all_tuning_records()
+    assert sorted(program(r.trace) for r in logged) == sorted(program(t) for t in traces)
 
 
 def test_trials_follow_the_stack_time_and_the_largest_goes_first(tmp_path):

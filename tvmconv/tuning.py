@@ -23,6 +23,7 @@ import itertools
 import math
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
@@ -242,6 +243,10 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.stop_reason = None
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        self.count(builder_results, runner_results)
+
+    def count(self, builder_results, runner_results):
+        """Count a round's results; raises RuntimeError where the run should stop (its records are saved)."""
         for built, ran in zip(builder_results, runner_results, strict=True):
             self.measured += 1
             times = [float(s) for s in (ran.run_secs or [])]
@@ -323,12 +328,11 @@ def _gflops(kernel, func, flops: int, library: str | None, rpc, repeat: int = 15
 
 @derived_object
 class _Seeded(ms.database.PyDatabase):
-    """The target's log (where every record is written) with records measured elsewhere or outside the search
-    beside it (`seeds`, databases in order: the defaults' program, `_default_seed`; records.seed_database):
-    the search's first population takes the log's records, then the seeds'. The seeds are never written
-    here; a seed only lands in the log once the search picks it and measures it on this target."""
+    """The target's log (where every record is written) with records measured elsewhere beside it
+    (records.seed_database): the search's first population takes the best of both. The seeds are never
+    written here; a seed only lands in the log once the search picks it and measures it on this target."""
 
-    def __init__(self, log, seeds: list):
+    def __init__(self, log, seeds):
         super().__init__()
         self.log, self.seeds = log, seeds
 
@@ -342,11 +346,9 @@ class _Seeded(ms.database.PyDatabase):
         self.log.commit_tuning_record(record)
 
     def get_top_k(self, workload, top_k):
-        found = list(self.log.get_top_k(workload, top_k))
-        for seeds in self.seeds:
-            if len(found) < top_k:
-                found += list(seeds.get_top_k(seeds.commit_workload(workload.mod), top_k - len(found)))
-        return found
+        own = list(self.log.get_top_k(workload, top_k))
+        seeds = self.seeds.get_top_k(self.seeds.commit_workload(workload.mod), top_k) if top_k > len(own) else []
+        return own + list(seeds)[:top_k - len(own)]
 
     def get_all_tuning_records(self):
         return self.log.get_all_tuning_records()
@@ -364,59 +366,14 @@ class _Seeded(ms.database.PyDatabase):
         return len(self.log)
 
 
-def _default_program(wl, target, contexts: list) -> tuple[ms.TuneContext, s_tir.Trace] | None:
-    """The rule's default schedule as a program of its template's space, and the task it belongs to: the
-    defaults' variant, each tile size the template samples decided at the default's value. None where the
-    defaults are no program of the space (no template, or a default tile size the template does not sample)."""
-    rule = schedules.find_rule(target)
-    defaults = rule.default_knobs(wl, target)
-    layout = defaults and (defaults.weight_block, defaults.flat_tile)
-    context = next((c for c in contexts if records.workload_of(c.mod["main"])[1] == layout), None)
-    if context is None:
-        return None
-    for variant in rule.tunable_knobs(wl, target):
-        sch = s_tir.Schedule(context.mod)
-        knobs = rule.sample_tiles(sch, wl, target, variant)
-        sampled = {f.name: getattr(knobs, f.name) for f in dataclasses.fields(knobs)
-                   if isinstance(getattr(knobs, f.name), tvm.ir.expr.Var)}
-        if dataclasses.replace(knobs, **{name: getattr(defaults, name) for name in sampled}) != defaults:
-            continue
-        rule.schedule(wl, sch, target, knobs)
-        trace = sch.trace
-        for inst in trace.insts:
-            name = next((n for n, rv in sampled.items() if inst.outputs and inst.outputs[0].same_as(rv)), None)
-            if name is not None:
-                candidates = [int(c) for c in inst.attrs[0]]
-                if getattr(defaults, name) not in candidates:
-                    return None
-                trace = trace.with_decision(inst, candidates.index(getattr(defaults, name)), remove_postproc=True)
-        return context, trace
-    return None
-
-
-def _default_seed(wl, target, contexts: list, rpc) -> ms.database.MemoryDatabase | None:
-    """The defaults' program (`_default_program`) timed here (or on the RPC device), in a database of its own:
-    seeded with it, the search starts where the defaults are, and its mutation steps from them."""
-    found = _default_program(wl, target, contexts)
-    if found is None:
-        return None
-    context, trace = found
-    kernel = build.get_kernel(wl, target, record=False)
-    gflops = _gflops(kernel.kernel, context.mod["main"], wl.flops, kernel.library, rpc, repeat=5)
-    database = ms.database.MemoryDatabase()
-    database.commit_tuning_record(ms.database.TuningRecord(
-        trace, database.commit_workload(context.mod), [wl.flops / gflops / 1e9], target,
-        ms.arg_info.ArgInfo.from_entry_func(context.mod)))
-    return database
-
-
-def _warm_start(cost_model, contexts: list, seeds: list, per_task: int = 256) -> int:
-    """Train the cost model on the seeds' measurements of these tasks (those of other CPUs or sessions: which
-    schedules are fast ranks alike on one ISA); returns how many it learned from."""
+def _warm_start(cost_model, contexts: list, seeds, per_task: int = 256) -> int:
+    """Train the cost model on the seeds' measurements of these tasks (their times come from another CPU or
+    session, but which schedules are fast ranks alike on one ISA); returns how many it learned from."""
     learned = 0
-    for context, database in itertools.product(contexts, seeds):
+    for context in contexts:
+        found = seeds.get_top_k(seeds.commit_workload(context.mod), per_task)
         candidates, results = [], []
-        for record in database.get_top_k(database.commit_workload(context.mod), per_task):
+        for record in found:
             try:
                 sch = s_tir.Schedule(context.mod)
                 record.trace.apply_to_schedule(sch, remove_postproc=False)
@@ -428,6 +385,89 @@ def _warm_start(cost_model, contexts: list, seeds: list, per_task: int = 256) ->
             cost_model.update(context, candidates, results)
             learned += len(candidates)
     return learned
+
+
+def _program_at(wl, target, context, variant, tiles) -> tuple[s_tir.Trace, object] | None:
+    """The program of `variant`'s design space (one of `context`'s structural variants) whose sampled tile
+    sizes are those of the knobs `tiles`: its trace, each decision at the candidate equal to the tile size,
+    and the knobs it schedules with. None where `variant` is no design space of `context` or a tile size is
+    not among its candidates."""
+    rule = schedules.find_rule(target)
+    if records.workload_of(context.mod["main"])[1] != (variant.weight_block, variant.flat_tile):
+        return None
+    sch = s_tir.Schedule(context.mod)
+    knobs = rule.sample_tiles(sch, wl, target, variant)
+    rule.schedule(wl, sch, target, knobs)
+    trace = sch.trace
+    sampled = {f.name: getattr(knobs, f.name) for f in dataclasses.fields(knobs)
+               if isinstance(getattr(knobs, f.name), tvm.ir.expr.Var)}
+    for inst in trace.insts:
+        name = next((n for n, rv in sampled.items() if inst.outputs and inst.outputs[0].same_as(rv)), None)
+        if name is not None:
+            candidates = [int(c) for c in inst.attrs[0]]
+            if getattr(tiles, name) not in candidates:
+                return None
+            trace = trace.with_decision(inst, candidates.index(getattr(tiles, name)), remove_postproc=True)
+    return trace, dataclasses.replace(knobs, **{name: getattr(tiles, name) for name in sampled})
+
+
+def neighbourhood(wl, target, contexts: list) -> tuple[ms.TuneContext | None, list[s_tir.Trace]]:
+    """The rule's defaults as a program of its template's space, then its neighbours: each sampled tile
+    size a step either way (the search's mutation, `_StepOneTileSize`), then the defaults' tile sizes in
+    each other structural variant of their task (loop order, padding, window unrolling); and that task,
+    one of `contexts`. (None, []) where the defaults are no program of the space (no template, or a default
+    tile size the template does not sample)."""
+    rule = schedules.find_rule(target)
+    defaults = rule.default_knobs(wl, target)
+    programs = [(context, *found) for context, variant in itertools.product(
+        contexts, rule.tunable_knobs(wl, target) if defaults is not None else [])
+        if (found := _program_at(wl, target, context, variant, defaults))]
+    found = [(context, trace) for context, trace, knobs in programs if knobs == defaults]
+    if not found:
+        return None, []
+    context, trace = found[0]
+    steps = []
+    for inst in trace.insts:
+        if inst.kind.name == "SampleCategorical":
+            decision = int(trace.get_decision(inst))
+            steps += [trace.with_decision(inst, d, remove_postproc=True)
+                      for d in (decision - 1, decision + 1) if 0 <= d < len(inst.attrs[0])]
+    others = [t for c, t, knobs in programs if c is context and knobs != defaults]
+    return context, [trace, *steps, *others]
+
+
+def _measure_near_the_defaults(wl, target, contexts: list, database, rpc, cost_model, callback, limit: int) -> None:
+    """The first round of a workload with no records yet: its `neighbourhood` (up to `limit` programs) built,
+    measured, written to the log and taught to the cost model, as the search's rounds are. Untuned, the
+    defaults run near the core's peak on the CPUs the model was checked on, so the better programs are
+    most likely next to them, and a search started from random samples took more than its 30 minutes to
+    come back to them (docs/benchmarks.md). The search then starts from these records."""
+    context, traces = neighbourhood(wl, target, contexts)
+    if context is None:
+        return
+    args_info = ms.arg_info.ArgInfo.from_entry_func(context.mod)
+    candidates = []
+    for trace in traces[:limit]:
+        sch = s_tir.Schedule(context.mod)
+        trace.apply_to_schedule(sch, remove_postproc=True)
+        if all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
+            candidates.append(ms.MeasureCandidate(sch, args_info))
+    built = builder(target).build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+    ok = [i for i, b in enumerate(built) if b.error_msg is None]
+    device_type = tvm.runtime.device(target.get_target_device_type()).__device_type_name__()  # as the search names it
+    futures = dict(zip(ok, _runner(rpc, target).run([ms.runner.RunnerInput(built[i].artifact_path, device_type,
+                                                                           args_info) for i in ok]), strict=True))
+    results = [futures[i].result() if i in futures else ms.runner.RunnerResult(None, b.error_msg)
+               for i, b in enumerate(built)]
+    workload = database.commit_workload(context.mod)
+    for candidate, b, result in zip(candidates, built, results, strict=True):
+        if result.error_msg is None:
+            database.commit_tuning_record(ms.database.TuningRecord(candidate.sch.trace, workload, result.run_secs,
+                                                                   target, args_info))
+        if b.artifact_path:  # as MetaSchedule's RemoveBuildArtifact does after a round
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    cost_model.update(context, candidates, results)
+    callback.count(built, results)
 
 
 # ---------------------------------------------------------------- tuning
@@ -467,8 +507,7 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
         raise ValueError(f"`counts` must hold a positive integer per workload, got {counts!r}")
     log_root = log_dir or records.user_root()
     folder = records.folder(log_root, target)
-    other_cpus = records.seed_database(target, exclude=folder,
-                                       roots=list(dict.fromkeys([log_root, *records.search_roots()])))
+    seeds = records.seed_database(target, exclude=folder, roots=list(dict.fromkeys([log_root, *records.search_roots()])))
     threads = threads or runtime.default_threads()
     deadline = time.monotonic() + time_budget if time_budget else None
     results = {}
@@ -499,20 +538,25 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
                 with bar:
                     callback = _Progress(bar, wl.flops, should_stop)
                     contexts = tasks(wl, target, space)
-                    seeded = [db for db in (_default_seed(wl, target, contexts, rpc), other_cpus) if db is not None]
                     cost_model = ms.cost_model.XGBModel(num_warmup_samples=min(32, remaining))
-                    _warm_start(cost_model, contexts, seeded)
+                    if seeds is not None:
+                        _warm_start(cost_model, contexts, seeds)
                     try:
-                        ms.tune_tasks(
-                            tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=folder,
-                            max_trials_global=remaining, max_trials_per_task=remaining,
-                            num_trials_per_iter=min(TRIALS_PER_ROUND, remaining),
-                            builder=builder(target),
-                            runner=_runner(rpc, target),
-                            database=_Seeded(database, seeded) if seeded else database,
-                            cost_model=cost_model,
-                            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
-                            task_scheduler="gradient")
+                        if not done:
+                            _measure_near_the_defaults(wl, target, contexts, database, rpc, cost_model, callback,
+                                                       remaining)
+                        left = remaining - callback.measured
+                        if left > 0:
+                            ms.tune_tasks(
+                                tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=folder,
+                                max_trials_global=left, max_trials_per_task=left,
+                                num_trials_per_iter=min(TRIALS_PER_ROUND, left),
+                                builder=builder(target),
+                                runner=_runner(rpc, target),
+                                database=database if seeds is None else _Seeded(database, seeds),
+                                cost_model=cost_model,
+                                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+                                task_scheduler="gradient")
                     except RuntimeError:  # TVM's FFI hands the callback's exception back as a RuntimeError
                         if not callback.stop_reason:
                             raise
