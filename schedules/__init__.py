@@ -16,7 +16,7 @@ schedule modules):
                                           (tuning then searches MetaSchedule's generated space)
   sample_tiles(sch, workload, target, knobs)  `knobs` with its tile sizes turned into decisions
                                           sampled in `sch`; where the defaults' sizes are among the
-                                          candidates, tuning starts its search from them
+                                          candidates, tuning measures them first
 
 Knobs are frozen dataclasses; `weight_block` names the packed weight layout they read
 (`compute.pack_weights`), `flat_tile` the compute's pixel axis they tile (`compute.conv2d_forward`).

@@ -4,7 +4,8 @@ Design spaces ("space"):
   template — our schedules/ template: one MetaSchedule task per PrimFunc layout (packed weight block,
              flat tile), each with one design space per structural variant (loop order, padding, window
              unrolling), the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`),
-             which the search mutates one step at a time (`_StepOneTileSize`);
+             which the search mutates one step at a time (`_StepOneTileSize`); a workload's first round
+             measures the defaults' program and its neighbours (`neighbourhood`);
              a workload its rule has no template for (the gradient kernels that are not
              convolutions) tunes in the generated space instead;
   auto     — MetaSchedule's own generated space ("post-order-apply") over our compute;
@@ -438,10 +439,10 @@ def neighbourhood(wl, target, contexts: list) -> tuple[ms.TuneContext | None, li
 
 def _measure_near_the_defaults(wl, target, contexts: list, database, rpc, cost_model, callback, limit: int) -> None:
     """The first round of a workload with no records yet: its `neighbourhood` (up to `limit` programs) built,
-    measured, written to the log and taught to the cost model, as the search's rounds are. Untuned, the
-    defaults run near the core's peak on the CPUs the model was checked on, so the better programs are
-    most likely next to them, and a search started from random samples took more than its 30 minutes to
-    come back to them (docs/benchmarks.md). The search then starts from these records."""
+    measured, written to the log and taught to the cost model, as the search's rounds are. The defaults
+    come from a model of the core and beat most records of a few hundred trials (tuning_logs/README.md),
+    so better programs are likeliest next to them; 30 minutes of search from random samples mostly
+    did not get back to them (docs/benchmarks.md). The search then starts from these records."""
     context, traces = neighbourhood(wl, target, contexts)
     if context is None:
         return
