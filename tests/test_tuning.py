@@ -169,6 +169,10 @@ def test_auto_space_records_apply(tmp_path, rng):
     wl = ConvWorkload(1, 6, 6, 4, 8, (3, 3), padding="valid", use_bias=False)
     (result,) = tuning.tune_workloads([wl], trials=2, log_dir=str(tmp_path), space="auto", progress=False)
     assert result.measured == 2 and result.gflops > 0
+    # MetaSchedule's generated space alone (its tiling samples perfect tiles, which the template never does):
+    # no first round of the template's programs near the defaults
+    logged = records.Log(records.folder(str(tmp_path), HOST)).get_all_tuning_records()
+    assert len(logged) == 2 and all("sample_perfect_tile" in str(r.trace) for r in logged)
     compiled = build.get_kernel(wl, HOST, record=records.best(wl, HOST, [str(tmp_path)], keep_slower=True))
     assert compiled.tuning is not None and compiled.schedule == "tuning record"
     x = rng.standard_normal(wl.input_shape).astype(np.float32)

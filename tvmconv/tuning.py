@@ -543,7 +543,7 @@ def tune_workloads(workloads: list, trials: int = 64, target=None,
                     if seeds is not None:
                         _warm_start(cost_model, contexts, seeds)
                     try:
-                        if not done:
+                        if not done and space != "auto":  # "auto": MetaSchedule's generated space alone
                             _measure_near_the_defaults(wl, target, contexts, database, rpc, cost_model, callback,
                                                        remaining)
                         left = remaining - callback.measured
