@@ -453,6 +453,8 @@ def _measure_near_the_defaults(wl, target, contexts: list, database, rpc, cost_m
         trace.apply_to_schedule(sch, remove_postproc=True)
         if all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
             candidates.append(ms.MeasureCandidate(sch, args_info))
+    if not candidates:
+        return
     built = builder(target).build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
     ok = [i for i, b in enumerate(built) if b.error_msg is None]
     device_type = tvm.runtime.device(target.get_target_device_type()).__device_type_name__()  # as the search names it
