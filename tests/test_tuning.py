@@ -220,7 +220,7 @@ def test_model_workloads_and_budget_split_by_flops():
 def test_gradient_kernels_tune_and_builds_use_a_record_only_where_it_is_faster(tmp_path, monkeypatch, rng):
     """The gradient kernels that are not convolutions (dW's own kernels for pointwise and depthwise layers,
     the activation's derivative, dW's regrouped input) tune in MetaSchedule's generated space; the record
-    and the kernel's own schedule are re-timed, and builds take the record only if it won."""
+    and the kernel's own schedule are re-timed, and builds take the record only if it won by the margin."""
     model = tvmconv.Sequential([tvmconv.Conv2D(16, 1, input_shape=(6, 6, 8)),
                                 tvmconv.Conv2D(16, 3, padding="same", groups=16),
                                 tvmconv.Conv2D(8, 3, activation="relu")])
@@ -239,7 +239,7 @@ def test_gradient_kernels_tune_and_builds_use_a_record_only_where_it_is_faster(t
         assert summary[kernel.key]["default_gflops"] == result.default_gflops
         func = kernel.prim_func()
         used = records.best(kernel, HOST)
-        assert (used is not None) == (result.gflops >= result.default_gflops)
+        assert (used is not None) == (result.gflops >= result.default_gflops * records.RECORD_MARGIN)
         record = records.best(kernel, HOST, keep_slower=True)
         assert record.trials == result.trials
         # The record's schedule computes what the kernel's own schedule does.
