@@ -168,7 +168,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     """Default knobs for this core: the register tile the model of the core scores best, and the loop order
     that streams the fewest bytes from beyond L2. The reduction runs over all of a group's input channels
     in one step, named as the number the template samples (`sample_tiles`), so the defaults are a program
-    of the tuner's space (tvmconv.tuning seeds the search with it)."""
+    of the tuner's space (tvmconv.tuning measures it and its neighbours first)."""
     depthwise = _depthwise(wl)
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
