@@ -219,10 +219,19 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
     # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,
-    # stride 1) ran 0.6-0.98x.
-    trailing_pad = wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
+    # stride 1) ran 0.6-0.98x. The checks sit in the reduction loop, where LLVM must unswitch them; for a tile
+    # of several rows and more than 8 accumulators it may not, and then keeps accumulators in memory: on Zen 4
+    # the 2x2-pixel tile of 4 vectors (16) ran 0.65x the copy on ResNet-50's conv3x3s2_28x28x256 (its assembly
+    # stores 6 accumulators in the loop), where 2x2 of 2 vectors (8) ran 1.0x there and 1.06-1.2x on Zen 3, and
+    # one-row tiles 1.02-1.05x. (Some larger tiles unswitched: 7x2 of 2 vectors ran 1.02x; no rule tells them apart.)
+    trailing_pad = (wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
+                    and (oh == 1 or ow * oh * fv <= _CHECKED_ACCUMULATORS))
     return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels,
                  order="filters" if _filters_first(core, wl, n_lanes * fv) else "rows", pad_inline=trailing_pad)
+
+
+# The most accumulators of a tile of several rows that reads through bound checks (see default_knobs).
+_CHECKED_ACCUMULATORS = 8
 
 
 def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:

@@ -117,7 +117,8 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
 def test_loop_orders_and_inline_padding_of_the_defaults():
     """Depthwise layers and flat tiles run pixels first (each pixel's channels in one stream), depthwise tiles
     at stride 2 span 2 columns; padding only after the input is read through bound checks, padding on all
-    sides is copied. Tuning searches every order."""
+    sides is copied, and so is padding after the input for tiles of several rows and more than 8 accumulators.
+    Tuning searches every order."""
     target = targets.resolve("x86-avx2")
     depthwise = x86.RULE.default_knobs(ConvWorkload(8, 112, 112, 32, 32, (3, 3), padding="same", groups=32), target)
     assert (depthwise.order, depthwise.ow_tile, depthwise.pad_inline) == ("pixels", 4, True)
@@ -130,8 +131,14 @@ def test_loop_orders_and_inline_padding_of_the_defaults():
     for batch, order in ((1, "pixels"), (8, "filters")):
         windowed = x86.RULE.default_knobs(ConvWorkload(batch, 7, 7, 512, 512, (3, 3), padding="same"), target)
         assert windowed.flat and windowed.order == order, (batch, windowed)
-    trailing = ConvWorkload(1, 56, 56, 128, 128, (3, 3), (2, 2), padding="same")
-    assert trailing.pads == (0, 0, 1, 1) and x86.RULE.default_knobs(trailing, target).pad_inline
+    trailing = ConvWorkload(1, 28, 28, 256, 256, (3, 3), (2, 2), padding="same")
+    knobs = x86.RULE.default_knobs(trailing, target)
+    assert trailing.pads == (0, 0, 1, 1) and knobs.pad_inline and knobs.ow_tile * knobs.oh_tile * knobs.f_vectors <= 8
+    # Tiles of several rows and more accumulators copy: LLVM may leave their checks in the reduction loop.
+    for preset, wl in (("x86-avx2", ConvWorkload(1, 56, 56, 128, 128, (3, 3), (2, 2), padding="same")),
+                       ("x86-avx512", trailing)):
+        knobs = x86.RULE.default_knobs(wl, targets.resolve(preset))
+        assert knobs.oh_tile > 1 and knobs.ow_tile * knobs.oh_tile * knobs.f_vectors > 8 and not knobs.pad_inline
     all_sides = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
     knobs = x86.RULE.default_knobs(all_sides, target)
     assert not knobs.pad_inline and not knobs.flat and knobs.order == "rows"
