@@ -15,7 +15,7 @@ folder only while it holds the folder's lock (`locked`), and appends to what it 
 Searched at build time, in order: the user's root ($TVMCONV_TUNING_LOGS, default
 ~/.cache/tvmconv/tuning_logs), then the records shipped in the package's tuning_logs/. The
 record with the lowest measured time wins. A workload without records of its own uses the
-record of the same convolution at batch 1, or with another epilogue (bias, activation): the
+record of the same convolution with another epilogue (bias, activation), at its own batch: the
 record's trace is replayed on it.
 """
 import contextlib
