@@ -115,10 +115,10 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
 
 
 def test_loop_orders_and_inline_padding_of_the_defaults():
-    """Depthwise layers and flat tiles run pixels first (each pixel's channels in one stream), depthwise tiles
-    at stride 2 span 2 columns; padding only after the input is read through bound checks, padding on all
-    sides is copied, and so is padding after the input for tiles of several rows and more than 8 accumulators.
-    Tuning searches every order."""
+    """Depthwise layers, flat tiles and outputs over twice L2 run pixels first (each pixel's channels in one
+    stream), depthwise tiles at stride 2 span 2 columns; padding only after the input is read through bound
+    checks, padding on all sides is copied, and so is padding after the input for tiles of several rows and
+    more than 8 accumulators. Tuning searches every order."""
     target = targets.resolve("x86-avx2")
     depthwise = x86.RULE.default_knobs(ConvWorkload(8, 112, 112, 32, 32, (3, 3), padding="same", groups=32), target)
     assert (depthwise.order, depthwise.ow_tile, depthwise.pad_inline) == ("pixels", 4, True)
@@ -141,7 +141,11 @@ def test_loop_orders_and_inline_padding_of_the_defaults():
         assert knobs.oh_tile > 1 and knobs.ow_tile * knobs.oh_tile * knobs.f_vectors > 8 and not knobs.pad_inline
     all_sides = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
     knobs = x86.RULE.default_knobs(all_sides, target)
-    assert not knobs.pad_inline and not knobs.flat and knobs.order == "rows"
+    assert not knobs.pad_inline and not knobs.flat
+    # Several filter blocks: pixels first once the output is over twice L2 and the weights fit there.
+    assert x86.RULE.default_knobs(ConvWorkload(1, 14, 14, 64, 128, (1, 1)), target).order == "rows"
+    assert x86.RULE.default_knobs(ConvWorkload(8, 56, 56, 64, 256, (1, 1)), target).order == "pixels"
+    assert x86.RULE.default_knobs(ConvWorkload(8, 14, 14, 256, 256, (3, 3), padding="same"), target).order != "pixels"
     assert {k.order for k in x86.RULE.tunable_knobs(all_sides, target)} == set(cpu.ORDERS)
 
 
