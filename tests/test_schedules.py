@@ -116,7 +116,8 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
 
 def test_loop_orders_and_inline_padding_of_the_defaults():
     """Depthwise layers, flat tiles and outputs over twice L2 run pixels first (each pixel's channels in one
-    stream), depthwise tiles at stride 2 span 2 columns; padding only after the input is read through bound
+    stream), depthwise tiles at stride 2 span 2 columns, at stride 1 4 columns or where those do not divide the
+    width 7 columns; padding only after the input is read through bound
     checks, padding on all sides is copied, and so is padding after the input for tiles of several rows and
     more than 8 accumulators. Tuning searches every order."""
     target = targets.resolve("x86-avx2")
@@ -125,6 +126,11 @@ def test_loop_orders_and_inline_padding_of_the_defaults():
     strided = x86.RULE.default_knobs(ConvWorkload(1, 112, 112, 96, 96, (3, 3), (2, 2), padding="same", groups=96),
                                      target)
     assert (strided.order, strided.ow_tile) == ("pixels", 2)
+    # Where no tile of 4 columns divides the width: 7 columns of one vector.
+    for width in (7, 14):
+        narrow = x86.RULE.default_knobs(ConvWorkload(1, width, width, 576, 576, (3, 3), padding="same", groups=576),
+                                        target)
+        assert (narrow.ow_tile, narrow.f_vectors) == (7, 1), narrow
     flat = x86.RULE.default_knobs(ConvWorkload(1, 7, 7, 960, 320, (1, 1)), target)
     assert flat.flat and flat.order == "pixels"
     # With a 3x3 window, filter blocks first once the input outgrows L2 (batch 8).
