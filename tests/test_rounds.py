@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tvmconv import build, cli, records, reference, rounds, runtime, targets, timing
+from tvmconv import build, cli, records, reference, rounds, runtime, schedules, targets, timing, tuning
 from tvmconv.compute import ConvWorkload, pack_weights
 
 HOST = targets.resolve(None)
@@ -247,3 +247,20 @@ def test_a_cuda_round_holds_libraries_and_fatbins(tmp_path, capsys):
         with open(directory / timing.KERNELS / kernel["device_code"], "rb") as f:
             assert int.from_bytes(f.read(4), "little") == 0xBA55ED50
     assert any("Tensorize" in json.dumps(c["trace"]) for c in spec["candidates"])
+
+
+def test_a_workload_s_first_round_holds_the_defaults_and_their_neighbours(tmp_path):
+    """As `tune` does, a round for a workload with no records starts from the defaults' program and its
+    neighbours (tuning.first_round), in the defaults' layout; the search's candidates fill the rest."""
+    logs, directory = str(tmp_path / "logs"), str(tmp_path / "round")
+    rounds.write_round([(WL, 64)], HOST, directory, logs, size=5)
+    spec = timing.read_round(directory)
+    context, nearby = tuning.first_round(WL, HOST, tuning.tasks(WL, HOST, "template"), 3)
+    assert len(nearby) == 3
+    candidates = spec["candidates"]
+    assert len(candidates) == 5 and not any("error" in c for c in candidates)
+    assert [c["trace"] for c in candidates[:3]] == [rounds._trace_json(c.sch.trace) for c in nearby]
+    defaults = build.weight_block(schedules.find_rule(HOST).default_knobs(WL, HOST))
+    assert {c["weight_block"] for c in candidates[:3]} == {defaults}
+    # The search's two are other programs.
+    assert all(c["trace"] not in [n["trace"] for n in candidates[:3]] for c in candidates[3:])

@@ -9,7 +9,8 @@ for minutes cannot host that loop, so its pieces are driven here one round at a 
                 template's design spaces, or the generated space) each propose candidates with their
                 search strategy (EvolutionarySearch: a population sampled from the design spaces and the
                 database's best, ranked by the XGBoost cost model), candidates already on record left
-                out; MetaSchedule's LocalBuilder builds them, and the rule's default schedule of each
+                out; a workload with no records starts with the defaults' program and its neighbours
+                (tuning.first_round), as `tune` does; MetaSchedule's LocalBuilder builds them, and the rule's default schedule of each
                 workload (the reference its candidates' outputs must match, and the figure they must
                 beat). The folder then holds the libraries (and for CUDA the fatbins), and ROUND_FILE:
                 each kernel's argument shapes and its inputs' seed, each candidate's trace.
@@ -217,7 +218,8 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
     folder = records.folder(log_root, target)
     database = records.Log(folder)  # read only: candidates on record are not proposed again
     cost_model = _cost_model(folder)
-    shares = _shares(plan, [tuning.trials_on_record(folder, wl) for wl, _ in plan], size)
+    done = [tuning.trials_on_record(folder, wl) for wl, _ in plan]
+    shares = _shares(plan, done, size)
     if not any(shares):
         return None
     rule = schedules.find_rule(target)
@@ -225,16 +227,23 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
     # candidate's trace in JSON or None for a reference, whether a reference is the default schedule), and its
     # builder input.
     kernels, inputs = [], []
-    for index, ((wl, _), share) in enumerate(zip(plan, shares, strict=True)):
+    for index, ((wl, _), share, trials) in enumerate(zip(plan, shares, done, strict=True)):
         if not share:
             continue
         contexts = tuning.tasks(wl, target, space)
         blocks = set()
+        # A workload's first round: the defaults and their neighbours (tvmconv.tuning.first_round), as `tune`
+        # measures them; the search fills the rest of its share.
+        first_context, first = (tuning.first_round(wl, target, contexts, share) if not trials and space != "auto"
+                                else (None, []))
+        share -= len(first)
         for i, context in enumerate(contexts):
             _, layout = records.workload_of(context.mod["main"])
             count = share // len(contexts) + (i < share % len(contexts))
             measured = _measured_traces(database, context.mod)
-            for candidate in _propose(context, count, database, cost_model, measured) if count else []:
+            nearby = first if context is first_context else []
+            measured |= {_trace_text(candidate.sch.trace) for candidate in nearby}
+            for candidate in nearby + (_propose(context, count, database, cost_model, measured) if count else []):
                 kernels.append((index, layout, _trace_json(candidate.sch.trace), False))
                 inputs.append(ms.builder.BuilderInput(candidate.sch.mod, target))
                 blocks.add(layout[0])

@@ -5,7 +5,8 @@ Design spaces ("space"):
              flat tile), each with one design space per structural variant (loop order, padding, window
              unrolling), the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`),
              which the search mutates one step at a time (`_StepOneTileSize`); a workload's first round
-             measures the defaults' program and its neighbours (`neighbourhood`);
+             measures the defaults' program and its neighbours (`neighbourhood`, `first_round`; in
+             rounds too, tvmconv.rounds);
              a workload its rule has no template for (the gradient kernels that are not
              convolutions) tunes in the generated space instead;
   auto     — MetaSchedule's own generated space ("post-order-apply") over our compute;
@@ -437,15 +438,15 @@ def neighbourhood(wl, target, contexts: list) -> tuple[ms.TuneContext | None, li
     return context, [trace, *steps, *others]
 
 
-def _measure_near_the_defaults(wl, target, contexts: list, database, rpc, cost_model, callback, limit: int) -> None:
-    """The first round of a workload with no records yet: its `neighbourhood` (up to `limit` programs) built,
-    measured, written to the log and taught to the cost model, as the search's rounds are. The defaults
-    come from a model of the core and beat most records of a few hundred trials (tuning_logs/README.md),
-    so better programs are likeliest next to them; 30 minutes of search from random samples mostly
-    did not get back to them (docs/benchmarks.md). The search then starts from these records."""
+def first_round(wl, target, contexts: list, limit: int) -> tuple[ms.TuneContext | None, list]:
+    """The first round of a workload with no records yet: its `neighbourhood`, up to `limit` programs, as
+    measure candidates of their task (those its postprocessors accept). The defaults come from a model of
+    the core and beat most records of a few hundred trials (tuning_logs/README.md), so better programs are
+    likeliest next to them; 30 minutes of search from random samples mostly did not get back to them
+    (docs/benchmarks.md). (None, []) where the defaults are no program of the space."""
     context, traces = neighbourhood(wl, target, contexts)
     if context is None:
-        return
+        return None, []
     args_info = ms.arg_info.ArgInfo.from_entry_func(context.mod)
     candidates = []
     for trace in traces[:limit]:
@@ -453,8 +454,16 @@ def _measure_near_the_defaults(wl, target, contexts: list, database, rpc, cost_m
         trace.apply_to_schedule(sch, remove_postproc=True)
         if all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
             candidates.append(ms.MeasureCandidate(sch, args_info))
+    return context, candidates
+
+
+def _measure_near_the_defaults(wl, target, contexts: list, database, rpc, cost_model, callback, limit: int) -> None:
+    """The `first_round` built, measured, written to the log and taught to the cost model, as the search's
+    rounds are. The search then starts from these records."""
+    context, candidates = first_round(wl, target, contexts, limit)
     if not candidates:
         return
+    args_info = candidates[0].args_info
     built = builder(target).build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
     ok = [i for i, b in enumerate(built) if b.error_msg is None]
     device_type = tvm.runtime.device(target.get_target_device_type()).__device_type_name__()  # as the search names it
