@@ -11,7 +11,18 @@ import textwrap
 import numpy as np
 import pytest
 
-from tvmconv import build, cli, records, reference, rounds, runtime, schedules, targets, timing, tuning
+from tvmconv import (
+    build,
+    cli,
+    records,
+    reference,
+    rounds,
+    runtime,
+    schedules,
+    targets,
+    timing,
+    tuning,
+)
 from tvmconv.compute import ConvWorkload, pack_weights
 
 HOST = targets.resolve(None)
@@ -255,7 +266,7 @@ def test_a_workload_s_first_round_holds_the_defaults_and_their_neighbours(tmp_pa
     logs, directory = str(tmp_path / "logs"), str(tmp_path / "round")
     rounds.write_round([(WL, 64)], HOST, directory, logs, size=5)
     spec = timing.read_round(directory)
-    context, nearby = tuning.first_round(WL, HOST, tuning.tasks(WL, HOST, "template"), 3)
+    _, nearby = tuning.first_round(WL, HOST, tuning.tasks(WL, HOST, "template"), 3)
     assert len(nearby) == 3
     candidates = spec["candidates"]
     assert len(candidates) == 5 and not any("error" in c for c in candidates)
