@@ -626,7 +626,7 @@ def test_metrics_count_requests_errors_bytes_latency_and_batches(server):
     assert after[("tvmconv_queue_depth", ())] == 0 and after[("tvmconv_buffered_request_bytes", ())] == 0
     assert after[("tvmconv_requests_in_flight", ())] == 1  # this scrape
     buckets = ("tvmconv_request_duration_seconds_bucket", (("endpoint", "/v2/models/{name}/infer"), ("le", "+Inf")))
-    assert after[buckets] - before[buckets] == 3
+    assert grew(buckets) == 3  # a server that has not served this endpoint yet has no buckets for it
 
 
 # ---------------------------------------------------------------- dynamic batching
