@@ -136,6 +136,8 @@ def _tile_efficiency(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh:
 # innermost loops (up to 20% on 1x1 layers, Zen 4). Tiles of several rows divide the height: one that
 # overhangs it cost 7x7 1x1 layers half their speed (Zen 3).
 _WIDTH_TAIL_COST = 0.8
+# The most accumulators of a tile of several rows that reads through bound checks (see default_knobs).
+_CHECKED_ACCUMULATORS = 8
 
 
 def _tile_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh: int, fv: int) -> float:
@@ -244,15 +246,12 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     # the 2x2-pixel tile of 4 vectors (16) ran 0.65x the copy on ResNet-50's conv3x3s2_28x28x256 (its assembly
     # stores 6 accumulators in the loop), where 2x2 of 2 vectors (8) ran 1.0x there and 1.06-1.2x on Zen 3, and
     # one-row tiles 1.02-1.05x. (Some larger tiles unswitched: 7x2 of 2 vectors ran 1.02x; no rule tells them apart.)
-    trailing_pad = (wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
-                    and (oh == 1 or ow * oh * fv <= _CHECKED_ACCUMULATORS))
+    pad_inline = (wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
+                  and (oh == 1 or ow * oh * fv <= _CHECKED_ACCUMULATORS))
     block = n_lanes * fv
     order = "filters" if _filters_first(core, wl, block) else "pixels" if _pixels_first(core, wl, block) else "rows"
-    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=order, pad_inline=trailing_pad)
+    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=order, pad_inline=pad_inline)
 
-
-# The most accumulators of a tile of several rows that reads through bound checks (see default_knobs).
-_CHECKED_ACCUMULATORS = 8
 
 
 def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:

@@ -116,10 +116,10 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
 
 def test_loop_orders_and_inline_padding_of_the_defaults():
     """Depthwise layers, flat tiles and outputs over twice L2 run pixels first (each pixel's channels in one
-    stream), depthwise tiles at stride 2 span 2 columns, at stride 1 4 columns or where those do not divide the
-    width 7 columns; padding only after the input is read through bound
-    checks, padding on all sides is copied, and so is padding after the input for tiles of several rows and
-    more than 8 accumulators. Tuning searches every order."""
+    stream); depthwise tiles span 2 columns at stride 2, 4 at stride 1, or 7 where 4 do not divide the width;
+    padding only after the input is read through bound checks, padding on all sides is copied, and so is
+    padding after the input for tiles of several rows and more than 8 accumulators. Tuning searches every
+    order."""
     target = targets.resolve("x86-avx2")
     depthwise = x86.RULE.default_knobs(ConvWorkload(8, 112, 112, 32, 32, (3, 3), padding="same", groups=32), target)
     assert (depthwise.order, depthwise.ow_tile, depthwise.pad_inline) == ("pixels", 4, True)

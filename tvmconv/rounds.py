@@ -10,10 +10,11 @@ for minutes cannot host that loop, so its pieces are driven here one round at a 
                 search strategy (EvolutionarySearch: a population sampled from the design spaces and the
                 database's best, ranked by the XGBoost cost model), candidates already on record left
                 out; a workload with no records starts with the defaults' program and its neighbours
-                (tuning.first_round), as `tune` does; MetaSchedule's LocalBuilder builds them, and the rule's default schedule of each
-                workload (the reference its candidates' outputs must match, and the figure they must
-                beat). The folder then holds the libraries (and for CUDA the fatbins), and ROUND_FILE:
-                each kernel's argument shapes and its inputs' seed, each candidate's trace.
+                (tuning.first_round), as `tune` does. MetaSchedule's LocalBuilder builds them, and the
+                rule's default schedule of each workload (the reference its candidates' outputs must
+                match, and the figure they must beat). The folder then holds the libraries (and for CUDA
+                the fatbins), and ROUND_FILE: each kernel's argument shapes and its inputs' seed, each
+                candidate's trace.
   timing        `python -m tvmconv.timing DIR` (tvmconv.timing, the runtime alone) runs and times them
                 where they run, and writes RESULTS_FILE (scripts/gpu_device.sh does it on the GPU machine).
   ingest        the times become measured records in the log folder's MetaSchedule database (failed
