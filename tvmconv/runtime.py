@@ -136,6 +136,15 @@ def input_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
     return _tensor(np.ascontiguousarray(array), 0)
 
 
+def input_argument(array: np.ndarray):
+    """A caller's array as a kernel argument, read in place: the array itself where tvm_ffi takes it as
+    it is (C-contiguous and writeable: the call converts it through DLPack in C, 0.3-0.8 µs a call less
+    than input_tensor, measured on MobileNetV2's layers), else input_tensor(array): numpy exports
+    read-only memory only through DLPack 1.0, which tvm_ffi's own conversion does not ask for."""
+    flags = array.flags
+    return array if flags.c_contiguous and flags.writeable else input_tensor(array)
+
+
 def load_module(path: str, device_code: str | None = None):
     """Load a compiled library. A CUDA library also needs `device_code`: the file of GPU code that
     nvcc built for it (build.py), which TVM's CUDA runtime loads in place of the library's CUDA source."""
@@ -324,12 +333,12 @@ class Kernel:
         """Run on `threads` of this CPU's cores (None: default_threads()); `out`: the output array, or
         output_for(array)."""
         use_threads(threads)
-        self.function(input_tensor(x), *weights, out if isinstance(out, tvm_ffi.Tensor) else output_tensor(out))
+        self.function(input_argument(x), *weights, out if isinstance(out, tvm_ffi.Tensor) else output_tensor(out))
 
     def call(self, *inputs: np.ndarray, out: np.ndarray) -> None:
         """Run a function whose every input is declared unaligned (the gradient kernels that are not
         convolutions): inputs read in place, on the calling thread's pool."""
-        self.function(*map(input_tensor, inputs), output_tensor(out))
+        self.function(*map(input_argument, inputs), output_tensor(out))
 
 
 class CudaKernel(Kernel):
@@ -697,7 +706,7 @@ class Predictor:
             source = chunk if reads < 0 else values[reads]
             if isinstance(source, np.ndarray) or np.dtype(str(source.dtype)) != dtype:
                 host = self._host(source).astype(dtype, copy=False)  # a layer computes in its own dtype
-                source = input_tensor(host) if self.device == "cpu" else to_device(host, self.device)
+                source = input_argument(host) if self.device == "cpu" else to_device(host, self.device)
             out = device_empty(shape, dtype, self.device)
             function(source, *weights, out)
             values.append(out)
