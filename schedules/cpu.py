@@ -57,6 +57,8 @@ class CpuCore:
 
 
 ORDERS = ("rows", "filters", "pixels")
+# Winograd output tiles: F(2, 3) and F(4, 3) (0: the direct sum). Larger tiles lose accuracy in float32.
+WINOGRAD_TILES = (0, 2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,9 @@ class Knobs:
     # Tile the pixels of all samples and rows as one axis, ow_tile pixels a tile (oh_tile unused): tiles
     # then need not divide the width (7x7 layers) and the epilogue runs as a pass of its own.
     flat: bool = False
+    # Winograd F(winograd, 3) (compute.conv2d_forward) instead of the direct sum: the tile sizes above are
+    # then those of its batched product, `ConvWorkload.winograd_gemm`'s (one row, a tile a "pixel"). 0: direct.
+    winograd: int = 0
 
     def __post_init__(self):
         # Tile sizes given as numbers must be usable; tuning passes sampled decisions instead (`sample_tiles`),
@@ -85,6 +90,9 @@ class Knobs:
                 raise ValueError(f"Knobs.{name} must be an int of at least {least}, got {value!r}")
         if self.order not in ORDERS:
             raise ValueError(f"Knobs.order must be one of {', '.join(map(repr, ORDERS))}, got {self.order!r}")
+        if self.winograd not in WINOGRAD_TILES or (self.winograd and self.flat):
+            raise ValueError(f"Knobs.winograd must be one of {', '.join(map(str, WINOGRAD_TILES))}, and 0 with "
+                             f"flat tiles; got {self.winograd!r} (flat={self.flat})")
 
     @property
     def weight_block(self) -> int:
@@ -95,6 +103,11 @@ class Knobs:
     def flat_tile(self) -> int:
         """The pixel tile the compute's flat conv stage is padded to (compute.conv2d_forward); 0: not flat."""
         return self.ow_tile if self.flat else 0
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """The PrimFunc these knobs schedule: workload.prim_func(*layout)."""
+        return self.weight_block, self.flat_tile, self.winograd
 
 
 def lanes(wl: ConvWorkload, core: CpuCore) -> int:
@@ -180,11 +193,12 @@ def _depthwise(wl: ConvWorkload) -> bool:
     return wl.groups == wl.in_channels == wl.filters
 
 
-def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
-    """Default knobs for this core: the register tile the model of the core scores best, and the loop order
-    that streams the fewest bytes from beyond L2. The reduction runs over all of a group's input channels
-    in one step, named as the number the template samples (`sample_tiles`), so the defaults are a program
-    of the tuner's space (tvmconv.tuning measures it and its neighbours first)."""
+def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Knobs:
+    """Default knobs for this core: Winograd where it pays (`_winograd_tile`; winograd=False: the direct sum,
+    what scripts/bench_winograd.py measures it against), the register tile the model of the core scores best,
+    and the loop order that streams the fewest bytes from beyond L2. The reduction runs over all of a group's
+    input channels in one step, named as the number the template samples (`sample_tiles`), so the defaults
+    are a program of the tuner's space (tvmconv.tuning measures it and its neighbours first)."""
     depthwise = _depthwise(wl)
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
@@ -210,17 +224,12 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
             ow, fv = max(c for c in range(1, 8) if wl.out_width % c == 0), 1
         return Knobs(n_lanes, fv, ow, rc_tile=wl.group_in_channels, order="pixels", pad_inline=True,
                      unroll_window=_window_unrollable(wl))
-    candidates = [(ow, oh, fv) for ow, oh, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), (1, 2, 4),
-                                                                   _vector_counts(wl, n_lanes))
-                  if wl.out_height % oh == 0 and _fits(core.registers, fv, ow, oh)]
-    # Ties go to the tile with the most FMAs per load (fewer loads leave room for what the model omits),
-    # then to the widest, except for 1x1 kernels: to the tallest. A wide tile's columns share the input
-    # lines of a window's taps; a 1x1 kernel has none to share (Zen 3, ResNet-50: 1 column x 4 rows ran
-    # 1.0-1.5x 4 columns x 1 row on the 1x1 layers of width 14 to 56, and 0.9-1.0x on the 3x3 layers).
-    pointwise = wl.kernel_size == (1, 1)
-    ow, oh, fv = max(candidates, key=lambda c: (round(_tile_score(core, wl, n_lanes, *c), 6),
-                                                c[0] * c[1] * c[2] / (c[0] * c[1] + c[2]),
-                                                (c[1], c[0]) if pointwise else (c[0], c[1])))
+    m = _winograd_tile(wl, core) if winograd else 0
+    if m:
+        gemm = wl.winograd_gemm(m)
+        ow, oh, fv = _best_rectangle(core, gemm, n_lanes)
+        return Knobs(n_lanes, fv, ow, oh, gemm.group_in_channels, order=_order(core, gemm, n_lanes * fv), winograd=m)
+    ow, oh, fv = _best_rectangle(core, wl, n_lanes)
     # Where the width holds less than two tiles of 4 columns (7x7 layers: 5 columns with a tail, or 7 of
     # one vector), flat tiles of any number of pixels may do better, at the cost of the epilogue's pass.
     # Measured on Zen 3: on the 7x7 layers of ResNet-50 and MobileNetV2, 1.1-2.3x the rectangles; on wider
@@ -248,9 +257,39 @@ def default_knobs(wl: ConvWorkload, core: CpuCore) -> Knobs:
     # one-row tiles 1.02-1.05x. (Some larger tiles unswitched: 7x2 of 2 vectors ran 1.02x; no rule tells them apart.)
     pad_inline = (wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
                   and (oh == 1 or ow * oh * fv <= _CHECKED_ACCUMULATORS))
-    block = n_lanes * fv
-    order = "filters" if _filters_first(core, wl, block) else "pixels" if _pixels_first(core, wl, block) else "rows"
-    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=order, pad_inline=pad_inline)
+    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=_order(core, wl, n_lanes * fv), pad_inline=pad_inline)
+
+
+def _best_rectangle(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[int, int, int]:
+    """The register tile (columns, rows, filter vectors) of rows and columns that the model scores best."""
+    candidates = [(ow, oh, fv) for ow, oh, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), (1, 2, 4),
+                                                                   _vector_counts(wl, n_lanes))
+                  if wl.out_height % oh == 0 and _fits(core.registers, fv, ow, oh)]
+    # Ties go to the tile with the most FMAs per load (fewer loads leave room for what the model omits),
+    # then to the widest, except for 1x1 kernels: to the tallest. A wide tile's columns share the input
+    # lines of a window's taps; a 1x1 kernel has none to share (Zen 3, ResNet-50: 1 column x 4 rows ran
+    # 1.0-1.5x 4 columns x 1 row on the 1x1 layers of width 14 to 56, and 0.9-1.0x on the 3x3 layers).
+    pointwise = wl.kernel_size == (1, 1)
+    return max(candidates, key=lambda c: (round(_tile_score(core, wl, n_lanes, *c), 6),
+                                          c[0] * c[1] * c[2] / (c[0] * c[1] + c[2]),
+                                          (c[1], c[0]) if pointwise else (c[0], c[1])))
+
+
+def _order(core: CpuCore, wl: ConvWorkload, block: int) -> str:
+    return "filters" if _filters_first(core, wl, block) else "pixels" if _pixels_first(core, wl, block) else "rows"
+
+
+def _winograd_tile(wl: ConvWorkload, core: CpuCore) -> int:
+    """F(4, 3) where it applies (`ConvWorkload.winograd_applies`) to float32 channels-last layers of 16
+    channels and filters or more, else 0 (the direct sum). It multiplies 36 times per 16 output pixels where
+    the direct sum does 144, and adds transforms that stream the input and output once more: on Zen 4
+    (scripts/winograd_probe.py) ResNet-50's 3x3 stride-1 layers ran 2.5-3.1x the direct kernels at batch 1
+    and 1.8-3.4x at batch 8, within 7e-6 of float64 relative to the largest output; F(2, 3) ran 1.6-2.1x.
+    Fewer channels leave the product too small to pay for the transforms; float16 would round the
+    transformed weights (their entries grow to 4x), and channels-first inputs would be gathered."""
+    applies = (wl.winograd_applies and wl.dtype == "float32" and wl.channels_last
+               and min(wl.in_channels, wl.filters) >= 16 and wl.filters % lanes(wl, core) == 0)
+    return 4 if applies else 0
 
 
 
@@ -307,7 +346,8 @@ def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
     method and window unrolling that applies; and where flat tiles apply (`_flat_tiles`), the same with
     flat tiles, each vector count with its best-scoring number of pixels. A flat tile shapes the compute
     (the conv stage's pixels are padded to its multiple), so it is no sampled decision: each is a task of
-    its own (tvmconv.tuning.tasks), and one per vector count keeps the trials from spreading thin."""
+    its own (tvmconv.tuning.tasks), and one per vector count keeps the trials from spreading thin. Where
+    the defaults take Winograd (`_winograd_tile`), its variants come first, in a task of their own."""
     registers = core.registers
     n_lanes = default_knobs(wl, core).lanes
     vector_counts = [fv for fv in _vector_counts(wl, n_lanes) if _fits(registers, fv, 1)]
@@ -316,10 +356,20 @@ def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
         flat_pixels.setdefault(fv, pixels)
     tiles = [(fv, max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c)), False)
              for fv in vector_counts] + [(fv, pixels, True) for fv, pixels in flat_pixels.items()]
-    return [Knobs(n_lanes, fv, ow, order=order, pad_inline=pad_inline, unroll_window=unroll_window, flat=flat)
-            for (fv, ow, flat), order, pad_inline, unroll_window in itertools.product(
-                tiles, ORDERS, (False, True) if wl.has_data_pad else (False,),
-                (False, True) if _window_unrollable(wl) else (False,))]
+    direct = [Knobs(n_lanes, fv, ow, order=order, pad_inline=pad_inline, unroll_window=unroll_window, flat=flat)
+              for (fv, ow, flat), order, pad_inline, unroll_window in itertools.product(
+                  tiles, ORDERS, (False, True) if wl.has_data_pad else (False,),
+                  (False, True) if _window_unrollable(wl) else (False,))]
+    m = _winograd_tile(wl, core)
+    if not m:
+        return direct
+    # Winograd's product tiled as its 1x1 convolution's rectangles (one row), each order; the direct sum stays
+    # in the space.
+    gemm = wl.winograd_gemm(m)
+    return [Knobs(n_lanes, fv, max(c for c in range(1, min(gemm.out_width, 16) + 1) if _fits(registers, fv, c)),
+                  order=order, winograd=m)
+            for fv, order in itertools.product(_vector_counts(gemm, n_lanes), ORDERS) if _fits(registers, fv, 1)
+            ] + direct
 
 
 def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore, knobs: Knobs) -> Knobs:
@@ -329,6 +379,8 @@ def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore, knobs: Kn
     them) and has no rows."""
     def sample(candidates):
         return sch.sample_categorical(candidates, [1 / len(candidates)] * len(candidates))
+    if knobs.winograd:  # the tiles of its product, as those of the 1x1 convolution with its loops
+        wl = wl.winograd_gemm(knobs.winograd)
     cg = wl.group_in_channels
     steps = sorted({cg} | {c for c in (4, 8, 16, 32, 64, 128) if c < cg and cg % c == 0})
     if knobs.flat:
@@ -369,18 +421,22 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     sch.parallel(parallel)
     # The innermost loop over tiles, under which each tile's accumulators are written out.
     tile = tiles[-1] if tiles else parallel
-    if knobs.flat:
-        # The accumulator tile lives in registers and is written to the flat conv stage, which the
-        # epilogue then reads in a pass of its own: a tile's pixels need not form a rectangle of the output.
+    if knobs.flat or knobs.winograd:
+        # The accumulator tile lives in registers and is written to the conv stage, which the epilogue
+        # then reads in a pass of its own: a flat tile's pixels need not form a rectangle of the output,
+        # and Winograd's output transform reads every point of the transform.
         write_back = sch.cache_write(conv, 0, "local")
-        sch.reverse_compute_at(write_back, tile)
-        # Its loops under the tile's: pixels, filters, each gone where the tile's extent is 1.
+        # Its loops under the tile's: pixels, filters, each gone where the tile's extent is 1 (a flat tile's
+        # extents are no sampled decisions); Winograd's sampled tile keeps them all (point, row, tiles, filters).
+        sch.reverse_compute_at(write_back, tile, preserve_unit_loops=bool(knobs.winograd))
         copy_loops = sch.get_loops(write_back)[1 + len(tiles):]
-        if min(knobs.weight_block, wl.filters) > 1:
+        if knobs.winograd or min(knobs.weight_block, wl.filters) > 1:
             *copy_loops, filters = copy_loops
             sch.vectorize(filters)
         for loop in copy_loops:
             sch.unroll(loop)
+        if knobs.winograd:
+            _schedule_winograd_transforms(sch, wl, knobs)
         epilogue = sch.get_loops(sch.get_sblock("epilogue"))
         sch.parallel(sch.fuse(*epilogue[:2]))
         sch.vectorize(epilogue[-1])
@@ -398,7 +454,7 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     sch.unroll(f_r)
     sch.vectorize(f_v)
     sch.decompose_reduction(conv, rc_o)
-    if not wl.has_data_pad:
+    if knobs.winograd or not wl.has_data_pad:  # Winograd's input transform reads the padding as zeros
         return
     pad = sch.get_sblock("data_pad")
     if knobs.pad_inline:
@@ -407,6 +463,35 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*loops[:2]))
         sch.vectorize(loops[-1])
+
+
+def _schedule_winograd_transforms(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
+    """Winograd's input transform and the first half of its output transform (compute.conv2d_forward): tiles
+    in parallel, channels in vectors, the points of the transform unrolled, each tile's rows computed
+    where its columns read them. (Measured on Zen 4 with scripts/winograd_probe.py: 1-9% of the layer's
+    time on ResNet-50's layers at batch 1; the input's, written out at once, took 20% there.)"""
+    data = sch.get_sblock("winograd_input")
+    eps, nu, p, c = sch.get_loops(data)
+    c_o, c_i = sch.split(c, factors=[None, math.gcd(wl.in_channels, knobs.lanes)])
+    sch.reorder(p, c_o, eps, nu, c_i)
+    sch.parallel(p)
+    sch.unroll(eps)
+    sch.unroll(nu)
+    sch.vectorize(c_i)
+    rows = sch.get_sblock("winograd_rows")
+    sch.compute_at(rows, c_o)
+    i, nu, c = sch.get_loops(rows)[-3:]
+    sch.unroll(i)
+    sch.unroll(nu)
+    sch.vectorize(c)
+    half = sch.get_sblock("winograd_output")
+    p, i, jj, f = sch.get_loops(half)
+    f_o, f_i = sch.split(f, factors=[None, math.gcd(wl.filters, knobs.lanes)])
+    sch.reorder(p, f_o, i, jj, f_i)
+    sch.parallel(p)
+    sch.unroll(i)
+    sch.unroll(jj)
+    sch.vectorize(f_i)
 
 
 def schedule_depthwise_weight_gradient(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore) -> None:

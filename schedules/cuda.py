@@ -40,6 +40,7 @@ class Knobs:
 
     weight_block = 0  # Keras's weight layout (compute.pack_weights)
     flat_tile = 0  # the conv stage over (batch, rows, columns) (compute.conv2d_forward)
+    layout = (0, 0, 0)  # Keras's weights, rows and columns, the direct sum: prim_func(*layout)
 
 
 def _fit(extent: int, wanted: int) -> int:

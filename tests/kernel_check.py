@@ -3,7 +3,7 @@ schedules and of tuning."""
 import numpy as np
 
 from tvmconv import build, reference, runtime, targets
-from tvmconv.compute import ConvWorkload, pack_weights
+from tvmconv.compute import ConvWorkload
 
 HOST = targets.resolve(None)
 
@@ -18,7 +18,7 @@ def check_kernel(wl: ConvWorkload, knobs=None, seed=0, record=None):
     compiled = build.get_kernel(wl, HOST, knobs, record=record)
     assert compiled.knobs == knobs and compiled.tuning == record
     y = runtime.aligned_empty(wl.output_shape, wl.dtype)
-    weights = [pack_weights(kernel.astype(wl.dtype), compiled.weight_block)] + (
+    weights = [compiled.pack(kernel.astype(wl.dtype))] + (
         [bias.astype(wl.dtype)] if wl.use_bias else [])
     compiled.kernel(x.astype(wl.dtype), compiled.kernel.weights(weights), y)  # x at numpy's alignment
     expected = reference.conv2d(x, kernel, bias, wl.strides, wl.padding, wl.dilation, wl.groups, wl.channels_last)

@@ -38,7 +38,7 @@ def emulated(workload, target, knobs=None) -> runtime.Kernel:
     warp and local memory ordinary buffers."""
     rule = find_rule(target)
     knobs = rule.default_knobs(workload, target) if knobs is None else knobs
-    func = workload.prim_func(build.weight_block(knobs))
+    func = workload.prim_func(*build.layout(knobs))
     sch = s_tir.Schedule(func)
     rule.schedule(workload, sch, target, knobs)
     plain = s_tir.Schedule(func)
@@ -217,7 +217,7 @@ def cuda_emulated_here(monkeypatch):
             return real(workload, target, knobs, log_roots, record)
         knobs = find_rule(target).default_knobs(workload, target)
         built.append((workload, knobs))
-        return build.CompiledKernel(workload, targets.target_key(target), "cuda", knobs, build.weight_block(knobs),
+        return build.CompiledKernel(workload, targets.target_key(target), "cuda", knobs, build.layout(knobs),
                                     "compiled", "", emulated(workload, target, knobs))
     monkeypatch.setattr(build, "get_kernel", get_kernel)
     monkeypatch.setattr(targets, "check_runnable_here", lambda target: None)

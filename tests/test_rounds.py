@@ -23,7 +23,7 @@ from tvmconv import (
     timing,
     tuning,
 )
-from tvmconv.compute import ConvWorkload, pack_weights
+from tvmconv.compute import ConvWorkload
 
 HOST = targets.resolve(None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +122,7 @@ def test_a_round_on_this_cpu_from_candidates_to_the_record_a_build_uses(tmp_path
     w = rng.standard_normal(WL.weights_shape).astype(np.float32)
     b = rng.standard_normal(WL.filters).astype(np.float32)
     y = runtime.aligned_empty(WL.output_shape, np.float32)
-    compiled.kernel(x, compiled.kernel.weights([pack_weights(w, compiled.weight_block), b]), y)
+    compiled.kernel(x, compiled.kernel.weights([compiled.pack(w), b]), y)
     np.testing.assert_allclose(y, np.maximum(reference.conv2d(x, w, b, padding="same"), 0), rtol=1e-4, atol=1e-4)
 
 
@@ -149,7 +149,7 @@ def test_rounds_resume_without_measuring_a_candidate_twice(tmp_path):
 
 def _arguments(compiled) -> list[dict]:
     return [{"shape": [int(d) for d in b.shape], "dtype": str(b.dtype)}
-            for b in compiled.workload.prim_func(compiled.weight_block).params]
+            for b in compiled.workload.prim_func(*compiled.layout).params]
 
 
 def _round_of(kernels: dict, directory) -> str:
@@ -271,7 +271,7 @@ def test_a_workload_s_first_round_holds_the_defaults_and_their_neighbours(tmp_pa
     candidates = spec["candidates"]
     assert len(candidates) == 5 and not any("error" in c for c in candidates)
     assert [c["trace"] for c in candidates[:3]] == [rounds._trace_json(c.sch.trace) for c in nearby]
-    defaults = build.weight_block(schedules.find_rule(HOST).default_knobs(WL, HOST))
-    assert {c["weight_block"] for c in candidates[:3]} == {defaults}
+    defaults = build.layout(schedules.find_rule(HOST).default_knobs(WL, HOST))
+    assert {tuple(c[name] for name in rounds.LAYOUT_FIELDS) for c in candidates[:3]} == {defaults}
     # The search's two are other programs.
     assert all(c["trace"] not in [n["trace"] for n in candidates[:3]] for c in candidates[3:])

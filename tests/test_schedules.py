@@ -9,7 +9,7 @@ from kernel_check import check_kernel as _check
 from paths import PATHS
 
 from tvmconv import build, records, targets, tuning
-from tvmconv.compute import ConvWorkload, pack_weights
+from tvmconv.compute import ConvWorkload, pack_weights, winograd_matrices
 from tvmconv.schedules import cpu, find_rule, x86
 
 WORKLOADS = {
@@ -103,7 +103,9 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
     the core needs (AVX-512: 7 x 2 vectors). Widths of two tiles or more keep rectangles."""
     target = targets.resolve(preset)
     registers = 32 if preset == "x86-avx512" else 16
-    for wl in (ConvWorkload(1, 7, 7, 512, 512, (3, 3), padding="same"), ConvWorkload(8, 7, 7, 2048, 512, (1, 1)),
+    # (A 3x3 stride-1 layer computes by Winograd where its input is channels-last: test_winograd_defaults.)
+    for wl in (ConvWorkload(1, 7, 7, 512, 512, (3, 3), padding="same", data_format="channels_first"),
+               ConvWorkload(8, 7, 7, 2048, 512, (1, 1)),
                ConvWorkload(1, 14, 14, 1024, 2048, (1, 1), (2, 2))):
         knobs = x86.RULE.default_knobs(wl, target)
         if preset == "x86-avx2":
@@ -112,6 +114,30 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
             assert knobs.flat or wl.out_width % knobs.ow_tile == 0, (wl.label, knobs)
         assert knobs.ow_tile * knobs.f_vectors + knobs.f_vectors + 3 <= registers
     assert not x86.RULE.default_knobs(ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same"), target).flat
+
+
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512"])
+def test_winograd_defaults(preset):
+    """F(4, 3) for float32 channels-last 3x3 stride-1 layers of 16 channels and filters or more, its product
+    tiled as the 1x1 convolution with its loops; the direct sum elsewhere. Tuning searches both."""
+    target = targets.resolve(preset)
+    for wl in (ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same"), ConvWorkload(8, 7, 7, 512, 512, (3, 3)),
+               ConvWorkload(1, 14, 14, 16, 32, (3, 3), padding="same", use_bias=False, activation="relu")):
+        knobs = x86.RULE.default_knobs(wl, target)
+        gemm = wl.winograd_gemm(4)
+        assert (gemm.batch, gemm.out_height, gemm.out_width) == (36, 1, wl.batch * (-(-wl.out_height // 4)) ** 2)
+        assert knobs.winograd == 4 and not knobs.flat and knobs.oh_tile == 1 and knobs.rc_tile == wl.in_channels
+        assert knobs.ow_tile <= gemm.out_width, knobs
+        variants = x86.RULE.tunable_knobs(wl, target)
+        assert {k.winograd for k in variants} == {0, 4} and {k.layout for k in variants} > {(knobs.weight_block, 0, 4)}
+    for wl in (ConvWorkload(1, 56, 56, 64, 64, (3, 3), (2, 2), padding="same"),
+               ConvWorkload(1, 56, 56, 64, 64, (3, 3), dilation=(2, 2), padding="same"),
+               ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same", groups=2),
+               ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same", data_format="channels_first"),
+               ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same", dtype="float16"),
+               ConvWorkload(1, 56, 56, 8, 64, (3, 3), padding="same"), ConvWorkload(1, 56, 56, 64, 64, (5, 5))):
+        assert x86.RULE.default_knobs(wl, target).winograd == 0, wl.label
+        assert {k.winograd for k in x86.RULE.tunable_knobs(wl, target)} == {0}
 
 
 def test_loop_orders_and_inline_padding_of_the_defaults():
@@ -135,7 +161,8 @@ def test_loop_orders_and_inline_padding_of_the_defaults():
     assert flat.flat and flat.order == "pixels"
     # With a 3x3 window, filter blocks first once the input outgrows L2 (batch 8).
     for batch, order in ((1, "pixels"), (8, "filters")):
-        windowed = x86.RULE.default_knobs(ConvWorkload(batch, 7, 7, 512, 512, (3, 3), padding="same"), target)
+        windowed = x86.RULE.default_knobs(ConvWorkload(batch, 7, 7, 512, 512, (3, 3), padding="same",
+                                                       data_format="channels_first"), target)
         assert windowed.flat and windowed.order == order, (batch, windowed)
     trailing = ConvWorkload(1, 28, 28, 256, 256, (3, 3), (2, 2), padding="same")
     knobs = x86.RULE.default_knobs(trailing, target)
@@ -145,13 +172,14 @@ def test_loop_orders_and_inline_padding_of_the_defaults():
                        ("x86-avx512", trailing)):
         knobs = x86.RULE.default_knobs(wl, targets.resolve(preset))
         assert knobs.oh_tile > 1 and knobs.ow_tile * knobs.oh_tile * knobs.f_vectors > 8 and not knobs.pad_inline
-    all_sides = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
+    all_sides = ConvWorkload(1, 56, 56, 64, 64, (3, 3), (1, 1), (2, 2), padding="same")  # dilated: no Winograd
     knobs = x86.RULE.default_knobs(all_sides, target)
     assert not knobs.pad_inline and not knobs.flat
     # Several filter blocks: pixels first once the output is over twice L2 and the weights fit there.
     assert x86.RULE.default_knobs(ConvWorkload(1, 14, 14, 64, 128, (1, 1)), target).order == "rows"
     assert x86.RULE.default_knobs(ConvWorkload(8, 56, 56, 64, 256, (1, 1)), target).order == "pixels"
-    assert x86.RULE.default_knobs(ConvWorkload(8, 14, 14, 256, 256, (3, 3), padding="same"), target).order != "pixels"
+    assert x86.RULE.default_knobs(ConvWorkload(8, 14, 14, 256, 256, (3, 3), padding="same",
+                                               data_format="channels_first"), target).order != "pixels"
     assert {k.order for k in x86.RULE.tunable_knobs(all_sides, target)} == set(cpu.ORDERS)
 
 
@@ -169,17 +197,83 @@ def test_flat_tiles_are_tuned_in_tasks_of_their_own():
         assert not any(k.flat for k in rule.tunable_knobs(other, HOST)), other.label
     contexts = tuning.tasks(wl, HOST, "template")
     layouts = [records.workload_of(context.mod["main"])[1] for context in contexts]
-    assert sorted(layouts) == sorted({(k.weight_block, k.flat_tile) for k in variants})
+    assert sorted(layouts) == sorted({k.layout for k in variants})
     checked = 0
     for context, layout in zip(contexts, layouts, strict=True):
         if layout[1]:
             spaces = context.generate_design_space()
-            assert len(spaces) == sum((k.weight_block, k.flat_tile) == layout for k in variants)
+            assert len(spaces) == sum(k.layout == layout for k in variants)
             # One per task, the orders in turn: each build takes seconds.
             space = spaces[checked % len(spaces)]
             _check(wl, None, record=records.Tuned("sampled", *layout, space.trace, 1.0, 1, None))
             checked += 1
     assert checked == len({k.f_vectors for k in flat})
+
+
+WINOGRAD_WORKLOADS = {
+    "same, tiles past the edge": ConvWorkload(1, 9, 10, 24, 32, (3, 3), padding="same"),
+    "valid, batch 2": ConvWorkload(2, 8, 7, 16, 16, (3, 3), padding="valid", activation="relu"),
+    "channels not a vector's multiple": ConvWorkload(1, 6, 6, 20, 12, (3, 3), padding="same", activation="elu"),
+    "softmax over the filters": ConvWorkload(1, 5, 5, 16, 24, (3, 3), padding="same", activation="softmax"),
+    "channels_first": ConvWorkload(1, 7, 6, 16, 16, (3, 3), padding="same", data_format="channels_first"),
+    "float64": ConvWorkload(1, 6, 7, 8, 8, (3, 3), padding="same", dtype="float64", use_bias=False),
+}
+WINOGRAD_KNOBS = [
+    cpu.Knobs(lanes=8, f_vectors=2, ow_tile=4, winograd=4),
+    cpu.Knobs(lanes=4, f_vectors=3, ow_tile=5, rc_tile=3, order="filters", winograd=4),  # non-dividing tiles
+    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=3, order="pixels", winograd=2),
+    cpu.Knobs(lanes=1, f_vectors=4, ow_tile=1, winograd=2),  # scalar lanes, a tile of one tile
+]
+
+
+@pytest.mark.parametrize("knobs", WINOGRAD_KNOBS, ids=lambda k: f"F({k.winograd},3) {k.lanes}x{k.f_vectors}x{k.ow_tile}")
+@pytest.mark.parametrize("name", WINOGRAD_WORKLOADS)
+def test_winograd_kernels(name, knobs):
+    _check(WINOGRAD_WORKLOADS[name], knobs)
+
+
+@pytest.mark.parametrize("knobs", [dict(winograd=3), dict(winograd=6), dict(winograd=4, flat=True)])
+def test_unusable_winograd_tiles_are_refused(knobs):
+    with pytest.raises(ValueError, match=r"Knobs\.winograd must be one of 0, 2, 4"):
+        cpu.Knobs(lanes=8, f_vectors=2, ow_tile=4, **knobs)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_matrices_compute_a_correlation(m):
+    """Aᵀ [(G g) ⊙ (Bᵀ d)] is the correlation of m + 2 inputs d with 3 taps g, the identity F(m, 3) rests on."""
+    a, b, g = winograd_matrices(m)
+    assert a.shape == (m + 2, m) and b.shape == (m + 2, m + 2) and g.shape == (m + 2, 3)
+    rng = np.random.default_rng(m)
+    d, taps = rng.standard_normal(m + 2), rng.standard_normal(3)
+    np.testing.assert_allclose(a.T @ ((g @ taps) * (b.T @ d)), np.correlate(d, taps, "valid"), rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_weights_are_transformed_once_when_packed():
+    """pack_weights holds G w Gᵀ per point of the transform, in blocks of filters (zero past the last),
+    computed in float64."""
+    kernel = np.random.default_rng(0).standard_normal((3, 3, 5, 20)).astype(np.float32)
+    g = winograd_matrices(4)[2]
+    packed = pack_weights(kernel, 8, 4)
+    assert packed.shape == (36, 3, 5, 8) and packed.dtype == np.float32
+    points = np.einsum("ea,abcf,gb->egcf", g, kernel.astype(np.float64), g).reshape(36, 5, 20)
+    unpacked = packed.transpose(0, 2, 1, 3).reshape(36, 5, 24)
+    np.testing.assert_allclose(unpacked[..., :20], points, rtol=1e-6, atol=1e-6)
+    assert not unpacked[..., 20:].any()
+
+
+def test_winograd_is_tuned_in_a_task_of_its_own():
+    """Winograd's variants are tasks of their own (one per weight block, as the direct sum's). A program
+    sampled from its design space replays from its trace as a record does, and computes the convolution."""
+    wl = ConvWorkload(1, 10, 10, 16, 32, (3, 3), padding="same")
+    variants = find_rule(HOST).tunable_knobs(wl, HOST)
+    layouts = [records.workload_of(c.mod["main"])[1] for c in tuning.tasks(wl, HOST, "template")]
+    assert sorted(layouts) == sorted({k.layout for k in variants})
+    winograd = [layout for layout in layouts if layout[2]]
+    assert winograd and {layout[2] for layout in winograd} == {4}
+    context = tuning.tasks(wl, HOST, "template")[layouts.index(winograd[-1])]
+    spaces = context.generate_design_space()
+    assert len(spaces) == sum(k.layout == winograd[-1] for k in variants)
+    _check(wl, None, record=records.Tuned("sampled", *winograd[-1], spaces[-1].trace, 1.0, 1, None))
 
 
 def test_window_unrolling_only_for_small_windows():

@@ -114,7 +114,7 @@ def test_weights_are_packed_once_per_change():
     packed = layer.kernel_arguments(x)[1]
     layer(x)
     assert layer.kernel_arguments(x)[1] is packed  # not repacked by a call
-    np.testing.assert_array_equal(packed.numpy(), tvmconv.compute.pack_weights(layer.kernel, compiled.weight_block))
+    np.testing.assert_array_equal(packed.numpy(), compiled.pack(layer.kernel))
     layer.set_weights([w * 2 for w in layer.get_weights()])
     assert layer.kernel_arguments(x)[1] is not packed
     np.testing.assert_allclose(layer(x), 2 * first, rtol=1e-6, atol=1e-6)

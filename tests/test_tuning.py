@@ -80,7 +80,7 @@ def test_another_batch_does_not_reuse_the_batch_1_record(tuned, rng):
     layer.build(x.shape)
     kernel, bias = layer.get_weights()
     y = runtime.aligned_empty(wl.output_shape, np.float32)
-    packed = tvmconv.compute.pack_weights(kernel, compiled.weight_block)
+    packed = compiled.pack(kernel)
     compiled.kernel(x, compiled.kernel.weights([packed, bias]), y)
     np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, padding="same"), rtol=1e-4, atol=1e-4)
 
@@ -186,7 +186,7 @@ def test_auto_space_records_apply(tmp_path, rng):
     x = rng.standard_normal(wl.input_shape).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
     y = runtime.aligned_empty(wl.output_shape, np.float32)
-    packed = tvmconv.compute.pack_weights(kernel, compiled.weight_block)
+    packed = compiled.pack(kernel)
     compiled.kernel(x, compiled.kernel.weights([packed]), y)
     np.testing.assert_allclose(y, reference.conv2d(x, kernel, None), rtol=1e-4, atol=1e-4)
 
@@ -324,7 +324,7 @@ def test_a_flat_tile_record_is_found_and_applied_and_a_forged_layout_skipped(tmp
                                                               ms.arg_info.ArgInfo.from_entry_func(mod)))
     tuned, messages = _messages(lambda: records.best(wl, HOST, [str(tmp_path)], keep_slower=True))
     assert any("skipped 1 records" in m for m in messages), messages
-    assert (tuned.weight_block, tuned.flat_tile) == layout
+    assert tuned.layout == layout
     assert check_kernel(wl, record=tuned).schedule == "tuning record"
 
 
@@ -549,7 +549,7 @@ def test_a_new_cpu_starts_from_what_another_cpu_of_its_isa_measured(tmp_path, rn
     x = rng.standard_normal(WL.input_shape).astype(np.float32)
     kernel, bias = rng.standard_normal(WL.weights_shape).astype(np.float32), np.zeros(16, np.float32)
     y = runtime.aligned_empty(WL.output_shape, np.float32)
-    compiled.kernel(x, compiled.kernel.weights([tvmconv.compute.pack_weights(kernel, compiled.weight_block), bias]), y)
+    compiled.kernel(x, compiled.kernel.weights([compiled.pack(kernel), bias]), y)
     np.testing.assert_allclose(y, reference.conv2d(x, kernel, None, padding="same"), rtol=1e-4, atol=1e-4)
 
 
@@ -566,10 +566,10 @@ def test_the_first_round_measures_the_defaults_and_their_neighbours(wl, tmp_path
     the log."""
     rule = tvmconv.schedules.find_rule(HOST)
     defaults = rule.default_knobs(wl, HOST)
-    func = wl.prim_func(defaults.weight_block, defaults.flat_tile)
+    func = wl.prim_func(*defaults.layout)
     context, traces = tuning.neighbourhood(wl, HOST, tuning.tasks(wl, HOST, "template"))
-    assert records.workload_of(context.mod["main"])[1] == (defaults.weight_block, defaults.flat_tile)
-    tuned = records.Tuned("defaults", defaults.weight_block, defaults.flat_tile, traces[0], 1.0, 1, None)
+    assert records.workload_of(context.mod["main"])[1] == defaults.layout
+    tuned = records.Tuned("defaults", *defaults.layout, traces[0], 1.0, 1, None)
     assert records.apply(tuned, func).mod["main"].script() == build.scheduled(wl, HOST, rule, defaults).script()
 
     def decisions(trace):

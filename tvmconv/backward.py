@@ -257,7 +257,7 @@ class GradientKernel:
     def compute(self):
         raise NotImplementedError
 
-    def prim_func(self, weight_block: int = 0, flat_tile: int = 0):
+    def prim_func(self, weight_block: int = 0, flat_tile: int = 0, winograd: int = 0):
         return _gradient_prim_func(self)
 
     def stand_ins(self) -> list[tuple["GradientKernel", None]]:

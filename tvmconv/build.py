@@ -28,10 +28,12 @@ import typing
 import warnings
 
 import filelock
+import numpy as np
 import tvm
 from tvm import s_tir
 
 from . import records, runtime, schedules, targets, timing
+from .compute import pack_weights
 
 
 @dataclasses.dataclass
@@ -40,12 +42,21 @@ class CompiledKernel:
     target_key: str
     schedule: str   # the schedules/ rule that produced it ("x86", "arm", "cuda", "cpu"), or "tuning record"
     knobs: object   # the rule's knob values (None: a tuning record, or a schedule without knobs)
-    weight_block: int  # filters per block of the packed weights it reads (0: Keras's layout)
+    layout: tuple[int, int, int]  # the PrimFunc's layout (weight block, flat tile, Winograd tile): prim_func(*layout)
     origin: str     # "compiled", "disk cache" or "memory cache"
     library: str    # the shared library in the kernel cache
     kernel: runtime.Kernel | None  # loaded here, when this host can run the target's code
     device_code: str | None = None  # GPU targets: the fatbin nvcc built, beside the library
     tuning: records.Tuned | None = None  # the tuning record it was built from (None: the rule's schedule)
+
+    @property
+    def weight_block(self) -> int:
+        """Filters per block of the packed weights it reads (0: Keras's layout)."""
+        return self.layout[0]
+
+    def pack(self, weights: np.ndarray) -> np.ndarray:
+        """A convolution's weights (Keras's layout) as this kernel reads them (compute.pack_weights)."""
+        return pack_weights(weights, self.layout[0], self.layout[2])
 
     def time_evaluator(self, number: int = 10, repeat: int = 20, min_repeat_ms: int = 0):
         """TVM's time evaluator for this kernel on this machine's CPU or GPU: call it with
@@ -167,14 +178,15 @@ def device_code(module, target: tvm.target.Target) -> bytes:
             arch=["-gencode", f"arch=compute_{version},code=[sm_{version},compute_{version}]"]))
 
 
-def weight_block(knobs) -> int:
-    """The packed weight layout that knobs read; 0 (Keras's layout) for a schedule without knobs."""
-    return 0 if knobs is None else knobs.weight_block
+def layout(knobs) -> tuple[int, int, int]:
+    """The PrimFunc layout that knobs schedule (compute's prim_func arguments); Keras's weights and the direct
+    sum for a schedule without knobs."""
+    return (0, 0, 0) if knobs is None else knobs.layout
 
 
 def scheduled(workload, target: tvm.target.Target, rule, knobs):
     """The PrimFunc of `workload` scheduled by a schedules/ rule with these knobs."""
-    sch = s_tir.Schedule(workload.prim_func(weight_block(knobs), 0 if knobs is None else knobs.flat_tile))
+    sch = s_tir.Schedule(workload.prim_func(*layout(knobs)))
     rule.schedule(workload, sch, target, knobs)
     return sch.mod["main"]
 
@@ -198,7 +210,7 @@ def _scheduled_choice(workload, target: tvm.target.Target, rule, knobs, tuned) -
     workload gives way to the rule's default schedule."""
     if tuned is not None:
         try:
-            func = workload.prim_func(tuned.weight_block, tuned.flat_tile)
+            func = workload.prim_func(*tuned.layout)
             return records.apply(tuned, func).mod["main"], None, tuned
         except Exception as err:  # e.g. a batch-1 trace whose tile sizes do not fit this batch
             warnings.warn(f"tvmconv: the tuning record in {tuned.folder} does not apply to this workload ({err}); "
@@ -282,7 +294,7 @@ def get_kernel(workload, target: tvm.target.Target, knobs=None, log_roots=None,
         rule, knobs, tuned = _choice(workload, target, knobs, record, log_roots)
         # Kept under the choice, so a record that falls back to the defaults is replayed (and reported) once.
         # A trace replays on the PrimFunc of its layout: the same trace on another layout is another kernel.
-        choice = (workload.key, key, knobs, tuned and (tuned.weight_block, tuned.flat_tile, str(tuned.trace)))
+        choice = (workload.key, key, knobs, tuned and (tuned.layout, str(tuned.trace)))
         cached = _memory.get(choice)
         if cached is not None:
             # The same program may come from another record (another folder): report the one asked for.
@@ -294,7 +306,7 @@ def get_kernel(workload, target: tvm.target.Target, knobs=None, log_roots=None,
         # Loaded from the library in both cases: what runs is what the cache holds.
         kernel = _loaded(library, gpu_code) if targets.runnable_here(target) else None
         compiled = CompiledKernel(workload, key, "tuning record" if tuned else rule.name, knobs,
-                                  tuned.weight_block if tuned else weight_block(knobs), origin, library, kernel,
+                                  tuned.layout if tuned else layout(knobs), origin, library, kernel,
                                   gpu_code, tuned)
         _memory[choice] = compiled
         return compiled

@@ -76,13 +76,13 @@ def export(model_or_layer, input_shape, path: str, target="host", sign=None) -> 
     functions, weights, layers = {}, {}, []
     for i, call in enumerate(calls):
         function, knobs, tuned = build.scheduled_function(call.workload, target)
-        weight_block = tuned.weight_block if tuned else build.weight_block(knobs)
+        block, _, winograd = tuned.layout if tuned else build.layout(knobs)
         symbol = f"layer_{i}"
         functions[symbol] = function.with_attr("global_symbol", symbol)
         bias, dtype = call.layer.bias, call.workload.dtype
         # "<symbol>.kernel": Keras's name for the convolution's weights (bundles keep it).
         names = [f"{symbol}.kernel"] + ([f"{symbol}.bias"] if bias is not None else [])
-        weights[names[0]] = pack_weights(call.layer.kernel.astype(dtype), weight_block)
+        weights[names[0]] = pack_weights(call.layer.kernel.astype(dtype), block, winograd)
         if bias is not None:
             weights[names[1]] = bias.astype(dtype)
         layers.append({"name": call.layer.name, "function": symbol, "reads": call.source, "weights": names,

@@ -9,9 +9,10 @@ Every compiled workload, a forward convolution (`ConvWorkload`) or a gradient ke
   key          a stable identity (cache file names, tuning logs);
   label        a short readable description;
   flops        the work it does, for GFLOP/s figures;
-  prim_func(weight_block, flat_tile)  the unscheduled PrimFunc (weights packed in blocks of `weight_block`
-               filters, 0: Keras's layout; the conv stage's pixels as one axis in tiles of `flat_tile`, 0:
-               rows and columns; kernels without weights ignore both), built once per workload and layout;
+  prim_func(weight_block, flat_tile, winograd)  the unscheduled PrimFunc (weights packed in blocks of
+               `weight_block` filters, 0: Keras's layout; the conv stage's pixels as one axis in tiles of
+               `flat_tile`, 0: rows and columns; Winograd F(`winograd`, 3), 0: the direct sum; kernels
+               without weights ignore all three), built once per workload and layout;
   stand_ins()  the workloads whose tuning records may serve it, closest first, itself first.
 How a workload is scheduled by default is its schedule rule's business (schedules/).
 
@@ -29,6 +30,7 @@ import re
 import numpy as np
 import tvm.script
 from tvm import te, tirx
+from tvm.topi.nn import winograd_util
 
 # ---------------------------------------------------------------- shape arithmetic (one helper)
 
@@ -206,8 +208,27 @@ class ConvWorkload:
         """A stable identity (a hash of `fields()`), used in cache file names and tuning logs."""
         return "conv2d-" + hashlib.sha256(repr(tuple(self.fields().values())).encode()).hexdigest()[:16]
 
-    def prim_func(self, weight_block: int = 0, flat_tile: int = 0):
-        return conv2d_forward(self, weight_block, flat_tile)
+    def prim_func(self, weight_block: int = 0, flat_tile: int = 0, winograd: int = 0):
+        return conv2d_forward(self, weight_block, flat_tile, winograd)
+
+    @property
+    def winograd_applies(self) -> bool:
+        """Whether Winograd F(m, 3) computes this convolution (`conv2d_forward`): 3x3, stride 1, undilated,
+        ungrouped."""
+        return (self.kernel_size == (3, 3) and self.strides == (1, 1) and self.dilation == (1, 1)
+                and self.groups == 1)
+
+    def winograd_tiles(self, m: int) -> tuple[int, int]:
+        """Rows and columns of output tiles of m x m pixels per image (the last ones cropped)."""
+        return -(-self.out_height // m), -(-self.out_width // m)
+
+    def winograd_gemm(self, m: int) -> "ConvWorkload":
+        """The batched product at the heart of Winograd F(m, 3) as the 1x1 convolution whose loops it has:
+        one "image" per point of the (m + 2)^2 transform, one "pixel" per tile, the channels reduced. Its
+        register tiles are chosen and tuned as that convolution's (schedules/cpu.py)."""
+        rows, columns = self.winograd_tiles(m)
+        return ConvWorkload((m + 2) ** 2, 1, self.batch * rows * columns, self.in_channels, self.filters, (1, 1),
+                            dtype=self.dtype, use_bias=False)
 
     def stand_ins(self) -> list[tuple["ConvWorkload", str | None]]:
         """This workload, then those whose records may stand in for it, closest first, each with how it
@@ -357,23 +378,41 @@ LAST_AXIS_ACTIVATIONS = {
 # ---------------------------------------------------------------- forward compute
 
 
-def packed_weights_shape(wl: ConvWorkload, block: int) -> tuple:
+def packed_weights_shape(wl: ConvWorkload, block: int, winograd: int = 0) -> tuple:
     """The weights in blocks of `block` filters: (ceil(filters / block), kh, kw, in_channels // groups, block),
-    so one register tile's weights are contiguous. block == 0 means Keras's layout."""
+    so one register tile's weights are contiguous; with `winograd` = m, transformed for F(m, 3):
+    ((m + 2)^2, ceil(filters / block), in_channels, block). block == 0 means Keras's layout."""
+    if winograd:
+        return ((winograd + 2) ** 2, -(-wl.filters // block), wl.in_channels, block)
     if not block:
         return wl.weights_shape
     return (-(-wl.filters // block), *wl.kernel_size, wl.group_in_channels, block)
 
 
-def pack_weights(weights: np.ndarray, block: int) -> np.ndarray:
-    """Keras's (kh, kw, cin/groups, filters) weights → `packed_weights_shape` (zero-filled past `filters`)."""
+def winograd_matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ((m + 2) x m), B ((m + 2) x (m + 2)) and G ((m + 2) x 3) of Winograd F(m, 3), from TVM's
+    Cook-Toom construction (the interpolation points topi's Winograd uses): y = Aᵀ [(G w Gᵀ) ⊙ (Bᵀ d B)] A."""
+    points = winograd_util._interpolation_points(m + 2)
+    return tuple(np.asarray(a, np.float64) for a in winograd_util._cook_toom_convolution(points, m, 3))
+
+
+def pack_weights(weights: np.ndarray, block: int, winograd: int = 0) -> np.ndarray:
+    """Keras's (kh, kw, cin/groups, filters) weights → `packed_weights_shape` (zero-filled past `filters`).
+    Winograd's transform G w Gᵀ is done here, once per weight change, in float64."""
+    if winograd:
+        g = winograd_matrices(winograd)[2]
+        points = np.einsum("ea,abcf,gb->egcf", g, weights.astype(np.float64), g)
+        weights = points.reshape(1, -1, *weights.shape[2:]).astype(weights.dtype)  # as a 1 x alpha^2 "kernel"
     if not block:
         return weights
     kh, kw, cg, filters = weights.shape
     blocks = -(-filters // block)
     padded = np.zeros((kh, kw, cg, blocks * block), dtype=weights.dtype)
     padded[..., :filters] = weights
-    return np.ascontiguousarray(padded.reshape(kh, kw, cg, blocks, block).transpose(3, 0, 1, 2, 4))
+    packed = padded.reshape(kh, kw, cg, blocks, block).transpose(3, 0, 1, 2, 4)
+    if winograd:  # (blocks, 1, alpha^2, cin, block) -> (alpha^2, blocks, cin, block)
+        packed = packed[:, 0].transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(packed)
 
 
 # The PrimFunc's attribute holding its ConvWorkload's fields (for a gradient kernel: its layer's).
@@ -384,10 +423,12 @@ WEIGHT_BLOCK_ATTR = "tvmconv.kernel_block"
 # The PrimFunc's attribute naming its flat tile, only where it has one: records of PrimFuncs without one
 # (those tuned before flat tiles were tunable) keep matching.
 FLAT_TILE_ATTR = "tvmconv.flat_tile"
+# The PrimFunc's attribute naming its Winograd tile, only where it has one (as the flat tile's).
+WINOGRAD_ATTR = "tvmconv.winograd"
 
 
 @functools.lru_cache(maxsize=512)
-def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0):
+def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0, winograd: int = 0):
     """The forward PrimFunc with arguments (x, weights[, bias], y), x and y in the workload's layout.
     Built once per workload and layout (PrimFuncs are immutable): builds, record lookups and tuning share it.
 
@@ -399,20 +440,60 @@ def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0):
                    rounded up to a multiple of flat_tile. Its last pixels repeat the last real one,
                    so that tiles of flat_tile pixels need no bound checks (see schedules/cpu.py).
       "epilogue" — bias + activation + cast, written in the workload's layout.
+    With winograd = m > 0 (`ConvWorkload.winograd_applies`; weight_block > 0), Winograd F(m, 3) instead,
+    (m + 2)^2 = alpha^2 products per tile of m x m output pixels where the direct sum takes 9 m^2:
+      "winograd_rows", "winograd_input" — the input transform Bᵀ d B of each tile's (m + 2)^2 window
+                   (zero outside the image), rows then columns: (alpha, alpha, tiles, in_channels);
+      "conv"     — per point of the transform, tiles x in_channels times in_channels x filters, with
+                   the loops of `ConvWorkload.winograd_gemm`'s conv stage: (alpha^2, 1, tiles, filters);
+      "winograd_output" — the output transform's first half, its second read by "epilogue".
     """
+    acc = wl.accum_dtype
+    x = te.placeholder(wl.input_shape, wl.dtype, name="x")
+    w = te.placeholder(packed_weights_shape(wl, weight_block, winograd), wl.dtype, name="weights")
+    b = te.placeholder((wl.filters,), wl.dtype, name="bias") if wl.use_bias else None
+
+    def input_at(n, h, ww, c):
+        return x[n, h, ww, c] if wl.channels_last else x[n, c, h, ww]
+
+    if winograd:
+        conv_at = _winograd_conv(wl, winograd, input_at, w)
+    else:
+        conv_at = _direct_conv(wl, weight_block, flat_tile, x, input_at, w)
+
+    def biased(n, oh, ow, f):
+        value = conv_at(n, oh, ow, f)
+        return value + b[f].astype(acc) if b is not None else value
+
+    def in_layout(value):  # index the workload's layout, read the channels-last conv
+        if wl.channels_last:
+            return value
+        return lambda n, f, oh, ow: value(n, oh, ow, f)
+
+    out_shape = wl.conv_output_shape
+    if wl.activation in LAST_AXIS_ACTIVATIONS:
+        z = te.compute(out_shape, in_layout(biased), name="epilogue")
+        activated = LAST_AXIS_ACTIVATIONS[wl.activation](z)
+        y = te.compute(activated.shape, lambda *i: activated[i].astype(wl.dtype), name="output")
+    else:
+        act = ELEMENTWISE_ACTIVATIONS[wl.activation]
+        y = te.compute(out_shape, in_layout(lambda *i: act(biased(*i)).astype(wl.dtype)), name="epilogue")
+    args = [x, w] + ([b] if b is not None else []) + [y]
+    # The workload and weight layout ride along as attributes: tuning logs name what they tuned.
+    layout = {WEIGHT_BLOCK_ATTR: weight_block, **({FLAT_TILE_ATTR: flat_tile} if flat_tile else {}),
+              **({WINOGRAD_ATTR: winograd} if winograd else {})}
+    func = te.create_prim_func(args).with_attr({WORKLOAD_ATTR: json.dumps(wl.fields()), **layout})
+    return read_unaligned(func)
+
+
+def _direct_conv(wl: ConvWorkload, weight_block: int, flat_tile: int, x, input_at, w):
+    """The direct sum's "data_pad" and "conv" stages; returns conv_at(n, oh, ow, f), reading "conv"."""
     kh, kw = wl.kernel_size
     sh, sw = wl.strides
     dh, dw = wl.dilation
     top, left, bottom, right = wl.pads
     cg, fg = wl.group_in_channels, wl.filters // wl.groups
     acc = wl.accum_dtype
-    x = te.placeholder(wl.input_shape, wl.dtype, name="x")
-    w = te.placeholder(packed_weights_shape(wl, weight_block), wl.dtype, name="weights")
-    b = te.placeholder((wl.filters,), wl.dtype, name="bias") if wl.use_bias else None
-
-    def input_at(n, h, ww, c):
-        return x[n, h, ww, c] if wl.channels_last else x[n, c, h, ww]
-
     if not wl.has_data_pad:
         data = x
     else:
@@ -440,40 +521,72 @@ def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0):
 
         def conv_at(n, oh, ow, f):
             return conv(n, oh, ow, f)  # a call, not [], gives an expression with a dtype
-    else:
-        oh_ow = wl.out_height * wl.out_width
-        pixels = wl.batch * oh_ow
+        return conv_at
+    oh_ow = wl.out_height * wl.out_width
+    pixels = wl.batch * oh_ow
 
-        def flat_sum(p, f):
-            last = tirx.min(p, pixels - 1) if pixels % flat_tile else p
-            return window_sum(last // oh_ow, last % oh_ow // wl.out_width, last % wl.out_width, f)
-        conv = te.compute((-(-pixels // flat_tile) * flat_tile, wl.filters), flat_sum, name="conv")
+    def flat_sum(p, f):
+        last = tirx.min(p, pixels - 1) if pixels % flat_tile else p
+        return window_sum(last // oh_ow, last % oh_ow // wl.out_width, last % wl.out_width, f)
+    conv = te.compute((-(-pixels // flat_tile) * flat_tile, wl.filters), flat_sum, name="conv")
 
-        def conv_at(n, oh, ow, f):
-            return conv(n * oh_ow + oh * wl.out_width + ow, f)
+    def flat_at(n, oh, ow, f):
+        return conv(n * oh_ow + oh * wl.out_width + ow, f)
+    return flat_at
 
-    def biased(n, oh, ow, f):
-        value = conv_at(n, oh, ow, f)
-        return value + b[f].astype(acc) if b is not None else value
 
-    def in_layout(value):  # index the workload's layout, read the channels-last conv
-        if wl.channels_last:
-            return value
-        return lambda n, f, oh, ow: value(n, oh, ow, f)
+def _weighted_sum(terms):
+    """sum(coefficient * value) for Python-number coefficients: zeros dropped, ±1 without a multiply (the
+    transforms' matrices are mostly 0 and ±1, and LLVM does not fold float multiplies by them)."""
+    total = None
+    for coefficient, value in terms:
+        if coefficient:
+            term = value if coefficient == 1 else -value if coefficient == -1 else value * float(coefficient)
+            total = term if total is None else total + term
+    return total
 
-    out_shape = wl.conv_output_shape
-    if wl.activation in LAST_AXIS_ACTIVATIONS:
-        z = te.compute(out_shape, in_layout(biased), name="epilogue")
-        activated = LAST_AXIS_ACTIVATIONS[wl.activation](z)
-        y = te.compute(activated.shape, lambda *i: activated[i].astype(wl.dtype), name="output")
-    else:
-        act = ELEMENTWISE_ACTIVATIONS[wl.activation]
-        y = te.compute(out_shape, in_layout(lambda *i: act(biased(*i)).astype(wl.dtype)), name="epilogue")
-    args = [x, w] + ([b] if b is not None else []) + [y]
-    # The workload and weight layout ride along as attributes: tuning logs name what they tuned.
-    layout = {WEIGHT_BLOCK_ATTR: weight_block, **({FLAT_TILE_ATTR: flat_tile} if flat_tile else {})}
-    func = te.create_prim_func(args).with_attr({WORKLOAD_ATTR: json.dumps(wl.fields()), **layout})
-    return read_unaligned(func)
+
+def _select(index, count: int, expr_for):
+    """expr_for(i) where index == i, for i < count: each copy of an unrolled loop over `index` folds to one."""
+    expr = expr_for(count - 1)
+    for i in range(count - 2, -1, -1):
+        expr = tirx.Select(index == i, expr_for(i), expr)
+    return expr
+
+
+def _winograd_conv(wl: ConvWorkload, m: int, input_at, w):
+    """Winograd F(m, 3)'s stages up to the output transform's first half (see conv2d_forward); returns
+    conv_at(n, oh, ow, f), its second half. The weights are G w Gᵀ, packed (`pack_weights`)."""
+    a, b, _ = winograd_matrices(m)
+    alpha, acc, block = m + 2, wl.accum_dtype, w.shape[-1]
+    rows, columns = wl.winograd_tiles(m)
+    tiles = wl.batch * rows * columns
+    top, left = wl.pads[:2]
+
+    def window(p, i, j, c):  # a tile's input window, zero outside the image
+        n, t = p // (rows * columns), p % (rows * columns)
+        h, ww = (t // columns) * m + i - top, (t % columns) * m + j - left
+        inside = tirx.all(h >= 0, h < wl.in_height, ww >= 0, ww < wl.in_width)
+        return tirx.if_then_else(inside, input_at(n, h, ww, c).astype(acc), tirx.const(0, acc))
+    by_rows = te.compute((tiles, alpha, alpha, wl.in_channels), lambda p, i, nu, c: _select(
+        nu, alpha, lambda k: _weighted_sum((b[j, k], window(p, i, j, c)) for j in range(alpha))), name="winograd_rows")
+    data = te.compute((alpha, alpha, tiles, wl.in_channels), lambda eps, nu, p, c: _select(
+        eps, alpha, lambda k: _weighted_sum((b[i, k], by_rows[p, i, nu, c]) for i in range(alpha))),
+        name="winograd_input")
+    rh, rw, rc = te.reduce_axis((0, 1), "rh"), te.reduce_axis((0, 1), "rw"), te.reduce_axis((0, wl.in_channels), "rc")
+    # The loops of winograd_gemm's conv stage (image = point of the transform, one row, pixel = tile); the
+    # 1x1 window's axes multiply nothing but keep the stage's shape, which the schedule reads.
+    conv = te.compute((alpha * alpha, 1, tiles, wl.filters), lambda g, o, p, f: te.sum(
+        data[g // alpha, g % alpha, p + rh + rw + o, rc] * w[g, f // block, rc, f % block].astype(acc),
+        axis=[rh, rw, rc]), name="conv")
+    half = te.compute((tiles, alpha, m, wl.filters), lambda p, i, jj, f: _select(
+        jj, m, lambda q: _weighted_sum((a[j, q], conv[i * alpha + j, 0, p, f]) for j in range(alpha))),
+        name="winograd_output")
+
+    def conv_at(n, oh, ow, f):
+        p = n * rows * columns + (oh // m) * columns + ow // m
+        return _select(oh % m, m, lambda q: _weighted_sum((a[i, q], half[p, i, ow % m, f]) for i in range(alpha)))
+    return conv_at
 
 
 def read_unaligned(func, names: tuple[str, ...] = ("x",)):

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from . import backward, build, rpc_devices, runtime, targets
-from .compute import ConvWorkload, pack_weights
+from .compute import ConvWorkload
 
 
 class Engine:
@@ -61,11 +61,11 @@ class Engine:
             return compiled.kernel
         return rpc_devices.remote_kernel(rpc_devices.connect(self.remote), compiled.library)
 
-    def _device_weights(self, use, block: int, runner, make) -> list:
+    def _device_weights(self, use, layout: tuple, runner, make) -> list:
         """Weights as a kernel reads them where `runner` runs it: made by `make()` once per weight change,
         use (forward, a dx phase, ...), packed layout and device."""
         cache = self._packed
-        key = (use, block, runner.device)
+        key = (use, layout, runner.device)
         weights = cache.get(key)
         if weights is None:
             weights = cache[key] = runner.weights(make())
@@ -75,9 +75,9 @@ class Engine:
         weights, bias = self._weights
 
         def packed():
-            return [pack_weights(weights.astype(wl.dtype), compiled.weight_block)] + (
+            return [compiled.pack(weights.astype(wl.dtype))] + (
                 [] if bias is None else [bias.astype(wl.dtype)])
-        return self._device_weights("forward", compiled.weight_block, runner, packed)
+        return self._device_weights("forward", compiled.layout, runner, packed)
 
     def _prepared(self, wl: ConvWorkload) -> tuple:
         """(runner, its weights) for a forward call of `wl`."""
@@ -170,9 +170,9 @@ class Engine:
         for i, phase in enumerate(phases):
             compiled = self.kernel(phase.workload)
 
-            def transposed(phase=phase, block=compiled.weight_block):
-                return [pack_weights(np.ascontiguousarray(phase.weights(weights.astype(wl.dtype), wl.groups)), block)]
-            phase_weights = self._device_weights(("dx phase", i), compiled.weight_block, compiled.kernel, transposed)
+            def transposed(phase=phase, compiled=compiled):
+                return [compiled.pack(np.ascontiguousarray(phase.weights(weights.astype(wl.dtype), wl.groups)))]
+            phase_weights = self._device_weights(("dx phase", i), compiled.layout, compiled.kernel, transposed)
             out = dx if direct else runtime.aligned_empty(phase.workload.output_shape, wl.dtype)
             compiled.kernel(phase.output_gradient(dz), phase_weights, out, self.threads)
             if not direct:
@@ -199,6 +199,6 @@ class Engine:
             image = runtime.aligned_empty(compiled.workload.input_shape, wl.dtype)
             self._run(backward.WeightGradientImage(wl), x, out=image)
         out = runtime.aligned_empty(compiled.workload.output_shape, wl.dtype)
-        packed = pack_weights(np.ascontiguousarray(weights), compiled.weight_block)
+        packed = compiled.pack(np.ascontiguousarray(weights))
         compiled.kernel(image, compiled.kernel.weights([packed]), out, self.threads)  # x in place, or copied once
         return backward.weight_gradient_from_output(wl, out)

@@ -197,8 +197,7 @@ class Conv2D:
         if isinstance(inputs, KerasTensor):
             return self._symbolic_call(inputs)
         x, wl = self._input(inputs, gpu=True)
-        if self._on_gpu and isinstance(x, GpuTensor) and (callable(self.activation)
-                                                           or self.activity_regularizer is not None):
+        if isinstance(x, GpuTensor) and (callable(self.activation) or self.activity_regularizer is not None):
             raise TypeError(f"Layer '{self.name}' applies its callable activation or activity regularizer to numpy "
                             "arrays: pass the input as a numpy array, not as a tensor on the GPU")
         if wl is None:  # an empty batch has an empty answer; nothing to compile

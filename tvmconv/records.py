@@ -38,7 +38,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import schedules, targets, tuning_logs  # tuning_logs: the shipped records (package data)
 from .backward import GRADIENT_ATTR, GRADIENT_KERNELS, GradientKernel
-from .compute import FLAT_TILE_ATTR, WEIGHT_BLOCK_ATTR, WORKLOAD_ATTR, ConvWorkload
+from .compute import FLAT_TILE_ATTR, WEIGHT_BLOCK_ATTR, WINOGRAD_ATTR, WORKLOAD_ATTR, ConvWorkload
 
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
@@ -199,19 +199,19 @@ class Log(ms.database.PyDatabase):
         os.replace(staging, self.files[1])
 
 
-def workload_of(func) -> tuple[ConvWorkload | GradientKernel, tuple[int, int]] | None:
+def workload_of(func) -> tuple[ConvWorkload | GradientKernel, tuple[int, int, int]] | None:
     """What a PrimFunc (a record's, a task's) computes, read from its attributes (compute.conv2d_forward,
-    backward.GradientKernel): the workload and the PrimFunc's layout, (weight block, flat tile) as
-    `prim_func` takes them (None: not a tvmconv workload)."""
+    backward.GradientKernel): the workload and the PrimFunc's layout, (weight block, flat tile, Winograd
+    tile) as `prim_func` takes them (None: not a tvmconv workload)."""
     attrs = func.attrs
     if attrs is None or WORKLOAD_ATTR not in attrs:
         return None
     wl = ConvWorkload.from_fields(json.loads(str(attrs[WORKLOAD_ATTR])))
     if GRADIENT_ATTR in attrs:
-        return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), (0, 0)
-    layout = (int(attrs[WEIGHT_BLOCK_ATTR]), int(attrs.get(FLAT_TILE_ATTR, 0)))
+        return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), (0, 0, 0)
+    layout = (int(attrs[WEIGHT_BLOCK_ATTR]), int(attrs.get(FLAT_TILE_ATTR, 0)), int(attrs.get(WINOGRAD_ATTR, 0)))
     if min(layout) < 0:  # the log is read, not trusted
-        raise ValueError(f"a record's weight block and flat tile must not be negative, got {layout}")
+        raise ValueError(f"a record's weight block, flat tile and Winograd tile must not be negative, got {layout}")
     return wl, layout
 
 
@@ -278,10 +278,16 @@ class Tuned:
     folder: str          # the log folder (root/target key) it came from
     weight_block: int    # the packed weight layout of the tuned PrimFunc
     flat_tile: int       # its conv stage's flat tile (0: rows and columns), as compute.conv2d_forward takes it
+    winograd: int        # its Winograd tile (0: the direct sum), likewise
     trace: object        # the schedule, as a MetaSchedule trace
     seconds: float       # its time as the tuner measured it
     trials: int          # trials run for this workload in that folder
     reused: str | None   # how the tuned workload differs from this one, when it stands in (see best)
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """The PrimFunc its trace replays on: workload.prim_func(*layout)."""
+        return self.weight_block, self.flat_tile, self.winograd
 
     def __str__(self) -> str:
         reused = f", the record of the same conv with {self.reused}" if self.reused else ""

@@ -44,6 +44,7 @@ from tvm.s_tir import meta_schedule as ms
 from . import backward, build, records, schedules, targets, timing, tuning
 from .compute import ConvWorkload
 
+LAYOUT_FIELDS = ("weight_block", "flat_tile", "winograd")  # a candidate's PrimFunc layout, as prim_func takes it
 ROUND_CANDIDATES = 256  # a round's candidates, shared by the workloads by the trials they still need
 COST_MODEL_FILE = "cost_model.tar"  # the XGBoost model and its training data, beside the database
 # How far a candidate's output may be from its workload's default schedule's, relative to the largest
@@ -224,7 +225,7 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
     if not any(shares):
         return None
     rule = schedules.find_rule(target)
-    # What to build: per kernel (workload index, its PrimFunc's layout (weight block, flat tile), the
+    # What to build: per kernel (workload index, its PrimFunc's layout (weight block, flat tile, Winograd tile), the
     # candidate's trace in JSON or None for a reference, whether a reference is the default schedule), and its
     # builder input.
     kernels, inputs = [], []
@@ -232,7 +233,7 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
         if not share:
             continue
         contexts = tuning.tasks(wl, target, space)
-        blocks = set()
+        arguments = set()
         # A workload's first round: the defaults and their neighbours (tvmconv.tuning.first_round), as `tune`
         # measures them; the search fills the rest of its share.
         first_context, first = (tuning.first_round(wl, target, contexts, share) if not trials and space != "auto"
@@ -247,15 +248,15 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
             for candidate in nearby + (_propose(context, count, database, cost_model, measured) if count else []):
                 kernels.append((index, layout, _trace_json(candidate.sch.trace), False))
                 inputs.append(ms.builder.BuilderInput(candidate.sch.mod, target))
-                blocks.add(layout[0])
-        # The references, one per weight layout: the default schedule, and for another layout the rule's
-        # variant that reads it, tile sizes at their defaults (their inputs are random in that layout; a flat
-        # tile changes no argument).
+                arguments.add(_arguments_layout(layout))
+        # The references, one per layout of the arguments: the default schedule, and for another layout the
+        # rule's variant that reads it, tile sizes at their defaults (their inputs are random in that layout;
+        # a flat tile changes no argument).
         default = rule.default_knobs(wl, target)
-        variants = {k.weight_block: k for k in reversed(rule.tunable_knobs(wl, target))}
-        for block in sorted(blocks | {build.weight_block(default)}):
-            knobs = default if build.weight_block(default) == block else variants[block]
-            kernels.append((index, (block, 0 if knobs is None else knobs.flat_tile), None, knobs == default))
+        variants = {_arguments_layout(k.layout): k for k in reversed(rule.tunable_knobs(wl, target))}
+        for weights in sorted(arguments | {_arguments_layout(build.layout(default))}):
+            knobs = default if _arguments_layout(build.layout(default)) == weights else variants[weights]
+            kernels.append((index, build.layout(knobs), None, knobs == default))
             inputs.append(ms.builder.BuilderInput(tvm.IRModule({"main": build.scheduled(wl, target, rule, knobs)}),
                                                   target))
     spec = _round_spec(plan, target, directory, space, size, number, kernels, inputs,
@@ -268,6 +269,12 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
                         sum(1 for s in shares if s))
 
 
+def _arguments_layout(layout: tuple[int, int, int]) -> tuple[int, int]:
+    """What of a PrimFunc's layout its arguments show: the weights' (block, Winograd tile); a flat tile
+    changes none."""
+    return layout[0], layout[2]
+
+
 def _round_spec(plan, target, directory, space, size, number, kernels, inputs, built) -> dict:
     """ROUND_FILE's content, the built libraries moved into the round's folder (the old round's removed)."""
     kernels_dir = os.path.join(directory, timing.KERNELS)
@@ -277,12 +284,13 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
     # References first: the timing checks each candidate's output against its reference's.
     order = sorted(range(len(kernels)), key=lambda n: kernels[n][2] is not None)
     for n in order:
-        (index, (block, flat_tile), trace, is_default), result = kernels[n], built[n]
+        (index, (block, flat_tile, winograd), trace, is_default), result = kernels[n], built[n]
+        weights = (block, winograd)
         wl = plan[index][0]
         if result.error_msg:
             if trace is None:
                 raise RuntimeError(f"the default schedule of {wl.label} did not build:\n{result.error_msg}")
-            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile,
+            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "winograd": winograd,
                                "trace": trace, "error": result.error_msg.strip()[-2000:]})
             continue
         kernel_id = f"{n:04d}"
@@ -294,14 +302,14 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
             shutil.move(result.artifact_path[:-3] + ".fatbin", os.path.join(kernels_dir, device_code))
         shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
         entries.append({"id": kernel_id, "library": library, "device_code": device_code,
-                        "arguments": _arguments(inputs[n].mod["main"]), "seed": zlib.crc32(f"{wl.key}-{block}".encode()),
-                        "reference": references.get((index, block)), "tolerance": _tolerance(wl)})
+                        "arguments": _arguments(inputs[n].mod["main"]), "seed": zlib.crc32(f"{wl.key}-{block}{f'-w{winograd}' if winograd else ''}".encode()),
+                        "reference": references.get((index, weights)), "tolerance": _tolerance(wl)})
         if trace is None:
-            references[(index, block)] = kernel_id
+            references[(index, weights)] = kernel_id
             if is_default:
                 defaults[str(index)] = kernel_id
         else:
-            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile,
+            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "winograd": winograd,
                                "kernel": kernel_id, "trace": trace})
     return {"format": timing.ROUND_FORMAT, "token": secrets.token_hex(8), "round": number, "space": space,
             "size": size, "target": json.loads(str(target)), "target_key": targets.target_key(target),
@@ -350,7 +358,7 @@ def _plan_and_candidates(spec: dict, path: str) -> tuple:
                  and all(isinstance(kernel, str) for kernel in defaults.values())
                  and all(type(trials) is int and trials > 0 for _, trials in plan) and isinstance(candidates, list)
                  and all(isinstance(c, dict) and type(c.get("workload")) is int and 0 <= c["workload"] < len(plan)
-                         and all(type(c.get(name)) is int and c[name] >= 0 for name in ("weight_block", "flat_tile"))
+                         and all(type(c.get(name)) is int and c[name] >= 0 for name in LAYOUT_FIELDS)
                          and isinstance(c.get("trace"), list)
                          and isinstance(c.get("kernel") if "error" not in c else c["error"], str) for c in candidates))
     except (KeyError, TypeError, AttributeError) as err:
@@ -374,7 +382,7 @@ def ingest(directory: str, log_root: str | None = None) -> tuple[list[IngestedWo
         result = {"error": candidate["error"]} if "error" in candidate else results.get(candidate["kernel"])
         if result is None:  # not timed before the round's time limit: left for a later round
             continue
-        index, layout = candidate["workload"], (candidate["weight_block"], candidate["flat_tile"])
+        index, layout = candidate["workload"], tuple(candidate[name] for name in LAYOUT_FIELDS)
         sch = s_tir.Schedule(plan[index][0].prim_func(*layout))
         try:  # the candidate's trace, replayed on its workload (instructions: [kind, inputs, attributes, ...])
             schedules.register_intrinsics(i[2][0] for i in candidate["trace"][0] if i[0] == "Tensorize")

@@ -107,7 +107,7 @@ def stack_seconds(workloads: list, counts: list[int], target, rpc=None) -> list[
     seconds = []
     for wl, count in zip(workloads, counts, strict=True):
         kernel = build.get_kernel(wl, target)
-        seconds.append(count * wl.flops / 1e9 / _gflops(kernel.kernel, wl.prim_func(kernel.weight_block), wl.flops,
+        seconds.append(count * wl.flops / 1e9 / _gflops(kernel.kernel, wl.prim_func(*kernel.layout), wl.flops,
                                                          kernel.library, rpc, repeat=5))
     return seconds
 
@@ -157,26 +157,26 @@ def _template_space(rule, wl: ConvWorkload, target, variants):
     return ms.space_generator.ScheduleFn(design_spaces, mutator_probs=mutators)
 
 
-def _task(workload, target, layout: tuple[int, int], space_generator, space: str) -> ms.TuneContext:
-    """The task of `workload.prim_func(*layout)`: layout is (weight block, flat tile)."""
+def _task(workload, target, layout: tuple[int, int, int], space_generator, space: str) -> ms.TuneContext:
+    """The task of `workload.prim_func(*layout)`: layout is (weight block, flat tile, Winograd tile)."""
     return ms.TuneContext(tvm.IRModule({"main": workload.prim_func(*layout)}), target=target,
                           space_generator=space_generator, search_strategy=ms.search_strategy.EvolutionarySearch(),
-                          task_name=f"{workload.key}-b{layout[0]}-f{layout[1]}-{space}")
+                          task_name=f"{workload.key}-b{layout[0]}-f{layout[1]}{f'-w{layout[2]}' if layout[2] else ''}-{space}")
 
 
 def tasks(workload, target, space: str) -> list[ms.TuneContext]:
     """The MetaSchedule tasks that tune `workload` in this design space. Where its rule has no template for
     it, it tunes in MetaSchedule's generated space whatever `space` says."""
     rule = schedules.find_rule(target)
-    by_layout: dict[tuple[int, int], list] = {}
+    by_layout: dict[tuple[int, int, int], list] = {}
     if space in ("template", "both"):
         for knobs in rule.tunable_knobs(workload, target):
-            by_layout.setdefault((knobs.weight_block, knobs.flat_tile), []).append(knobs)
+            by_layout.setdefault(knobs.layout, []).append(knobs)
     contexts = [_task(workload, target, layout, _template_space(rule, workload, target, variants), "template")
                 for layout, variants in by_layout.items()]
     if space in ("auto", "both") or not contexts:
-        # MetaSchedule's generated space tiles the rows and columns itself: no flat tile.
-        contexts.append(_task(workload, target, (build.weight_block(rule.default_knobs(workload, target)), 0),
+        # MetaSchedule's generated space tiles the rows and columns of the direct sum itself: no flat tile.
+        contexts.append(_task(workload, target, (build.layout(rule.default_knobs(workload, target))[0], 0, 0),
                               "post-order-apply", "auto"))
     return contexts
 
@@ -395,7 +395,7 @@ def _program_at(wl, target, context, variant, tiles) -> tuple[s_tir.Trace, objec
     and the knobs it schedules with. None where `variant` is no design space of `context` or a tile size is
     not among its candidates."""
     rule = schedules.find_rule(target)
-    if records.workload_of(context.mod["main"])[1] != (variant.weight_block, variant.flat_tile):
+    if records.workload_of(context.mod["main"])[1] != variant.layout:
         return None
     sch = s_tir.Schedule(context.mod)
     knobs = rule.sample_tiles(sch, wl, target, variant)
@@ -591,7 +591,7 @@ def _result(wl, target, folder, rpc, done, callback, stopped) -> TuneResult:
     timed = dict.fromkeys(kernels, 0.0)
     for _ in range(RETIMING_TURNS):
         for name, kernel in kernels.items():
-            timed[name] = max(timed[name], _gflops(kernel.kernel, wl.prim_func(kernel.weight_block), wl.flops,
+            timed[name] = max(timed[name], _gflops(kernel.kernel, wl.prim_func(*kernel.layout), wl.flops,
                                                    kernel.library, rpc, repeat=5))
     measured = callback.measured if callback else 0
     return TuneResult(wl, folder, max(done + measured, trials_on_record(folder, wl)), measured,
