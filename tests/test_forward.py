@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import tvmconv
-from tvmconv import reference, runtime
+from tvmconv import backward, build, reference, runtime
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "float16": 2e-2}
 
@@ -204,3 +204,31 @@ def test_the_output_pool_keeps_each_array_with_its_handle(handle):
     del other, other_out
     third, _ = take()  # `y` held, `other` held through a view
     assert not np.shares_memory(third, view) and third.ctypes.data != address and len(made) == 3
+
+
+def test_a_winograd_layer_runs_computes_its_gradients_and_exports(tmp_path):
+    """A float32 channels-last 3x3 stride-1 layer of 16 channels takes Winograd F(4, 3) (its dx kernels too,
+    the same shape of convolution): forward, gradients and an exported bundle against float64 numpy."""
+    rng = np.random.default_rng(0)
+    layer = tvmconv.Conv2D(16, 3, padding="same", activation="relu")
+    x = rng.standard_normal((2, 9, 10, 16)).astype(np.float32)
+    y = layer(x)
+    assert layer.compiled_kernel(x.shape).knobs.winograd == 4
+    phases, _ = backward.input_gradient_phases(layer.workload(x.shape))
+    assert [build.get_kernel(phase.workload, layer.target).knobs.winograd for phase in phases] == [4]
+    kernel, bias = (w.astype(np.float64) for w in layer.get_weights())
+    z = reference.conv2d(x, kernel, bias, padding="same")
+    np.testing.assert_allclose(y, np.maximum(z, 0), rtol=1e-4, atol=1e-5 * np.abs(z).max())
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    grads = layer.gradients(x, dy)
+    dz = dy * (z > 0)
+    # Stride 1, "same", an odd window: dx is dz correlated with the flipped, transposed window; dW sums x's
+    # shifted windows against dz.
+    dx = reference.conv2d(dz, kernel[::-1, ::-1].transpose(0, 1, 3, 2), None, padding="same")
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dw = np.stack([np.stack([np.einsum("nhwc,nhwf->cf", padded[:, i:i + 9, j:j + 10], dz) for j in range(3)])
+                   for i in range(3)])
+    for got, expected in ((grads["input"], dx), (grads["kernel"], dw), (grads["bias"], dz.sum(axis=(0, 1, 2)))):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    tvmconv.export(layer, x.shape, str(tmp_path / "bundle"))
+    np.testing.assert_allclose(runtime.load(str(tmp_path / "bundle"))(x), y, rtol=1e-5, atol=1e-6 * np.abs(y).max())
