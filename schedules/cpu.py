@@ -283,8 +283,9 @@ def _winograd_tile(wl: ConvWorkload, core: CpuCore) -> int:
     """F(4, 3) where it applies (`ConvWorkload.winograd_applies`) to float32 channels-last layers of 16
     channels and filters or more, else 0 (the direct sum). It multiplies 36 times per 16 output pixels where
     the direct sum does 144, and adds transforms that stream the input and output once more: on Zen 4
-    (scripts/winograd_probe.py) ResNet-50's 3x3 stride-1 layers ran 2.5-3.1x the direct kernels at batch 1
-    and 1.8-3.4x at batch 8, within 7e-6 of float64 relative to the largest output; F(2, 3) ran 1.6-2.1x.
+    ResNet-50's 3x3 stride-1 layers ran 2.1-2.8x the direct kernels at batch 1 and 1.6-2.6x at batch 8,
+    within 7e-6 of float64 relative to the largest output (scripts/bench_winograd.py); F(2, 3) ran
+    1.6-2.1x at batch 1 (the probe of commit 21ae2c2, scripts/winograd_probe.py).
     Fewer channels leave the product too small to pay for the transforms; float16 would round the
     transformed weights (their entries grow to 4x), and channels-first inputs would be gathered."""
     applies = (wl.winograd_applies and wl.dtype == "float32" and wl.channels_last
@@ -468,30 +469,29 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
 def _schedule_winograd_transforms(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     """Winograd's input transform and the first half of its output transform (compute.conv2d_forward): tiles
     in parallel, channels in vectors, the points of the transform unrolled, each tile's rows computed
-    where its columns read them. (Measured on Zen 4 with scripts/winograd_probe.py: 1-9% of the layer's
-    time on ResNet-50's layers at batch 1; the input's, written out at once, took 20% there.)"""
-    data = sch.get_sblock("winograd_input")
-    eps, nu, p, c = sch.get_loops(data)
-    c_o, c_i = sch.split(c, factors=[None, math.gcd(wl.in_channels, knobs.lanes)])
-    sch.reorder(p, c_o, eps, nu, c_i)
-    sch.parallel(p)
-    sch.unroll(eps)
-    sch.unroll(nu)
-    sch.vectorize(c_i)
+    where its columns read them."""
+    eps, nu, p, c = sch.get_loops(sch.get_sblock("winograd_input"))
+    channels = _tile_by_vectors(sch, p, c, (eps, nu), math.gcd(wl.in_channels, knobs.lanes))
     rows = sch.get_sblock("winograd_rows")
-    sch.compute_at(rows, c_o)
+    sch.compute_at(rows, channels)
     i, nu, c = sch.get_loops(rows)[-3:]
     sch.unroll(i)
     sch.unroll(nu)
     sch.vectorize(c)
-    half = sch.get_sblock("winograd_output")
-    p, i, jj, f = sch.get_loops(half)
-    f_o, f_i = sch.split(f, factors=[None, math.gcd(wl.filters, knobs.lanes)])
-    sch.reorder(p, f_o, i, jj, f_i)
-    sch.parallel(p)
-    sch.unroll(i)
-    sch.unroll(jj)
-    sch.vectorize(f_i)
+    p, i, jj, f = sch.get_loops(sch.get_sblock("winograd_output"))
+    _tile_by_vectors(sch, p, f, (i, jj), math.gcd(wl.filters, knobs.lanes))
+
+
+def _tile_by_vectors(sch: s_tir.Schedule, tile, channels, points, lanes: int):
+    """A transform's loops as tiles in parallel, then channel vectors, then its points unrolled, each a vector
+    of `lanes` channels; returns the loop over vectors."""
+    outer, inner = sch.split(channels, factors=[None, lanes])
+    sch.reorder(tile, outer, *points, inner)
+    sch.parallel(tile)
+    for point in points:
+        sch.unroll(point)
+    sch.vectorize(inner)
+    return outer
 
 
 def schedule_depthwise_weight_gradient(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore) -> None:
