@@ -232,7 +232,7 @@ def test_winograd_kernels(name, knobs):
     _check(WINOGRAD_WORKLOADS[name], knobs)
 
 
-@pytest.mark.parametrize("knobs", [dict(winograd=3), dict(winograd=6), dict(winograd=4, flat=True)])
+@pytest.mark.parametrize("knobs", [{"winograd": 3}, {"winograd": 6}, {"winograd": 4, "flat": True}])
 def test_unusable_winograd_tiles_are_refused(knobs):
     with pytest.raises(ValueError, match=r"Knobs\.winograd must be one of 0, 2, 4"):
         cpu.Knobs(lanes=8, f_vectors=2, ow_tile=4, **knobs)
