@@ -301,8 +301,10 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
             device_code = f"{kernel_id}.fatbin"
             shutil.move(result.artifact_path[:-3] + ".fatbin", os.path.join(kernels_dir, device_code))
         shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
+        # Inputs random in the layout of the arguments: a reference and its candidates draw the same.
+        seed = zlib.crc32(f"{wl.key}-{block}{f'-w{winograd}' if winograd else ''}".encode())
         entries.append({"id": kernel_id, "library": library, "device_code": device_code,
-                        "arguments": _arguments(inputs[n].mod["main"]), "seed": zlib.crc32(f"{wl.key}-{block}{f'-w{winograd}' if winograd else ''}".encode()),
+                        "arguments": _arguments(inputs[n].mod["main"]), "seed": seed,
                         "reference": references.get((index, weights)), "tolerance": _tolerance(wl)})
         if trace is None:
             references[(index, weights)] = kernel_id

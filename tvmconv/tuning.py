@@ -2,7 +2,7 @@
 
 Design spaces ("space"):
   template — our schedules/ template: one MetaSchedule task per PrimFunc layout (packed weight block,
-             flat tile), each with one design space per structural variant (loop order, padding, window
+             flat tile, Winograd tile), each with one design space per structural variant (loop order, padding, window
              unrolling), the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`),
              which the search mutates one step at a time (`_StepOneTileSize`); a workload's first round
              measures the defaults' program and its neighbours (`neighbourhood`, `first_round`; in
@@ -159,9 +159,10 @@ def _template_space(rule, wl: ConvWorkload, target, variants):
 
 def _task(workload, target, layout: tuple[int, int, int], space_generator, space: str) -> ms.TuneContext:
     """The task of `workload.prim_func(*layout)`: layout is (weight block, flat tile, Winograd tile)."""
+    winograd = f"-w{layout[2]}" if layout[2] else ""
     return ms.TuneContext(tvm.IRModule({"main": workload.prim_func(*layout)}), target=target,
                           space_generator=space_generator, search_strategy=ms.search_strategy.EvolutionarySearch(),
-                          task_name=f"{workload.key}-b{layout[0]}-f{layout[1]}{f'-w{layout[2]}' if layout[2] else ''}-{space}")
+                          task_name=f"{workload.key}-b{layout[0]}-f{layout[1]}{winograd}-{space}")
 
 
 def tasks(workload, target, space: str) -> list[ms.TuneContext]:
