@@ -25,7 +25,7 @@ from collections.abc import Callable
 from tvm import DataType, s_tir
 
 from tvmconv import backward
-from tvmconv.compute import ConvWorkload
+from tvmconv.compute import WINOGRAD_TILES, ConvWorkload
 from tvmconv.targets import architecture, vector_bits
 
 
@@ -57,8 +57,6 @@ class CpuCore:
 
 
 ORDERS = ("rows", "filters", "pixels")
-# Winograd output tiles: F(2, 3) and F(4, 3) (0: the direct sum). Larger tiles lose accuracy in float32.
-WINOGRAD_TILES = (0, 2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +88,9 @@ class Knobs:
                 raise ValueError(f"Knobs.{name} must be an int of at least {least}, got {value!r}")
         if self.order not in ORDERS:
             raise ValueError(f"Knobs.order must be one of {', '.join(map(repr, ORDERS))}, got {self.order!r}")
-        if self.winograd not in WINOGRAD_TILES or (self.winograd and self.flat):
-            raise ValueError(f"Knobs.winograd must be one of {', '.join(map(str, WINOGRAD_TILES))}, and 0 with "
-                             f"flat tiles; got {self.winograd!r} (flat={self.flat})")
+        if self.winograd not in (0, *WINOGRAD_TILES) or (self.winograd and self.flat):
+            raise ValueError(f"Knobs.winograd must be one of {', '.join(map(str, (0, *WINOGRAD_TILES)))}, and 0 "
+                             f"with flat tiles; got {self.winograd!r} (flat={self.flat})")
 
     @property
     def weight_block(self) -> int:
@@ -293,7 +291,6 @@ def _winograd_tile(wl: ConvWorkload, core: CpuCore) -> int:
     return 4 if applies else 0
 
 
-
 def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:
     """The flat tiles (pixels, filter vectors) that fit, best first by `_flat_score` (ties: most FMAs per
     load); none for depthwise layers or where the width holds two tiles of 4 columns (see default_knobs)."""
@@ -348,14 +345,15 @@ def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
     flat tiles, each vector count with its best-scoring number of pixels. A flat tile shapes the compute
     (the conv stage's pixels are padded to its multiple), so it is no sampled decision: each is a task of
     its own (tvmconv.tuning.tasks), and one per vector count keeps the trials from spreading thin. Where
-    the defaults take Winograd (`_winograd_tile`), its variants come first, in a task of their own."""
+    the defaults take Winograd (`_winograd_tile`), its variants come first (its product's rectangles, one
+    row each, every order), in tasks of their own; the direct sum's stay in the space."""
     registers = core.registers
     n_lanes = default_knobs(wl, core).lanes
     vector_counts = [fv for fv in _vector_counts(wl, n_lanes) if _fits(registers, fv, 1)]
     flat_pixels = {}
     for pixels, fv in _flat_tiles(core, wl, n_lanes):
         flat_pixels.setdefault(fv, pixels)
-    tiles = [(fv, max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c)), False)
+    tiles = [(fv, _widest(wl, registers, fv), False)
              for fv in vector_counts] + [(fv, pixels, True) for fv, pixels in flat_pixels.items()]
     direct = [Knobs(n_lanes, fv, ow, order=order, pad_inline=pad_inline, unroll_window=unroll_window, flat=flat)
               for (fv, ow, flat), order, pad_inline, unroll_window in itertools.product(
@@ -364,13 +362,15 @@ def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
     m = _winograd_tile(wl, core)
     if not m:
         return direct
-    # Winograd's product tiled as its 1x1 convolution's rectangles (one row), each order; the direct sum stays
-    # in the space.
     gemm = wl.winograd_gemm(m)
-    return [Knobs(n_lanes, fv, max(c for c in range(1, min(gemm.out_width, 16) + 1) if _fits(registers, fv, c)),
-                  order=order, winograd=m)
+    return [Knobs(n_lanes, fv, _widest(gemm, registers, fv), order=order, winograd=m)
             for fv, order in itertools.product(_vector_counts(gemm, n_lanes), ORDERS) if _fits(registers, fv, 1)
             ] + direct
+
+
+def _widest(wl: ConvWorkload, registers: int, fv: int) -> int:
+    """The most columns (up to 16) of a one-row tile of fv vectors that fits the registers."""
+    return max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c))
 
 
 def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore, knobs: Knobs) -> Knobs:

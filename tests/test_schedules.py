@@ -8,6 +8,7 @@ from kernel_check import HOST
 from kernel_check import check_kernel as _check
 from paths import PATHS
 
+import tvmconv
 from tvmconv import build, records, targets, tuning
 from tvmconv.compute import ConvWorkload, pack_weights, winograd_matrices
 from tvmconv.schedules import cpu, find_rule, x86
@@ -236,6 +237,24 @@ def test_winograd_kernels(name, knobs):
 def test_unusable_winograd_tiles_are_refused(knobs):
     with pytest.raises(ValueError, match=r"Knobs\.winograd must be one of 0, 2, 4"):
         cpu.Knobs(lanes=8, f_vectors=2, ow_tile=4, **knobs)
+
+
+@pytest.mark.parametrize("wl, layout", [
+    (ConvWorkload(1, 8, 8, 16, 16, (5, 5), padding="same"), (16, 0, 4)),             # not 3x3
+    (ConvWorkload(1, 8, 8, 16, 16, (3, 3), (2, 2), padding="same"), (16, 0, 4)),     # stride 2
+    (ConvWorkload(1, 8, 8, 16, 16, (3, 3), padding="same"), (0, 0, 4)),              # Keras's weights
+    (ConvWorkload(1, 8, 8, 16, 16, (3, 3), padding="same"), (16, 4, 4)),             # a flat tile
+    (ConvWorkload(1, 8, 8, 16, 16, (3, 3), padding="same"), (16, 0, 3)),             # F(3, 3)
+])
+def test_a_winograd_layout_compute_cannot_honour_is_refused(wl, layout):
+    """conv2d_forward refuses it, naming the argument; a tuning record whose PrimFunc claims it is unreadable
+    (records.workload_of raises, and the log's index skips it with a warning)."""
+    with pytest.raises(ValueError, match=r"winograd=\d: Winograd F\(m, 3\) takes m in \(2, 4\)"):
+        wl.prim_func(*layout)
+    forged = wl.prim_func(16, 0, 0).with_attr(tvmconv.compute.WINOGRAD_ATTR, layout[2])
+    forged = forged.with_attr({tvmconv.compute.WEIGHT_BLOCK_ATTR: layout[0], tvmconv.compute.FLAT_TILE_ATTR: layout[1]})
+    with pytest.raises(ValueError, match="winograd="):
+        records.workload_of(forged)
 
 
 @pytest.mark.parametrize("m", [2, 4])

@@ -425,6 +425,20 @@ WEIGHT_BLOCK_ATTR = "tvmconv.kernel_block"
 FLAT_TILE_ATTR = "tvmconv.flat_tile"
 # The PrimFunc's attribute naming its Winograd tile, only where it has one (as the flat tile's).
 WINOGRAD_ATTR = "tvmconv.winograd"
+# The Winograd output tiles conv2d_forward computes: F(2, 3) and F(4, 3). Larger ones lose accuracy in float32.
+WINOGRAD_TILES = (2, 4)
+
+
+def check_layout(wl: ConvWorkload, weight_block: int, flat_tile: int, winograd: int) -> None:
+    """Refuse a PrimFunc layout conv2d_forward cannot compute for `wl` (ValueError): tuning logs and rounds
+    of candidates name layouts, and they are read, not trusted."""
+    if min(weight_block, flat_tile, winograd) < 0:
+        raise ValueError(f"weight_block, flat_tile and winograd must not be negative, got "
+                         f"{(weight_block, flat_tile, winograd)}")
+    if winograd and (winograd not in WINOGRAD_TILES or not wl.winograd_applies or not weight_block or flat_tile):
+        raise ValueError(f"winograd={winograd}: Winograd F(m, 3) takes m in {WINOGRAD_TILES}, a 3x3 stride-1 "
+                         f"undilated ungrouped convolution, packed weights (weight_block > 0) and no flat tile; "
+                         f"got {wl.label}, weight_block={weight_block}, flat_tile={flat_tile}")
 
 
 @functools.lru_cache(maxsize=512)
@@ -448,6 +462,7 @@ def conv2d_forward(wl: ConvWorkload, weight_block: int = 0, flat_tile: int = 0, 
                    the loops of `ConvWorkload.winograd_gemm`'s conv stage: (alpha^2, 1, tiles, filters);
       "winograd_output" — the output transform's first half, its second read by "epilogue".
     """
+    check_layout(wl, weight_block, flat_tile, winograd)
     acc = wl.accum_dtype
     x = te.placeholder(wl.input_shape, wl.dtype, name="x")
     w = te.placeholder(packed_weights_shape(wl, weight_block, winograd), wl.dtype, name="weights")

@@ -38,7 +38,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from . import schedules, targets, tuning_logs  # tuning_logs: the shipped records (package data)
 from .backward import GRADIENT_ATTR, GRADIENT_KERNELS, GradientKernel
-from .compute import FLAT_TILE_ATTR, WEIGHT_BLOCK_ATTR, WINOGRAD_ATTR, WORKLOAD_ATTR, ConvWorkload
+from .compute import FLAT_TILE_ATTR, WEIGHT_BLOCK_ATTR, WINOGRAD_ATTR, WORKLOAD_ATTR, ConvWorkload, check_layout
 
 WORKLOADS_FILE = "database_workload.json"
 RECORDS_FILE = "database_tuning_record.json"
@@ -210,8 +210,7 @@ def workload_of(func) -> tuple[ConvWorkload | GradientKernel, tuple[int, int, in
     if GRADIENT_ATTR in attrs:
         return GRADIENT_KERNELS[str(attrs[GRADIENT_ATTR])](wl), (0, 0, 0)
     layout = (int(attrs[WEIGHT_BLOCK_ATTR]), int(attrs.get(FLAT_TILE_ATTR, 0)), int(attrs.get(WINOGRAD_ATTR, 0)))
-    if min(layout) < 0:  # the log is read, not trusted
-        raise ValueError(f"a record's weight block, flat tile and Winograd tile must not be negative, got {layout}")
+    check_layout(wl, *layout)  # the log is read, not trusted
     return wl, layout
 
 

@@ -225,9 +225,9 @@ def write_round(plan: list, target, directory: str, log_root: str | None = None,
     if not any(shares):
         return None
     rule = schedules.find_rule(target)
-    # What to build: per kernel (workload index, its PrimFunc's layout (weight block, flat tile, Winograd tile), the
-    # candidate's trace in JSON or None for a reference, whether a reference is the default schedule), and its
-    # builder input.
+    # What to build: per kernel (workload index, its PrimFunc's layout (weight block, flat tile, Winograd
+    # tile), the candidate's trace in JSON or None for a reference, whether a reference is the default
+    # schedule), and its builder input.
     kernels, inputs = [], []
     for index, ((wl, _), share, trials) in enumerate(zip(plan, shares, done, strict=True)):
         if not share:
@@ -284,14 +284,13 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
     # References first: the timing checks each candidate's output against its reference's.
     order = sorted(range(len(kernels)), key=lambda n: kernels[n][2] is not None)
     for n in order:
-        (index, (block, flat_tile, winograd), trace, is_default), result = kernels[n], built[n]
-        weights = (block, winograd)
+        (index, layout, trace, is_default), result = kernels[n], built[n]
+        weights, fields = _arguments_layout(layout), dict(zip(LAYOUT_FIELDS, layout, strict=True))
         wl = plan[index][0]
         if result.error_msg:
             if trace is None:
                 raise RuntimeError(f"the default schedule of {wl.label} did not build:\n{result.error_msg}")
-            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "winograd": winograd,
-                               "trace": trace, "error": result.error_msg.strip()[-2000:]})
+            candidates.append({"workload": index, **fields, "trace": trace, "error": result.error_msg.strip()[-2000:]})
             continue
         kernel_id = f"{n:04d}"
         library = f"{kernel_id}.so"
@@ -302,6 +301,7 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
             shutil.move(result.artifact_path[:-3] + ".fatbin", os.path.join(kernels_dir, device_code))
         shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
         # Inputs random in the layout of the arguments: a reference and its candidates draw the same.
+        block, winograd = weights
         seed = zlib.crc32(f"{wl.key}-{block}{f'-w{winograd}' if winograd else ''}".encode())
         entries.append({"id": kernel_id, "library": library, "device_code": device_code,
                         "arguments": _arguments(inputs[n].mod["main"]), "seed": seed,
@@ -311,8 +311,7 @@ def _round_spec(plan, target, directory, space, size, number, kernels, inputs, b
             if is_default:
                 defaults[str(index)] = kernel_id
         else:
-            candidates.append({"workload": index, "weight_block": block, "flat_tile": flat_tile, "winograd": winograd,
-                               "kernel": kernel_id, "trace": trace})
+            candidates.append({"workload": index, **fields, "kernel": kernel_id, "trace": trace})
     return {"format": timing.ROUND_FORMAT, "token": secrets.token_hex(8), "round": number, "space": space,
             "size": size, "target": json.loads(str(target)), "target_key": targets.target_key(target),
             "plan": [{**_describe(wl), "trials": trials} for wl, trials in plan],
@@ -385,11 +384,11 @@ def ingest(directory: str, log_root: str | None = None) -> tuple[list[IngestedWo
         if result is None:  # not timed before the round's time limit: left for a later round
             continue
         index, layout = candidate["workload"], tuple(candidate[name] for name in LAYOUT_FIELDS)
-        sch = s_tir.Schedule(plan[index][0].prim_func(*layout))
         try:  # the candidate's trace, replayed on its workload (instructions: [kind, inputs, attributes, ...])
+            sch = s_tir.Schedule(plan[index][0].prim_func(*layout))  # a layout compute refuses: a damaged file
             schedules.register_intrinsics(i[2][0] for i in candidate["trace"][0] if i[0] == "Tensorize")
             s_tir.Trace.apply_json_to_schedule(candidate["trace"], sch)
-        except Exception as err:  # a trace of another workload, or a damaged one
+        except Exception as err:  # a trace of another workload, a layout of none, or a damaged one
             raise ValueError(f"damaged round file {path}: a candidate of {plan[index][0].label} does not replay "
                              f"({err})") from None
         by_task.setdefault((index, layout), []).append((sch, result))

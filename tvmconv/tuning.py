@@ -2,8 +2,8 @@
 
 Design spaces ("space"):
   template — our schedules/ template: one MetaSchedule task per PrimFunc layout (packed weight block,
-             flat tile, Winograd tile), each with one design space per structural variant (loop order, padding, window
-             unrolling), the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`),
+             flat tile, Winograd tile), each with one design space per structural variant (loop order,
+             padding, window unrolling), the tile sizes sampled as decisions (`rule.tunable_knobs`, `rule.sample_tiles`),
              which the search mutates one step at a time (`_StepOneTileSize`); a workload's first round
              measures the defaults' program and its neighbours (`neighbourhood`, `first_round`; in
              rounds too, tvmconv.rounds);
