@@ -1,4 +1,6 @@
 """Layer outputs against the float64 numpy reference over a grid of configurations."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -204,6 +206,39 @@ def test_the_output_pool_keeps_each_array_with_its_handle(handle):
     del other, other_out
     third, _ = take()  # `y` held, `other` held through a view
     assert not np.shares_memory(third, view) and third.ctypes.data != address and len(made) == 3
+
+
+def test_a_layer_called_from_many_threads_gives_each_call_its_own_output():
+    """Each thread draws outputs from its own pool (no lock per call): no two calls running at once write
+    the same array, and what a thread dropped serves only that thread's next call."""
+    layer = tvmconv.Conv2D(6, 3, padding="same")
+    inputs = [np.random.default_rng(i).standard_normal((1, 12, 12, 4)).astype(np.float32) for i in range(8)]
+    layer.build(inputs[0].shape)
+    kernel, bias = layer.get_weights()
+    expected = [reference.conv2d(x, kernel, bias, padding="same") for x in inputs]
+    wrong = []
+
+    def work(i):
+        for _ in range(50):
+            y = layer(inputs[i])
+            if not np.allclose(y, expected[i], rtol=1e-4, atol=1e-5):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not wrong
+    pool, held = runtime.OutputPool(), []
+    y, _ = pool.take((2, 3), "float32", runtime.output_tensor)
+    address = y.ctypes.data
+    del y, _
+    worker = threading.Thread(target=lambda: held.append(pool.take((2, 3), "float32", runtime.output_tensor)[0]))
+    worker.start()
+    worker.join()
+    assert held[0].ctypes.data != address  # another thread's idle array is not handed over
+    assert pool.take((2, 3), "float32", runtime.output_tensor)[0].ctypes.data == address
 
 
 def test_a_winograd_layer_runs_computes_its_gradients_and_exports(tmp_path):

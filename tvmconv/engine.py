@@ -22,7 +22,7 @@ class Engine:
         self._weights: tuple = (None, None)  # the convolution's weights (Keras's layout) and bias
         self._packed: dict[tuple, list] = {}  # weights as kernels read them, by (use, layout, device)
         self._kernels: dict[object, build.CompiledKernel] = {}  # by workload
-        self._forward: dict[ConvWorkload, tuple] = {}  # (kernel, device weights) per workload, local runs
+        self._forward: dict = {}  # the forward step by workload, local runs (_forward_call)
         self._outputs = runtime.OutputPool()
         self._checked = False
 
@@ -81,14 +81,6 @@ class Engine:
 
     def _prepared(self, wl: ConvWorkload) -> tuple:
         """(runner, its weights) for a forward call of `wl`."""
-        if self.remote is None:
-            cache = self._forward
-            prepared = cache.get(wl)
-            if prepared is None:
-                self._check_runnable()
-                compiled = self.kernel(wl)
-                prepared = cache[wl] = (compiled.kernel, self._forward_weights(wl, compiled, compiled.kernel))
-            return prepared
         self._check_runnable()
         compiled = self.kernel(wl)
         runner = self._runner(compiled)
@@ -99,25 +91,42 @@ class Engine:
     def forward(self, wl: ConvWorkload, x):
         """The layer's output for x (in the workload's shape, any real dtype: cast to the compute dtype). For x
         on the GPU (a runtime.GpuTensor, read in place, in the compute dtype), a tensor of x's library there."""
+        call = self._forward.get(wl) or self._forward_call(wl)
+        return call(x)
+
+    def _forward_call(self, wl: ConvWorkload):
+        """`wl`'s forward step as one function of x, its kernel and weights bound: made once per workload and
+        weight change (over RPC, for every call: the board's session may have been renewed). Each Python step
+        between two kernels costs 0.05-0.15 µs, and MobileNetV2's smallest run in 6-10 µs."""
         runner, weights = self._prepared(wl)
-        if isinstance(x, runtime.GpuTensor):
-            if x.dtype != np.dtype(wl.dtype):
-                raise TypeError(f"Layer '{self.owner}' reads a tensor on the GPU in place, so it must have the "
-                                f"layer's compute dtype {wl.dtype}. Received dtype={x.dtype}")
-            return x.like_source(runner.on_device(x.tensor, weights, wl.output_shape))
-        y, out = self._outputs.take(wl.output_shape, wl.dtype, runner.output_for)
-        runner(x.astype(wl.dtype, copy=False), weights, out, self.threads)
-        return y
+        output_shape, dtype, threads, take, output_for = (wl.output_shape, wl.dtype, self.threads,
+                                                          self._outputs.take, runner.output_for)
+        compute_dtype = np.dtype(dtype)
+
+        def call(x):
+            if type(x) is runtime.GpuTensor:
+                return x.like_source(runner.on_device(x.tensor, weights, output_shape))
+            y, out = take(output_shape, dtype, output_for)
+            # (numpy's dtypes of native byte order are singletons: `is` spares astype's 0.1 µs for the usual x)
+            runner(x if x.dtype is compute_dtype else x.astype(compute_dtype), weights, out, threads)
+            return y
+        if self.remote is None:
+            self._forward[wl] = call
+        return call
 
     def kernel_arguments(self, wl: ConvWorkload, x: np.ndarray) -> list:
         """The forward kernel's arguments for one call (input, weights as the kernel reads them, a fresh
-        output), for timing the bare kernel with `kernel(wl).time_evaluator()`."""
+        output), for timing the bare kernel with `kernel(wl).time_evaluator()`. On the CPU the input is x
+        itself, as a call reads it: an aligned copy timed a different kernel run (numpy's large arrays
+        start 16 bytes into a 64-byte line, and every vector load then spans two lines: 20-25% slower
+        on MobileNetV2's largest depthwise layers, measured)."""
         if self.remote is not None:
             raise ValueError(f"kernel_arguments are for timing kernels in this process; layer '{self.owner}' "
                              f"runs on remote={self.remote!r}")
         runner, weights = self._prepared(wl)
         runtime.use_threads(self.threads)
-        return [runtime.to_device(x.astype(wl.dtype, copy=False), runner.device), *weights,
+        x = x.astype(wl.dtype, copy=False)
+        return [runtime.input_tensor(x) if runner.device == "cpu" else runtime.to_device(x, runner.device), *weights,
                 runtime.device_empty(wl.output_shape, wl.dtype, runner.device)]
 
     # ------------------------------------------------------------ gradients (tvmconv.backward)
