@@ -59,7 +59,8 @@ def host_caches() -> dict:
     found = {}
     root = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        for index in os.listdir(root):
+        # (cache/ also holds files, such as uevent, beside its index<N> folders)
+        for index in (name for name in os.listdir(root) if name.startswith("index")):
             def read(name, index=index):
                 with open(os.path.join(root, index, name)) as f:
                     return f.read().strip()

@@ -463,12 +463,11 @@ def main(argv=None) -> int:
     started, run_load = time.perf_counter(), OtherLoad()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its pool: the peak's kernel runs on all
     import tvm
-    from tvm.target import codegen
 
     from tvmconv import targets
     target = targets.resolve(None)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu_model": cpu_model_name(), "llvm_cpu": codegen.llvm_get_system_cpu(),
+            "cpu_model": cpu_model_name(), "llvm_cpu": targets.host()["mcpu"],
             "vector_bits": targets.vector_bits(target), "target_key": targets.target_key(target),
             "threads": args.threads, "repeat": args.repeat, "tvm": tvm.__version__, "tvmconv_commit": git_commit(),
             "peers": args.peers, "quick": args.quick, "rounds": args.rounds}

@@ -102,10 +102,8 @@ def import_frameworks(threads: int) -> dict:
     os.environ["TVM_NUM_THREADS"] = str(threads)
     import torch
     torch.set_num_threads(threads)
-    from tvm.target import codegen
-
     import tvmconv
-    return {"torch": torch, "codegen": codegen, "tvmconv": tvmconv}
+    return {"torch": torch, "tvmconv": tvmconv}
 
 
 def main(argv=None) -> int:
@@ -117,7 +115,7 @@ def main(argv=None) -> int:
     env = import_frameworks(args.threads)
     target = env["tvmconv"].targets.resolve(None)
     peak = measure_fma_peak(args.threads, target, env["tvmconv"].targets.vector_bits(target))["gflops"]
-    print(f"{cpu_model_name()} ({env['codegen'].llvm_get_system_cpu()}), {args.threads} threads, FMA peak "
+    print(f"{cpu_model_name()} ({target.attrs['mcpu']}), {args.threads} threads, FMA peak "
           f"{peak:.1f} GFLOP/s; torch {env['torch'].__version__}, batch {args.batch}")
     rng = np.random.default_rng(0)
     workloads = {w.name: w for w in [*network_workloads("resnet50"), *network_workloads("mobilenet_v2")]}

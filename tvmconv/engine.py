@@ -22,7 +22,7 @@ class Engine:
         self._weights: tuple = (None, None)  # the convolution's weights (Keras's layout) and bias
         self._packed: dict[tuple, list] = {}  # weights as kernels read them, by (use, layout, device)
         self._kernels: dict[object, build.CompiledKernel] = {}  # by workload
-        self._forward: dict = {}  # the forward step by workload, local runs (_forward_call)
+        self._forward: dict[ConvWorkload, object] = {}  # the forward step by workload, local runs (_forward_call)
         self._outputs = runtime.OutputPool()
         self._checked = False
 

@@ -9,8 +9,7 @@ import numpy as np
 
 from . import engine, rpc_devices, targets
 from .compute import ConvWorkload, conv_output_shape
-from .keras import activations, constraints, initializers, regularizers, settings, validation
-from .keras.arrays import to_array
+from .keras import activations, arrays, constraints, initializers, regularizers, settings, validation
 from .keras.symbolic import KerasTensor
 from .runtime import GpuTensor
 
@@ -123,12 +122,12 @@ class Conv2D:
         if len(weights) != len(expected):
             raise ValueError(f"You called `set_weights(weights)` on layer '{self.name}' with a weight list of "
                              f"length {len(weights)}, but the layer was expecting {len(expected)} weights.")
-        arrays = [to_array(w, f"`weights[{i}]`") for i, w in enumerate(weights)]
-        for current, new in zip(expected, arrays):
+        new_weights = [arrays.to_array(w, f"`weights[{i}]`") for i, w in enumerate(weights)]
+        for current, new in zip(expected, new_weights):
             if current.shape != new.shape:
                 raise ValueError(f"Layer {self.name} weight shape {current.shape} is not compatible with provided "
                                  f"weight shape {new.shape}.")
-        self._assign(*arrays)
+        self._assign(*new_weights)
 
     def _assign(self, kernel, bias=None) -> None:
         """The one place weights change. They are stored read-only, so an in-place edit cannot bypass the
@@ -167,8 +166,8 @@ class Conv2D:
         """The input as an array (with `gpu`, a tensor on a CUDA layer's GPU as a runtime.GpuTensor), and its
         workload (None for an empty batch), the layer built for it. A shape is checked on its first call."""
         # (a numpy array, the common case, skips to_array: its checks and this message cost ~0.3 µs a call)
-        x = inputs if type(inputs) is np.ndarray else to_array(inputs, f"{what} of layer '{self.name}'",
-                                                                gpu and self._on_gpu)
+        x = inputs if type(inputs) is np.ndarray else arrays.to_array(inputs, f"{what} of layer '{self.name}'",
+                                                                       gpu and self._on_gpu)
         if x.dtype.kind not in "biuf":
             raise TypeError(f"{what} of layer '{self.name}' must be a real numeric array (it is cast to "
                             f"{self.compute_dtype}). Received dtype={x.dtype}")
@@ -200,7 +199,8 @@ class Conv2D:
             return self._symbolic_call(inputs)
         x, wl = self._input(inputs, gpu=True)
         if type(x) is GpuTensor:
-            self._check_gpu_input(x)
+            arrays.check_gpu_input(x, self.name, self.compute_dtype,
+                                   callable(self.activation) or self.activity_regularizer is not None)
         if wl is None:  # an empty batch has an empty answer; nothing to compile
             return np.empty(self.compute_output_shape(x.shape), dtype=self.compute_dtype)
         y = self._engine.forward(wl, x)  # a tensor on the GPU for a GpuTensor x
@@ -211,15 +211,6 @@ class Conv2D:
             self._activity_losses = [float(self.activity_regularizer(y)) / x.shape[0]]
         return y
 
-    def _check_gpu_input(self, x: GpuTensor) -> None:
-        """A tensor on the GPU is read in place by the kernel alone: nothing casts it, nothing runs on it here."""
-        if callable(self.activation) or self.activity_regularizer is not None:
-            raise TypeError(f"Layer '{self.name}' applies its callable activation or activity regularizer to numpy "
-                            "arrays: pass the input as a numpy array, not as a tensor on the GPU")
-        if x.dtype != np.dtype(self.compute_dtype):
-            raise TypeError(f"Layer '{self.name}' reads a tensor on the GPU in place, so it must have the layer's "
-                            f"compute dtype {self.compute_dtype}. Received dtype={x.dtype}")
-
     def gradients(self, inputs, output_gradient, *, output=None, input_gradient=True) -> dict:
         """{"input": dL/dx, "kernel": dL/dW (Keras's layout), "bias": dL/db or None} given `output_gradient` =
         dL/dy for y = layer(inputs), by TVM kernels (tvmconv.backward), regularizers not included. `output`, y
@@ -228,17 +219,8 @@ class Conv2D:
             raise NotImplementedError(f"gradients need a named activation compiled into the kernel; layer "
                                       f"'{self.name}' has {activations.serialize(self.activation)!r}")
         x, wl = self._input(inputs)
-        dy = to_array(output_gradient, "`output_gradient`")
-        if dy.shape != (expected := self.compute_output_shape(x.shape)):
-            raise ValueError(f"`output_gradient` must have the layer's output shape {expected} for an "
-                             f"input of shape {x.shape}. Received shape {dy.shape}")
-        input_gradient = validation.as_bool(input_gradient, "input_gradient")
-        if output is not None:
-            output = to_array(output, "`output`")
-            if output.dtype.kind not in "biuf" or output.shape != dy.shape:
-                raise ValueError(f"`output` must be the layer's output for these inputs: a real array of shape "
-                                 f"{dy.shape}. Received shape {output.shape}, dtype={output.dtype}")
-        return self._engine.gradients(wl, x, dy, output, input_gradient)
+        dy, output = arrays.gradient_arrays(output_gradient, output, self.compute_output_shape(x.shape), x.shape)
+        return self._engine.gradients(wl, x, dy, output, validation.as_bool(input_gradient, "input_gradient"))
 
     def _symbolic_call(self, inputs: KerasTensor) -> KerasTensor:
         if not self.built:

@@ -50,13 +50,44 @@ _ISA_NAMES = {
 _VECTOR_PREFIXES = {"x86_64": ("avx", "amx", "sse", "fma"), "aarch64": ("sve", "sme", "neon")}
 
 
+# x86 CPU models LLVM knows whose instruction sets a hypervisor's model number may understate, oldest first.
+_X86_MODELS = ("haswell", "skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
+               "emeraldrapids", "graniterapids", "znver1", "znver2", "znver3", "znver4", "znver5")
+
+
+def _isa(cpu: str) -> set[str]:
+    """The x86 instruction sets LLVM's CPU model `cpu` implies, as /proc/cpuinfo names them."""
+    names = _ISA_NAMES["x86_64"]
+    return {names[f] for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+            if f in names}
+
+
+def _x86_model(cpu: str, flags: set[str]) -> str:
+    """LLVM's CPU model for this host. LLVM names it by the family and model numbers CPUID reports, which a
+    hypervisor may set to an older CPU's (seen: a Xeon with AMX and AVX512-FP16, Sapphire Rapids' instruction
+    sets, reported as model 167, which LLVM names rocketlake: a client core with one 512-bit FMA port where
+    the host has two). Where the OS reports more instruction sets than that model implies, the model of
+    `_X86_MODELS` implying the most of them, all present, is taken (the oldest of equals)."""
+    detected = _isa(cpu)
+    best, best_isa = cpu, detected
+    for model in _X86_MODELS:
+        isa = _isa(model)
+        if detected < isa <= flags and len(isa) > len(best_isa):
+            best, best_isa = model, isa
+    return best
+
+
 @functools.lru_cache(maxsize=None)
 def host() -> dict:
-    """The host's target dict: LLVM's CPU name, minus features the OS reports absent, and the core count."""
+    """The host's target dict: LLVM's CPU name (corrected where a hypervisor understates it), minus features
+    the OS reports absent, and the core count."""
     cpu = codegen.llvm_get_system_cpu()
-    target = {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
     flags = runtime.cpu_flags()
-    if flags and codegen.llvm_get_system_triple().startswith("x86_64"):
+    x86 = bool(flags) and codegen.llvm_get_system_triple().startswith("x86_64")
+    if x86:
+        cpu = _x86_model(cpu, flags)
+    target = {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
+    if x86:
         implied = codegen.llvm_get_cpu_features(tvm.target.Target(target))
         hidden = sorted(f for f in _CHECKED_X86_FEATURES if f in implied and f not in flags)
         mattr = [f"-{f}" for f in hidden]

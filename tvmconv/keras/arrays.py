@@ -34,3 +34,29 @@ def to_array(x, argument: str, gpu: bool = False) -> np.ndarray | GpuTensor:
         except (TypeError, RuntimeError, BufferError):
             pass  # e.g. a dtype DLPack cannot hand to numpy (bfloat16): np.asarray converts it below
     return np.asarray(x)
+
+
+def check_gpu_input(x: GpuTensor, layer: str, compute_dtype: str, host_side_work: bool) -> None:
+    """A tensor on the GPU is read in place by the kernel alone: nothing casts it, nothing runs on it on the host
+    (`host_side_work`: the layer has a callable activation or an activity regularizer)."""
+    if host_side_work:
+        raise TypeError(f"Layer '{layer}' applies its callable activation or activity regularizer to numpy "
+                        "arrays: pass the input as a numpy array, not as a tensor on the GPU")
+    if x.dtype != np.dtype(compute_dtype):
+        raise TypeError(f"Layer '{layer}' reads a tensor on the GPU in place, so it must have the layer's "
+                        f"compute dtype {compute_dtype}. Received dtype={x.dtype}")
+
+
+def gradient_arrays(output_gradient, output, output_shape: tuple, input_shape: tuple) -> tuple:
+    """Conv2D.gradients' `output_gradient` (dL/dy) and optional `output` (y) as arrays of the layer's output
+    shape for this input."""
+    dy = to_array(output_gradient, "`output_gradient`")
+    if dy.shape != output_shape:
+        raise ValueError(f"`output_gradient` must have the layer's output shape {output_shape} for an "
+                         f"input of shape {input_shape}. Received shape {dy.shape}")
+    if output is not None:
+        output = to_array(output, "`output`")
+        if output.dtype.kind not in "biuf" or output.shape != dy.shape:
+            raise ValueError(f"`output` must be the layer's output for these inputs: a real array of shape "
+                             f"{dy.shape}. Received shape {output.shape}, dtype={output.dtype}")
+    return dy, output
