@@ -1,4 +1,5 @@
 """The CPU template at its default and edge knobs against the float64 reference; the x86 builds' code."""
+import os
 import re
 
 import numpy as np
@@ -86,6 +87,21 @@ def test_x86_builds_use_vector_fmas(preset, register, absent, name):
     assert len(fmas) >= 4, f"no {register} FMAs in the {preset} build"
     if absent:
         assert f"%{absent}" not in asm
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/devices/system/cpu/cpu0/cache/index0"), reason="no cache sizes in /sys")
+def test_the_host_core_has_the_caches_linux_reports():
+    """Read from each cache/index<N> folder (cache/ also holds files: uevent, which once made it read nothing)."""
+    root, sizes = "/sys/devices/system/cpu/cpu0/cache", {}
+    for index in (name for name in os.listdir(root) if name.startswith("index")):
+        level, kind, size = (open(os.path.join(root, index, field)).read().strip() for field in ("level", "type", "size"))
+        if (level, kind) in (("1", "Data"), ("2", "Unified")):
+            sizes["l1_bytes" if level == "1" else "l2_bytes"] = int(size[:-1]) * {"K": 1024, "M": 1 << 20}[size[-1]]
+    assert x86.host_caches() == sizes and sizes
+    host = targets.resolve(None)
+    if targets.architecture(host) == "x86_64":
+        core = x86.core(host)
+        assert (core.l1_bytes, core.l2_bytes) == (sizes["l1_bytes"], sizes["l2_bytes"])
 
 
 def test_x86_defaults_fit_the_register_file():
