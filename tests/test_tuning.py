@@ -156,6 +156,10 @@ def test_rerun_resumes_and_adds_only_missing_trials(tuned, tmp_path):
                                   for r in records.Log(folder).get_all_tuning_records())
     kept = sum(min(n, 2) for n in layouts.values())
     assert records.prune(folder, keep=2) == (8, kept)
+    # A prune that drops nothing leaves the record file as it was.
+    record_file = os.path.join(folder, "database_tuning_record.json")
+    before = open(record_file, "rb").read()
+    assert records.prune(folder, keep=2) == (kept, kept) and open(record_file, "rb").read() == before
     (row,) = records.summarize(folder)
     assert row["records"] == kept and row["trials"] == 8 and row["tuner_gflops"] > 0
     assert row["retimed_gflops"] == again.gflops and row["default_gflops"] == again.default_gflops

@@ -515,5 +515,6 @@ def prune(path: str, keep: int) -> tuple[int, int]:
                                              "date": None})
             noted["trials"] = entry["trials"]
         write_summary(path, summary)
-        log.keep_only(kept)
+        if len(kept) < len(everything):  # (rewriting the same set would only reorder a shipped file's lines)
+            log.keep_only(kept)
     return len(everything), len(kept)
