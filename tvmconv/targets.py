@@ -55,25 +55,21 @@ _X86_MODELS = ("haswell", "skylake-avx512", "cascadelake", "cooperlake", "icelak
                "emeraldrapids", "graniterapids", "znver1", "znver2", "znver3", "znver4", "znver5")
 
 
-def _isa(cpu: str) -> set[str]:
-    """The x86 instruction sets LLVM's CPU model `cpu` implies, as /proc/cpuinfo names them."""
-    names = _ISA_NAMES["x86_64"]
-    return {names[f] for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
-            if f in names}
-
-
 def _x86_model(cpu: str, flags: set[str]) -> str:
     """LLVM's CPU model for this host. LLVM names it by the family and model numbers CPUID reports, which a
     hypervisor may set to an older CPU's (seen: a Xeon with AMX and AVX512-FP16, Sapphire Rapids' instruction
     sets, reported as model 167, which LLVM names rocketlake: a client core with one 512-bit FMA port where
     the host has two). Where the OS reports more instruction sets than that model implies, the model of
     `_X86_MODELS` implying the most of them, all present, is taken (the oldest of equals)."""
-    detected = _isa(cpu)
+    def isa(model: str) -> set[str]:
+        return set(isa_features(tvm.target.Target({"kind": "llvm", "mcpu": model})))
+
+    detected = isa(cpu)
     best, best_isa = cpu, detected
     for model in _X86_MODELS:
-        isa = _isa(model)
-        if detected < isa <= flags and len(isa) > len(best_isa):
-            best, best_isa = model, isa
+        isa_of_model = isa(model)
+        if detected < isa_of_model <= flags and len(isa_of_model) > len(best_isa):
+            best, best_isa = model, isa_of_model
     return best
 
 
