@@ -48,7 +48,12 @@ class CpuCore:
     l1_bytes: int = 32 << 10    # data cache per core
     l2_bytes: int = 1 << 20     # per core
     l2_bytes_per_cycle: int = 32  # what L2 sustains to L1 per cycle
-    beyond_l2_bytes_per_cycle: int = 8  # what L3 and memory sustain per core, all cores streaming
+    l3_bytes: int = 32 << 20    # the last-level cache, shared by the cores
+    l3_bytes_per_cycle: int = 8  # what L3 sustains per core, all cores streaming
+    # What memory sustains per core, all cores streaming: no cache or register tells it, so the families'
+    # tables give what their machines measured. The default is the lowest seen (Zen 3: two threads read
+    # 20 GB/s beyond L3, 3.4 bytes a cycle per core at the clock of its FMA peak).
+    memory_bytes_per_cycle: float = 3.4
 
     @property
     def accumulators(self) -> float:
@@ -170,7 +175,7 @@ def _filters_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
     rows, blocks = wl.batch * wl.out_height, -(-wl.filters // block)
     rows_first = weights * (rows if weights > core.l2_bytes else 1) + image
     filters_first = image * (blocks if image > core.l2_bytes else 1) + weights
-    return rows_first / core.beyond_l2_bytes_per_cycle > _peak_cycles(core, wl) and filters_first < rows_first
+    return rows_first / core.l3_bytes_per_cycle > _peak_cycles(core, wl) and filters_first < rows_first
 
 
 def _pixels_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
@@ -227,24 +232,17 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
         gemm = wl.winograd_gemm(m)
         ow, oh, fv = _best_rectangle(core, gemm, n_lanes)
         return Knobs(n_lanes, fv, ow, oh, gemm.group_in_channels, order=_order(core, gemm, n_lanes * fv), winograd=m)
-    ow, oh, fv = _best_rectangle(core, wl, n_lanes)
-    # Where the width holds less than two tiles of 4 columns (7x7 layers: 5 columns with a tail, or 7 of
-    # one vector), flat tiles of any number of pixels may do better, at the cost of the epilogue's pass.
-    # Measured on Zen 3: on the 7x7 layers of ResNet-50 and MobileNetV2, 1.1-2.3x the rectangles; on wider
-    # layers 0.5-1.0x mostly, the 1x1 ones worst (for them tall tiles beat wide ones, and flat tiles are
-    # wide). They run pixels first: each tile's input stays in cache while every filter block's weights
-    # stream past; on those layers that ran 0.98-1.3x rows first and mostly 1.0-1.5x filters first at batch 1
-    # and 8 (ResNet-50's 1x1 stride-2 one at batch 8: 0.81-0.98x in three runs), except where a window's taps
-    # multiply a tile's input beyond L1 and the whole input outgrows L2: ResNet-50's 3x3 layers of width 7 at
-    # batch 8 ran filters first at 1.2-1.3x (each block's weights then stay in L2).
-    flat_tiles = _flat_tiles(core, wl, n_lanes)
-    if flat_tiles:
-        t, v = flat_tiles[0]
-        if _flat_score(core, wl, n_lanes, t, v) > _tile_score(core, wl, n_lanes, ow, oh, fv):
-            input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
-            window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
-            return Knobs(n_lanes, v, t, rc_tile=wl.group_in_channels, order="filters" if window_beyond_l2 else "pixels",
-                         flat=True)
+    (ow, oh, fv), flat, _ = _direct_tile(core, wl, n_lanes)
+    if flat:
+        # Flat tiles run pixels first: each tile's input stays in cache while every filter block's weights
+        # stream past; on the 7x7 layers that ran 0.98-1.3x rows first and mostly 1.0-1.5x filters first at
+        # batch 1 and 8 (ResNet-50's 1x1 stride-2 one at batch 8: 0.81-0.98x in three runs), except where a
+        # window's taps multiply a tile's input beyond L1 and the whole input outgrows L2: ResNet-50's 3x3
+        # layers of width 7 at batch 8 ran filters first at 1.2-1.3x (each block's weights then stay in L2).
+        input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
+        window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
+        return Knobs(n_lanes, fv, ow, rc_tile=wl.group_in_channels, order="filters" if window_beyond_l2 else "pixels",
+                     flat=True)
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
     # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,
@@ -256,6 +254,22 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
     pad_inline = (wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
                   and (oh == 1 or ow * oh * fv <= _CHECKED_ACCUMULATORS))
     return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=_order(core, wl, n_lanes * fv), pad_inline=pad_inline)
+
+
+def _direct_tile(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[tuple[int, int, int], bool, float]:
+    """The direct sum's register tile the model scores best: ((columns, rows, filter vectors), whether flat
+    (its columns then pixels), its score). Where the width holds less than two tiles of 4 columns (7x7
+    layers: 5 columns with a tail, or 7 of one vector), flat tiles of any number of pixels may do better, at
+    the cost of the epilogue's pass. Measured on Zen 3: on the 7x7 layers of ResNet-50 and MobileNetV2,
+    1.1-2.3x the rectangles; on wider layers 0.5-1.0x mostly, the 1x1 ones worst (for them tall tiles beat
+    wide ones, and flat tiles are wide)."""
+    rectangle = _best_rectangle(core, wl, n_lanes)
+    score = _tile_score(core, wl, n_lanes, *rectangle)
+    for pixels, fv in _flat_tiles(core, wl, n_lanes)[:1]:
+        flat_score = _flat_score(core, wl, n_lanes, pixels, fv)
+        if flat_score > score:
+            return (pixels, 1, fv), True, flat_score
+    return rectangle, False, score
 
 
 def _best_rectangle(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[int, int, int]:
@@ -278,17 +292,38 @@ def _order(core: CpuCore, wl: ConvWorkload, block: int) -> str:
 
 
 def _winograd_tile(wl: ConvWorkload, core: CpuCore) -> int:
-    """F(4, 3) where it applies (`ConvWorkload.winograd_applies`) to float32 channels-last layers of 16
-    channels and filters or more, else 0 (the direct sum). It multiplies 36 times per 16 output pixels where
-    the direct sum does 144, and adds transforms that stream the input and output once more: on Zen 4
-    ResNet-50's 3x3 stride-1 layers ran 2.1-2.8x the direct kernels at batch 1 and 1.6-2.6x at batch 8,
-    within 7e-6 of float64 relative to the largest output (scripts/bench_winograd.py); F(2, 3) ran
-    1.6-2.1x at batch 1 (the probe of commit 21ae2c2, scripts/winograd_probe.py).
+    """m of Winograd F(m, 3) (`WINOGRAD_TILES`) or 0 for the direct sum: the fewest cycles the model of the
+    core gives each (`_cycles`), where Winograd applies (`ConvWorkload.winograd_applies`) to float32
+    channels-last layers of 16 channels and filters or more. F(4, 3) multiplies 36 times per 16 output pixels
+    where the direct sum does 144, F(2, 3) 16 per 4, but their transformed weights are 4x and 1.8x the
+    direct sum's, read by as many tiles as the output has: at batch 1 on a 7x7 layer, 4 tiles of F(4, 3), so
+    ResNet-50's 512-channel one streams 38 MB a call from memory. There on Zen 3 (20 GB/s from memory) F(4, 3)
+    ran 0.7-1.0x the direct sum and F(2, 3), whose 17 MB stay in L3, 1.0-1.3x, where on Zen 4 F(4, 3) ran 2.5x
+    the direct sum. Elsewhere on Zen 4 F(4, 3) ran ResNet-50's 3x3 stride-1 layers at 2.1-2.8x the direct
+    kernels at batch 1 and 1.6-2.6x at batch 8, within 7e-6 of float64 relative to the largest output
+    (scripts/bench_winograd.py); F(2, 3) 1.6-2.1x at batch 1 (the probe of commit 21ae2c2).
     Fewer channels leave the product too small to pay for the transforms; float16 would round the
     transformed weights (their entries grow to 4x), and channels-first inputs would be gathered."""
-    applies = (wl.winograd_applies and wl.dtype == "float32" and wl.channels_last
-               and min(wl.in_channels, wl.filters) >= 16 and wl.filters % lanes(wl, core) == 0)
-    return 4 if applies else 0
+    n_lanes = lanes(wl, core)
+    if not (wl.winograd_applies and wl.dtype == "float32" and wl.channels_last
+            and min(wl.in_channels, wl.filters) >= 16 and wl.filters % n_lanes == 0):
+        return 0
+    bytes_per_element = _element_bytes(wl)
+    cycles = {0: _cycles(core, wl, _direct_tile(core, wl, n_lanes)[2], math.prod(wl.weights_shape) * bytes_per_element)}
+    for m in WINOGRAD_TILES:
+        gemm = wl.winograd_gemm(m)
+        weights = gemm.batch * math.prod(gemm.weights_shape) * bytes_per_element
+        # The transforms write the product's input and read its output, which the product reads and writes.
+        transformed = gemm.batch * gemm.out_width * (gemm.in_channels + gemm.filters) * bytes_per_element
+        score = _tile_score(core, gemm, n_lanes, *_best_rectangle(core, gemm, n_lanes))
+        cycles[m] = _cycles(core, gemm, score, weights) + 2 * transformed / _stream_rate(core, transformed)
+    return min(cycles, key=cycles.get)
+
+
+def _cycles(core: CpuCore, wl: ConvWorkload, score: float, weight_bytes: int) -> float:
+    """Cycles of a kernel whose tiles reach `score` of the FMA peak, or that its weights take to stream in
+    once, whichever is more (the FMAs run while they stream)."""
+    return max(_peak_cycles(core, wl) / score, weight_bytes / _stream_rate(core, weight_bytes))
 
 
 def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:
@@ -303,16 +338,23 @@ def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int
 
 def _flat_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, pixels: int, fv: int) -> float:
     """A flat tile's score (`Knobs.flat`): its efficiency, discounted for the idle pixels of its last tile and
-    for the epilogue's pass, which writes the conv stage and reads it back, at L2's rate where the stage
-    fits there, else at the rate of L3 and memory."""
+    for the epilogue's pass, which writes the conv stage and reads it back (`_stream_rate`)."""
     total = wl.batch * wl.out_height * wl.out_width
     score = (_tile_efficiency(core, wl, n_lanes, pixels, 1, fv) * _used(total, pixels)
              * _used(wl.filters, fv * n_lanes))
     compute_cycles = _peak_cycles(core, wl) / score
     stage_bytes = total * wl.filters * _element_bytes(wl)
-    rate = core.l2_bytes_per_cycle if stage_bytes <= core.l2_bytes else core.beyond_l2_bytes_per_cycle
-    pass_cycles = 2 * stage_bytes / rate
+    pass_cycles = 2 * stage_bytes / _stream_rate(core, stage_bytes)
     return score * compute_cycles / (compute_cycles + pass_cycles)
+
+
+def _stream_rate(core: CpuCore, size: int) -> float:
+    """Bytes per cycle and core at which a pass streams `size` bytes: L2's rate where they fit there, L3's
+    where they fit half of it (other cores and tenants share it: on Zen 3, whose L3 is 32 MB, two threads
+    read 16 MB at 60 GB/s, 24 MB at 29 and 64 MB at 22), else memory's."""
+    if size <= core.l2_bytes:
+        return core.l2_bytes_per_cycle
+    return core.l3_bytes_per_cycle if size <= core.l3_bytes // 2 else core.memory_bytes_per_cycle
 
 
 def _vector_counts(wl: ConvWorkload, n_lanes: int) -> list[int]:

@@ -95,13 +95,13 @@ def test_the_host_core_has_the_caches_linux_reports():
     root, sizes = "/sys/devices/system/cpu/cpu0/cache", {}
     for index in (name for name in os.listdir(root) if name.startswith("index")):
         level, kind, size = (open(os.path.join(root, index, field)).read().strip() for field in ("level", "type", "size"))
-        if (level, kind) in (("1", "Data"), ("2", "Unified")):
-            sizes["l1_bytes" if level == "1" else "l2_bytes"] = int(size[:-1]) * {"K": 1024, "M": 1 << 20}[size[-1]]
+        if (level, kind) in (("1", "Data"), ("2", "Unified"), ("3", "Unified")):
+            sizes[f"l{level}_bytes"] = int(size[:-1]) * {"K": 1024, "M": 1 << 20}[size[-1]]
     assert x86.host_caches() == sizes and sizes
     host = targets.resolve(None)
     if targets.architecture(host) == "x86_64":
         core = x86.core(host)
-        assert (core.l1_bytes, core.l2_bytes) == (sizes["l1_bytes"], sizes["l2_bytes"])
+        assert {name: getattr(core, name) for name in sizes} == sizes
 
 
 def test_x86_defaults_fit_the_register_file():
@@ -136,17 +136,24 @@ def test_x86_defaults_on_7x7_layers_leave_no_width_tail(preset):
 @pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512"])
 def test_winograd_defaults(preset):
     """F(4, 3) for float32 channels-last 3x3 stride-1 layers of 16 channels and filters or more, its product
-    tiled as the 1x1 convolution with its loops; the direct sum elsewhere. Tuning searches both."""
+    tiled as the 1x1 convolution with its loops; F(2, 3) where F(4, 3)'s transformed weights (38 MB) would
+    stream from memory for 4 tiles (batch 1, 7x7) or its tiles would mostly overhang the output (5x5: 25 of
+    64 pixels used, F(2, 3) 25 of 36); the direct sum elsewhere. Tuning searches the chosen one and the
+    direct sum."""
     target = targets.resolve(preset)
-    for wl in (ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same"), ConvWorkload(8, 7, 7, 512, 512, (3, 3)),
-               ConvWorkload(1, 14, 14, 16, 32, (3, 3), padding="same", use_bias=False, activation="relu")):
+    for wl, m in ((ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same"), 4),
+                  (ConvWorkload(8, 7, 7, 512, 512, (3, 3), padding="same"), 4),
+                  (ConvWorkload(1, 14, 14, 16, 32, (3, 3), padding="same", use_bias=False, activation="relu"), 4),
+                  (ConvWorkload(1, 7, 7, 512, 512, (3, 3), padding="same"), 2),
+                  (ConvWorkload(8, 7, 7, 512, 512, (3, 3)), 2)):
         knobs = x86.RULE.default_knobs(wl, target)
-        gemm = wl.winograd_gemm(4)
-        assert (gemm.batch, gemm.out_height, gemm.out_width) == (36, 1, wl.batch * (-(-wl.out_height // 4)) ** 2)
-        assert knobs.winograd == 4 and not knobs.flat and knobs.oh_tile == 1 and knobs.rc_tile == wl.in_channels
+        gemm = wl.winograd_gemm(m)
+        tiles = -(-wl.out_height // m)
+        assert (gemm.batch, gemm.out_height, gemm.out_width) == ((m + 2) ** 2, 1, wl.batch * tiles ** 2)
+        assert knobs.winograd == m and not knobs.flat and knobs.oh_tile == 1 and knobs.rc_tile == wl.in_channels
         assert knobs.ow_tile <= gemm.out_width, knobs
         variants = x86.RULE.tunable_knobs(wl, target)
-        assert {k.winograd for k in variants} == {0, 4} and {k.layout for k in variants} > {(knobs.weight_block, 0, 4)}
+        assert {k.winograd for k in variants} == {0, m} and {k.layout for k in variants} > {(knobs.weight_block, 0, m)}
     for wl in (ConvWorkload(1, 56, 56, 64, 64, (3, 3), (2, 2), padding="same"),
                ConvWorkload(1, 56, 56, 64, 64, (3, 3), dilation=(2, 2), padding="same"),
                ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same", groups=2),
@@ -304,7 +311,8 @@ def test_winograd_is_tuned_in_a_task_of_its_own():
     layouts = [records.workload_of(c.mod["main"])[1] for c in tuning.tasks(wl, HOST, "template")]
     assert sorted(layouts) == sorted({k.layout for k in variants})
     winograd = [layout for layout in layouts if layout[2]]
-    assert winograd and {layout[2] for layout in winograd} == {4}
+    m = find_rule(HOST).default_knobs(wl, HOST).winograd
+    assert m and winograd and {layout[2] for layout in winograd} == {m}
     context = tuning.tasks(wl, HOST, "template")[layouts.index(winograd[-1])]
     spaces = context.generate_design_space()
     assert len(spaces) == sum(k.layout == winograd[-1] for k in variants)
