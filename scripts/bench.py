@@ -35,7 +35,7 @@ The headline is per network stack: the time of all of its convolutions, each wei
 network runs it (ResNet-50: 53, MobileNetV2: 52), per peer; tvmconv's ratio to the best peer other than
 itself (above 1: tvmconv is faster) and its share of the FMA peak (measured here by a TVM kernel of
 independent FMAs). Per-layer rows keep the ratio to the best peer. Results: a JSON file (`--json`, default
-bench_results/<llvm cpu>-<date>.json), `--markdown PATH`, and a chart of the per-layer ratios next to
+bench_results/<llvm cpu>-<date>T<hhmm>.json), `--markdown PATH`, and a chart of the per-layer ratios next to
 the JSON. Run on an idle machine: the run reports the CPU share other processes took.
 """
 from __future__ import annotations
@@ -360,21 +360,27 @@ def overhead(peers: dict) -> dict:
     return found
 
 
+def headline_peer(peers: list[str]) -> str:
+    """Whose ratios the report heads with: tvmconv with its records, else its defaults where only they ran."""
+    return next((p for p in OURS if p in peers), OURS[0])
+
+
 def markdown(meta: dict, summary: dict, peers: list[str], extra: dict) -> str:
     lines = [f"CPU: **{meta['cpu_model']}** (LLVM `{meta['llvm_cpu']}`, {meta['vector_bits']}-bit vectors), "
              f"{meta['threads']} threads; FMA peak {meta['peak']['gflops']:.0f} GFLOP/s (measured); fastest of "
              f"{meta['rounds']} rounds; "
              f"{meta['date']}, tvmconv commit {meta['tvmconv_commit']}; "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", ""]
-    lines += ["| stack | batch | " + " | ".join(peers) + " | tvmconv / best peer | tvmconv % of peak |",
+    ours = headline_peer(peers)
+    lines += ["| stack | batch | " + " | ".join(peers) + f" | {ours} / best peer | {ours} % of peak |",
               "|---|---:|" + "---:|" * len(peers) + "---:|---:|"]
     for s in summary["stacks"]:
         cells = [f"{s['seconds'][p] * 1e3:.2f} ms" if p in s["seconds"] else "-" for p in peers]
         best = s.get("best_peer")
         cells = [f"**{c}**" if p == best else c for p, c in zip(peers, cells)]
         lines.append(f"| {s['network']} ({s['convolutions']} convolutions) | {s['batch']} | " + " | ".join(cells)
-                     + f" | {s.get('tvmconv_ratio', float('nan')):.3f}x (min layer {s.get('tvmconv_min_layer_ratio', float('nan')):.2f}x)"
-                     + f" | {s['pct_peak'].get('tvmconv', float('nan')):.0f}% |")
+                     + f" | {s.get(f'{ours}_ratio', float('nan')):.3f}x (min layer {s.get(f'{ours}_min_layer_ratio', float('nan')):.2f}x)"
+                     + f" | {s['pct_peak'].get(ours, float('nan')):.0f}% |")
     if extra:
         lines += ["", "Per-call overhead of `layer(x)` over the bare kernel: "
                   + "; ".join(f"{k} {v:.3f}" for k, v in extra.items()) + "."]
@@ -384,33 +390,34 @@ def markdown(meta: dict, summary: dict, peers: list[str], extra: dict) -> str:
             if not rows:
                 continue
             lines += ["", f"{network}, batch {batch} (times in µs, median):", "",
-                      "| layer | × | GFLOP | " + " | ".join(peers) + " | tvmconv GF/s | best peer | tvmconv / best |",
+                      "| layer | × | GFLOP | " + " | ".join(peers) + f" | {ours} GF/s | best peer | {ours} / best |",
                       "|---|---:|---:|" + "---:|" * len(peers) + "---:|---|---:|"]
             for r in rows:
                 cells = [f"{r['seconds'][p] * 1e6:.0f}" if p in r["seconds"] else "-" for p in peers]
-                gflops = r["flops"] / r["seconds"]["tvmconv"] / 1e9 if "tvmconv" in r["seconds"] else float("nan")
+                gflops = r["flops"] / r["seconds"][ours] / 1e9 if ours in r["seconds"] else float("nan")
                 lines.append(f"| {r['name'].split('/', 1)[1]} | {r['count']} | {r['flops'] / 1e9:.3f} | "
                              + " | ".join(cells) + f" | {gflops:.0f} | {r.get('best_peer', '-')} | "
-                             + f"{r.get('tvmconv_ratio', float('nan')):.2f} |")
+                             + f"{r.get(f'{ours}_ratio', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: pathlib.Path, title: str) -> None:
+def plot(summary: dict, peers: list[str], path: pathlib.Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in summary["layers"] if "tvmconv_ratio" in r]
+    ours = headline_peer(peers)
+    rows = [r for r in summary["layers"] if f"{ours}_ratio" in r]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(10, 1.8 + 0.25 * len(rows)))
     positions = list(range(len(rows)))[::-1]
-    ratios = [r["tvmconv_ratio"] for r in rows]
+    ratios = [r[f"{ours}_ratio"] for r in rows]
     ax.barh(positions, [v - 1.0 for v in ratios], left=1.0,
             color=["tab:blue" if r["network"] == "resnet50" else "tab:orange" for r in rows])
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
     ax.set_yticks(positions, [f"{r['name']} b{r['batch']} ×{r['count']}" for r in rows], fontsize=7)
-    ax.set_xlabel("tvmconv layer(x) / best peer, throughput (higher is better; 1.0 = parity)")
+    ax.set_xlabel(f"{ours} layer(x) / best peer, throughput (higher is better; 1.0 = parity)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -433,7 +440,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "its fastest (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="inputs and weights (default 0)")
     parser.add_argument("--log-dir", type=pathlib.Path, help="tvmconv's tuning-log root (default: $TVMCONV_TUNING_LOGS)")
-    parser.add_argument("--json", type=pathlib.Path, help="results (default bench_results/<cpu>-<date>.json)")
+    parser.add_argument("--json", type=pathlib.Path, help="results (default bench_results/<cpu>-<date>T<hhmm>.json)")
     parser.add_argument("--markdown", type=pathlib.Path, help="also write the report as Markdown here")
     parser.add_argument("--list", action="store_true", help="list the selected layers and exit")
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
@@ -493,12 +500,14 @@ def main(argv=None) -> int:
     if disturbed:
         print(f"WARNING: other processes took more than {DISTURBED_PCT:.0f}% of the CPUs while these were timed: "
               f"{', '.join(disturbed)}; rerun on an idle machine")
-    stem = f"{meta['llvm_cpu']}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}"
+    # to the minute: a second run the same day must not overwrite the first's
+    stem = f"{meta['llvm_cpu']}-{datetime.datetime.now().strftime('%Y-%m-%dT%H%M')}{'-quick' if args.quick else ''}"
     json_path = args.json or REPO_ROOT / "bench_results" / f"{stem}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "summary": summary, "overhead": extra, "peers": results,
                                      "mismatches": mismatches, "disturbed": disturbed}, indent=1) + "\n")
-    plot(summary, json_path.with_suffix(".png"), f"tvmconv / best peer, {meta['llvm_cpu']}, {args.threads} threads")
+    plot(summary, args.peers, json_path.with_suffix(".png"),
+         f"{headline_peer(args.peers)} / best peer, {meta['llvm_cpu']}, {args.threads} threads")
     if args.markdown:
         args.markdown.write_text(report)
     print(f"wrote {json_path}" + (f" and {args.markdown}" if args.markdown else "") + f" in {meta['wall_s']:.0f} s")
