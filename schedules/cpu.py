@@ -298,7 +298,7 @@ def _winograd_tile(wl: ConvWorkload, core: CpuCore) -> int:
     where the direct sum does 144, F(2, 3) 16 per 4, but their transformed weights are 4x and 1.8x the
     direct sum's, read by as many tiles as the output has: at batch 1 on a 7x7 layer, 4 tiles of F(4, 3), so
     ResNet-50's 512-channel one streams 38 MB a call from memory. There on Zen 3 (20 GB/s from memory) F(4, 3)
-    ran 0.7-1.0x the direct sum and F(2, 3), whose 17 MB stay in L3, 1.0-1.3x, where on Zen 4 F(4, 3) ran 2.5x
+    ran 0.7-1.0x the direct sum and F(2, 3), 17 MB read by 16 tiles, 1.0-1.3x, where on Zen 4 F(4, 3) ran 2.5x
     the direct sum. Elsewhere on Zen 4 F(4, 3) ran ResNet-50's 3x3 stride-1 layers at 2.1-2.8x the direct
     kernels at batch 1 and 1.6-2.6x at batch 8, within 7e-6 of float64 relative to the largest output
     (scripts/bench_winograd.py); F(2, 3) 1.6-2.1x at batch 1 (the probe of commit 21ae2c2).
