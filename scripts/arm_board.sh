@@ -131,7 +131,12 @@ board_run() {  # board_run [PROOT_OPTIONS...] -- COMMAND...
 # --- setup: one marker per step; (re)doing a step drops the markers of the steps after it -----
 
 step_rootfs() {
-  # A half-done tree cannot be resumed reliably: start again from an empty folder.
+  # A half-done tree cannot be resumed reliably: start again from an empty folder. As root, debootstrap's
+  # second stage mounts proc and sys in the tree for real; one that was killed leaves them mounted, and
+  # rm cannot delete a mounted sysfs: unmount what lies under the tree first, deepest first.
+  if [[ -d $ROOTFS ]] && ((EUID == 0)); then
+    awk -v root="$ROOTFS/" 'index($2, root) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l
+  fi
   rm -rf "$ROOTFS"
   mkdir -p "$ROOTFS"
   local mirror fakeroot=()
