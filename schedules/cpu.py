@@ -48,12 +48,20 @@ class CpuCore:
     l1_bytes: int = 32 << 10    # data cache per core
     l2_bytes: int = 1 << 20     # per core
     l2_bytes_per_cycle: int = 32  # what L2 sustains to L1 per cycle
+    # The share of L2 that a layer's weights, read again for every row of tiles, can fill and still come
+    # from L2. No cache tells it: 1 where no less was measured (Zen), the families' tables give less where it was.
+    weights_l2_share: float = 1.0
     l3_bytes: int = 32 << 20    # the last-level cache, shared by the cores
     l3_bytes_per_cycle: int = 8  # what L3 sustains per core, all cores streaming
     # What memory sustains per core, all cores streaming: no cache or register tells it, so the families'
     # tables give what their machines measured. The default is the lowest seen (Zen 3: two threads read
     # 20 GB/s beyond L3, 3.4 bytes a cycle per core at the clock of its FMA peak).
     memory_bytes_per_cycle: float = 3.4
+
+    @property
+    def weights_l2_bytes(self) -> int:
+        """The most weights that stay in L2 from one row of tiles to the next (`weights_l2_share`)."""
+        return int(self.l2_bytes * self.weights_l2_share)
 
     @property
     def accumulators(self) -> float:
@@ -166,30 +174,31 @@ def _tile_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh: int,
 def _filters_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
     """Whether filter blocks go outermost: only where rows first would stream more bytes from beyond L2 than
     L3 and memory deliver while the FMAs run, and filters first streams fewer. Rows first reads every
-    filter block once per row, so all the weights again for each row once they outgrow L2 (ResNet-50's
-    7x7x512 layers: 66 MB); filters first reads the whole input once per filter block, once the input
-    outgrows L2."""
+    filter block once per row, so all the weights again for each row once they outgrow the share of L2
+    that keeps them (`CpuCore.weights_l2_bytes`; ResNet-50's 7x7x512 layers: 66 MB); filters first reads
+    the whole input once per filter block, once the input outgrows L2."""
     bytes_per_element = _element_bytes(wl)
     weights = math.prod(wl.weights_shape) * bytes_per_element
     image = math.prod(wl.input_shape) * bytes_per_element
     rows, blocks = wl.batch * wl.out_height, -(-wl.filters // block)
-    rows_first = weights * (rows if weights > core.l2_bytes else 1) + image
+    rows_first = weights * (rows if weights > core.weights_l2_bytes else 1) + image
     filters_first = image * (blocks if image > core.l2_bytes else 1) + weights
     return rows_first / core.l3_bytes_per_cycle > _peak_cycles(core, wl) and filters_first < rows_first
 
 
 def _pixels_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
     """Whether each tile runs every filter block before the next tile: where there are several blocks, the
-    output is over twice L2 and the weights fit there. Rows first writes a row's pixels once per filter
-    block, a block's share of each pixel at a time, and those strided writes then go beyond L2; pixels
-    first writes each pixel whole, one stream, and reads all the weights once per tile, from L2. Measured
-    on Zen 4 at batch 8: 1.02-1.41x rows first on the 1x1 layers of ResNet-50 and MobileNetV2 of width 14
-    to 112 (Zen 3's code there: 1.03-1.15x), 1.0-1.02x on the 3x3 ones of width 28 and 56; at batch 1,
-    1.0-1.01x where the output was over twice L2, 0.9x on three where it was not (0.6-1.6 MB; L2: 1 MB)."""
+    output is over twice L2 and the weights stay in L2 (`CpuCore.weights_l2_bytes`). Rows first writes a
+    row's pixels once per filter block, a block's share of each pixel at a time, and those strided writes
+    then go beyond L2; pixels first writes each pixel whole, one stream, and reads all the weights once per
+    tile, from L2. Measured on Zen 4 at batch 8: 1.02-1.41x rows first on the 1x1 layers of ResNet-50 and
+    MobileNetV2 of width 14 to 112 (Zen 3's code there: 1.03-1.15x), 1.0-1.02x on the 3x3 ones of width 28
+    and 56; at batch 1, 1.0-1.01x where the output was over twice L2, 0.9x on three where it was not
+    (0.6-1.6 MB; L2: 1 MB)."""
     bytes_per_element = _element_bytes(wl)
     weights = math.prod(wl.weights_shape) * bytes_per_element
     output = math.prod(wl.output_shape) * bytes_per_element
-    return wl.groups == 1 and wl.filters > block and output > 2 * core.l2_bytes and weights <= core.l2_bytes
+    return wl.groups == 1 and wl.filters > block and output > 2 * core.l2_bytes and weights <= core.weights_l2_bytes
 
 
 def _depthwise(wl: ConvWorkload) -> bool:
@@ -231,7 +240,11 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
     if m:
         gemm = wl.winograd_gemm(m)
         ow, oh, fv = _best_rectangle(core, gemm, n_lanes)
-        return Knobs(n_lanes, fv, ow, oh, gemm.group_in_channels, order=_order(core, gemm, n_lanes * fv), winograd=m)
+        # The product's rows are the transform's points, each with weights of its own, read once in any
+        # order: none must stay in L2 from one row to the next (on Sapphire Rapids, ResNet-50's conv3x3_7x7x512
+        # at batch 1 ran F(2, 3)'s rows first at 1.08x filter blocks first).
+        order = _order(dataclasses.replace(core, weights_l2_share=1.0), gemm, n_lanes * fv)
+        return Knobs(n_lanes, fv, ow, oh, gemm.group_in_channels, order=order, winograd=m)
     (ow, oh, fv), flat, _ = _direct_tile(core, wl, n_lanes)
     if flat:
         # Flat tiles run pixels first: each tile's input stays in cache while every filter block's weights

@@ -5,8 +5,8 @@ microarchitecture, named by LLVM's CPU name: how many FMAs and loads of that wid
 FMA latency and what a broadcast costs (vendors' optimization manuals and Agner Fog's tables; where
 those do not say, measured). Intel's server cores issue two 512-bit FMAs per cycle, so they need twice
 the accumulators in flight that AMD's Zen 4 needs, whose 512-bit FMAs issue as two 256-bit halves. The
-caches are read from /sys for this host's own CPU, else taken from the table; memory's rate, which no cache
-tells, from the table (measured).
+caches are read from /sys for this host's own CPU, else taken from the table; memory's rate and the share of
+L2 that keeps a layer's weights, which no cache tells, from the table (measured).
 """
 import functools
 import os
@@ -19,8 +19,14 @@ from .cpu import CpuCore, CpuRule
 # Intel's cores). On Zen 3, ResNet-50's stack at 24 ran 9% faster than at 32, its weight-heavy tiles
 # (4 filter vectors, whose 128 weight bytes a step L2 delivers just in time at 32) picked less often.
 _ZEN = dict(l1_bytes=32 << 10, l2_bytes=512 << 10, l2_bytes_per_cycle=24)
+# Intel's server L2 keeps weights read again on every row only up to about a quarter of its size
+# (CpuCore.weights_l2_share). Measured on Sapphire Rapids (2 MiB of L2), kernels alone, the orders taking turns:
+# ResNet-50's four 1x1 layers whose weights take 1-2 MiB ran rows first at 0.86-0.89x filter blocks first
+# at batch 1 and 0.86-0.94x at batch 8 (pixels first 0.51-0.88x), MobileNetV2's four 1x1 layers of width 7
+# with 0.6-1.6 MiB at 0.69-0.91x and 0.82-0.95x; its 1x1 layers of 512 KiB and less at 0.95-1.27x.
+# Assumed on the other server cores, whose L2 and L3 are built alike (not measured there).
 _INTEL_SERVER = dict(fma_ports=2, fma_latency=4, load_ports=2, l1_bytes=48 << 10, l2_bytes=1280 << 10,
-                     l2_bytes_per_cycle=48)
+                     l2_bytes_per_cycle=48, weights_l2_share=0.25)
 _INTEL_CLIENT = dict(fma_ports=2, fma_latency=4, load_ports=2, l1_bytes=32 << 10, l2_bytes=256 << 10,
                      l2_bytes_per_cycle=48)
 # Memory's rate per core (CpuCore.memory_bytes_per_cycle) as measured: on Zen 4 and Sapphire Rapids, at

@@ -207,6 +207,22 @@ def test_loop_orders_and_inline_padding_of_the_defaults():
     assert {k.order for k in x86.RULE.tunable_knobs(all_sides, target)} == set(cpu.ORDERS)
 
 
+def test_weights_stay_in_a_quarter_of_intels_server_l2():
+    """Rows first reads all the weights again for every row of tiles; Intel's server L2 keeps them only up to a
+    quarter of its size (x86's table), Zen's up to the whole of it. So ResNet-50's 1x1 layers with 1-2 MiB of
+    weights run filter blocks first on Sapphire Rapids (2 MiB of L2) and rows first on Zen 4 (1 MiB), at batch
+    1 and 8. Winograd's product reads each point's weights once in any order: its order is not affected."""
+    sapphire_rapids, zen4 = (targets.resolve({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+                             for mcpu in ("sapphirerapids", "znver4"))
+    assert x86.RULE.core(sapphire_rapids).weights_l2_bytes == x86.RULE.core(sapphire_rapids).l2_bytes // 4
+    assert x86.RULE.core(zen4).weights_l2_bytes == x86.RULE.core(zen4).l2_bytes
+    for wl in (ConvWorkload(1, 14, 14, 1024, 512, (1, 1)), ConvWorkload(8, 28, 28, 512, 1024, (1, 1), (2, 2))):
+        assert x86.RULE.default_knobs(wl, sapphire_rapids).order == "filters", wl.label
+        assert x86.RULE.default_knobs(wl, zen4).order == "rows", wl.label
+    winograd = x86.RULE.default_knobs(ConvWorkload(1, 7, 7, 512, 512, (3, 3), padding="same"), sapphire_rapids)
+    assert winograd.winograd and winograd.order == "rows"
+
+
 def test_flat_tiles_are_tuned_in_tasks_of_their_own():
     """Where flat tiles apply (widths under 8, not depthwise), the tuner's space holds them besides the rectangles,
     one number of pixels per vector count, each layout (weight block, flat tile) a task of its own. A program
