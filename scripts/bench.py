@@ -270,7 +270,11 @@ def run_peer(peer: str, items: list[dict], args, folder: pathlib.Path, round_: i
     out = folder / f"result-{peer}-{round_}.json"
     spec.write_text(json.dumps({"peer": peer, "threads": args.threads, "repeat": args.repeat, "seed": args.seed,
                                 "workloads": items}))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TVM_NUM_THREADS=str(args.threads))
+    # numpy's BLAS runs the float64 reference on one thread: with more, its threads spin for ~0.1 s after each
+    # product, and a peer's parallel kernel timed meanwhile shares a core with them (measured: calls of
+    # conv1x1_7x7x960_to320 at batch 8 took 1.6-1.7 ms for 40 calls after a float64 product, 0.8 without).
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TVM_NUM_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS="1")
     if args.log_dir:
         env["TVMCONV_TUNING_LOGS"] = str(args.log_dir)
     print(f"{peer}: {len(items)} layers, round {round_ + 1} of {args.rounds}", flush=True)
@@ -342,8 +346,9 @@ def overhead(peers: dict) -> dict:
     at 1x56x56x64 -> 64 3x3 (%), over MobileNetV2's layers at batch 1 (kernel / call throughput), and where
     their time goes (medians over those layers, µs): the FFI call of the kernel from Python, and the rest of
     the call over that FFI call: tvmconv's Python around it (the DLPack tensors, the thread count, the output
-    pool, the layer's checks) and however much slower the kernel runs after that Python (docs/benchmarks.md:
-    on one machine 1.9 µs of Python, timed with a no-op in place of the kernel, and 3-10% of the kernel)."""
+    pool, the layer's shortcut), which right after a kernel runs on caches the kernel filled, and the kernel
+    running slower in a call than in the evaluator's loop (docs/benchmarks.md, Sapphire Rapids: from the call's
+    start to a 330 µs kernel 6-14 µs, 1.1-1.3 back to back; the kernel 2-3% slower)."""
     if "tvmconv" not in peers:
         return {}
     seconds = {(r["name"], r["batch"]): {step: t["median_s"] for step, t in r["overhead"].items()}
@@ -380,9 +385,10 @@ def markdown(meta: dict, summary: dict, peers: list[str], extra: dict) -> str:
         cells = [f"{s['seconds'][p] * 1e3:.2f} ms" if p in s["seconds"] else "-" for p in peers]
         best = s.get("best_peer")
         cells = [f"**{c}**" if p == best else c for p, c in zip(peers, cells)]
+        ratio = (f"{s[f'{ours}_ratio']:.3f}x (min layer {s[f'{ours}_min_layer_ratio']:.2f}x)"
+                 if f"{ours}_ratio" in s else "-")  # no other peer ran
         lines.append(f"| {s['network']} ({s['convolutions']} convolutions) | {s['batch']} | " + " | ".join(cells)
-                     + f" | {s.get(f'{ours}_ratio', float('nan')):.3f}x (min layer {s.get(f'{ours}_min_layer_ratio', float('nan')):.2f}x)"
-                     + f" | {s['pct_peak'].get(ours, float('nan')):.0f}% |")
+                     + f" | {ratio} | {s['pct_peak'].get(ours, float('nan')):.0f}% |")
     if extra:
         lines += ["", "Per-call overhead of `layer(x)` over the bare kernel: "
                   + "; ".join(f"{k} {v:.3f}" for k, v in extra.items()) + "."]
@@ -399,7 +405,7 @@ def markdown(meta: dict, summary: dict, peers: list[str], extra: dict) -> str:
                 gflops = r["flops"] / r["seconds"][ours] / 1e9 if ours in r["seconds"] else float("nan")
                 lines.append(f"| {r['name'].split('/', 1)[1]} | {r['count']} | {r['flops'] / 1e9:.3f} | "
                              + " | ".join(cells) + f" | {gflops:.0f} | {r.get('best_peer', '-')} | "
-                             + f"{r.get(f'{ours}_ratio', float('nan')):.2f} |")
+                             + (f"{r[f'{ours}_ratio']:.2f} |" if f"{ours}_ratio" in r else "- |"))
     return "\n".join(lines) + "\n"
 
 

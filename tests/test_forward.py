@@ -180,6 +180,33 @@ def test_outputs_are_reused_only_when_dropped():
     assert layer(x).ctypes.data == address  # dropped: its memory serves the next call
 
 
+def test_a_shape_called_before_follows_every_change_of_the_layer():
+    """The second call of a shape takes the layer's shortcut to its forward step: weights, activation and
+    activity regularizer changed after it, and inputs of another dtype, still give Keras's answer."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    layer = tvmconv.Conv2D(4, 3, padding="same")
+
+    def expected():
+        return reference.conv2d(x.astype(np.float64), *(w.astype(np.float64) for w in layer.get_weights()),
+                                padding="same")
+    for _ in range(2):
+        np.testing.assert_allclose(layer(x), expected(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer(x.astype(np.float64)), expected(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="must be a real numeric array.*complex"):
+        layer(x.astype(np.complex64))
+    layer.set_weights([2 * w for w in layer.get_weights()])
+    np.testing.assert_allclose(layer(x), expected(), rtol=1e-5, atol=1e-5)
+    layer.activation = "relu"  # a named activation, compiled into the kernel
+    np.testing.assert_allclose(layer(x), np.maximum(expected(), 0), rtol=1e-5, atol=1e-5)
+    layer.activation = lambda t: t * t  # a Python one, applied after the kernel
+    np.testing.assert_allclose(layer(x), expected() ** 2, rtol=1e-4, atol=1e-5)
+    layer.activation, layer.activity_regularizer = "linear", tvmconv.keras.regularizers.L1(0.5)
+    y = layer(x)
+    np.testing.assert_allclose(layer.losses, [0.5 * np.abs(expected()).sum() / 2], rtol=1e-5)
+    np.testing.assert_allclose(y, expected(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("handle", ["tensor", "array"])
 def test_the_output_pool_keeps_each_array_with_its_handle(handle):
     """The pool hands back each array with what its runner writes through, made once: a CPU tensor over

@@ -88,11 +88,11 @@ class Engine:
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, wl: ConvWorkload, x):
-        """The layer's output for x (in the workload's shape, any real dtype: cast to the compute dtype). For x
-        on the GPU (a runtime.GpuTensor, read in place, in the compute dtype), a tensor of x's library there."""
-        call = self._forward.get(wl) or self._forward_call(wl)
-        return call(x)
+    def forward_step(self, wl: ConvWorkload):
+        """`wl`'s forward step: a function of x (in the workload's shape, any real dtype: cast to the compute
+        dtype) that returns the layer's output; for x on the GPU (a runtime.GpuTensor, read in place, in the
+        compute dtype), a tensor of x's library there. Valid until the next set_weights; over RPC, for one call."""
+        return self._forward.get(wl) or self._forward_call(wl)
 
     def _forward_call(self, wl: ConvWorkload):
         """`wl`'s forward step as one function of x, its kernel and weights bound: made once per workload and
