@@ -176,10 +176,14 @@ def _filters_first(core: CpuCore, wl: ConvWorkload, block: int) -> bool:
     L3 and memory deliver while the FMAs run, and filters first streams fewer. Rows first reads every
     filter block once per row, so all the weights again for each row once they outgrow the share of L2
     that keeps them (`CpuCore.weights_l2_bytes`; ResNet-50's 7x7x512 layers: 66 MB); filters first reads
-    the whole input once per filter block, once the input outgrows L2."""
+    the whole input once per filter block, once the input outgrows L2: the part of it the windows read, a
+    1x1 kernel of stride 2 every other row and column (ResNet-50's conv1x1s2_28x28x512_to1024 at batch 8 on
+    Sapphire Rapids, tiles of 7 columns x 2 vectors: filter blocks first 1.15x rows first, which counting the
+    whole input chose)."""
     bytes_per_element = _element_bytes(wl)
     weights = math.prod(wl.weights_shape) * bytes_per_element
-    image = math.prod(wl.input_shape) * bytes_per_element
+    read = math.prod(min(1.0, k / stride) for k, stride in zip(wl.kernel_size, wl.strides))
+    image = math.prod(wl.input_shape) * bytes_per_element * read
     rows, blocks = wl.batch * wl.out_height, -(-wl.filters // block)
     rows_first = weights * (rows if weights > core.weights_l2_bytes else 1) + image
     filters_first = image * (blocks if image > core.l2_bytes else 1) + weights
@@ -264,9 +268,17 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
     # the 2x2-pixel tile of 4 vectors (16) ran 0.65x the copy on ResNet-50's conv3x3s2_28x28x256 (its assembly
     # stores 6 accumulators in the loop), where 2x2 of 2 vectors (8) ran 1.0x there and 1.06-1.2x on Zen 3, and
     # one-row tiles 1.02-1.05x. (Some larger tiles unswitched: 7x2 of 2 vectors ran 1.02x; no rule tells them apart.)
-    pad_inline = (wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
-                  and (oh == 1 or ow * oh * fv <= _CHECKED_ACCUMULATORS))
-    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=_order(core, wl, n_lanes * fv), pad_inline=pad_inline)
+    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=_order(core, wl, n_lanes * fv),
+                 pad_inline=_pads_inline(wl, ow, oh, fv))
+
+
+def _pads_after_only(wl: ConvWorkload) -> bool:
+    return wl.channels_last and any(wl.pads) and not any(wl.pads[:2])
+
+
+def _pads_inline(wl: ConvWorkload, ow: int, oh: int, fv: int) -> bool:
+    """Whether a tile reads the input's padding through bound checks rather than a padded copy (see above)."""
+    return _pads_after_only(wl) and (oh == 1 or ow * oh * fv <= _CHECKED_ACCUMULATORS)
 
 
 def _direct_tile(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[tuple[int, int, int], bool, float]:
@@ -277,7 +289,7 @@ def _direct_tile(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[tuple[i
     1.1-2.3x the rectangles; on wider layers 0.5-1.0x mostly, the 1x1 ones worst (for them tall tiles beat
     wide ones, and flat tiles are wide)."""
     rectangle = _best_rectangle(core, wl, n_lanes)
-    score = _tile_score(core, wl, n_lanes, *rectangle)
+    score = _rectangle_score(core, wl, n_lanes, *rectangle)
     for pixels, fv in _flat_tiles(core, wl, n_lanes)[:1]:
         flat_score = _flat_score(core, wl, n_lanes, pixels, fv)
         if flat_score > score:
@@ -295,9 +307,26 @@ def _best_rectangle(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[int,
     # lines of a window's taps; a 1x1 kernel has none to share (Zen 3, ResNet-50: 1 column x 4 rows ran
     # 1.0-1.5x 4 columns x 1 row on the 1x1 layers of width 14 to 56, and 0.9-1.0x on the 3x3 layers).
     pointwise = wl.kernel_size == (1, 1)
-    return max(candidates, key=lambda c: (round(_tile_score(core, wl, n_lanes, *c), 6),
+    return max(candidates, key=lambda c: (round(_rectangle_score(core, wl, n_lanes, *c), 6),
                                           c[0] * c[1] * c[2] / (c[0] * c[1] + c[2]),
                                           (c[1], c[0]) if pointwise else (c[0], c[1])))
+
+
+def _rectangle_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, ow: int, oh: int, fv: int) -> float:
+    """The tile's score (`_tile_score`), discounted, where the input is padded only after it, for the pass of
+    the padded copy that a tile which cannot read it in place takes (`_pads_inline`). On Sapphire Rapids,
+    ResNet-50's conv3x3s2_56x56x128: the copy cost 4% at batch 1 and 10% at batch 8 for the same tile, and a tile
+    of 4 x 2 pixels x 2 vectors, which copies, had been chosen over one of 7 x 1 x 2 that reads in place."""
+    score = _tile_score(core, wl, n_lanes, ow, oh, fv)
+    if not _pads_after_only(wl) or _pads_inline(wl, ow, oh, fv):
+        return score
+    return _with_pass(core, wl, score, math.prod(wl.input_shape) * _element_bytes(wl))
+
+
+def _with_pass(core: CpuCore, wl: ConvWorkload, score: float, size: int) -> float:
+    """`score` discounted for a pass besides the kernel's loops that reads and writes `size` bytes."""
+    compute_cycles = _peak_cycles(core, wl) / score
+    return score * compute_cycles / (compute_cycles + 2 * size / _stream_rate(core, size))
 
 
 def _order(core: CpuCore, wl: ConvWorkload, block: int) -> str:
@@ -355,10 +384,7 @@ def _flat_score(core: CpuCore, wl: ConvWorkload, n_lanes: int, pixels: int, fv: 
     total = wl.batch * wl.out_height * wl.out_width
     score = (_tile_efficiency(core, wl, n_lanes, pixels, 1, fv) * _used(total, pixels)
              * _used(wl.filters, fv * n_lanes))
-    compute_cycles = _peak_cycles(core, wl) / score
-    stage_bytes = total * wl.filters * _element_bytes(wl)
-    pass_cycles = 2 * stage_bytes / _stream_rate(core, stage_bytes)
-    return score * compute_cycles / (compute_cycles + pass_cycles)
+    return _with_pass(core, wl, score, total * wl.filters * _element_bytes(wl))
 
 
 def _stream_rate(core: CpuCore, size: int) -> float:

@@ -16,17 +16,23 @@ from tvmconv.targets import host, vector_bits
 from .cpu import CpuCore, CpuRule
 
 # L2's bandwidth to L1 as sustained: 3/4 of its peak (32 bytes a cycle on Zen 1 to 3, 64 on Zen 4 and on
-# Intel's cores). On Zen 3, ResNet-50's stack at 24 ran 9% faster than at 32, its weight-heavy tiles
-# (4 filter vectors, whose 128 weight bytes a step L2 delivers just in time at 32) picked less often.
+# Intel's client cores; the server cores' below). On Zen 3, ResNet-50's stack at 24 ran 9% faster than at 32,
+# its weight-heavy tiles (4 filter vectors, whose 128 weight bytes a step L2 delivers just in time at 32)
+# picked less often.
 _ZEN = dict(l1_bytes=32 << 10, l2_bytes=512 << 10, l2_bytes_per_cycle=24)
 # Intel's server L2 keeps weights read again on every row only up to about a quarter of its size
 # (CpuCore.weights_l2_share). Measured on Sapphire Rapids (2 MiB of L2), kernels alone, the orders taking turns:
 # ResNet-50's four 1x1 layers whose weights take 1-2 MiB ran rows first at 0.86-0.89x filter blocks first
 # at batch 1 and 0.86-0.94x at batch 8 (pixels first 0.51-0.88x), MobileNetV2's four 1x1 layers of width 7
 # with 0.6-1.6 MiB at 0.69-0.91x and 0.82-0.95x; its 1x1 layers of 512 KiB and less at 0.95-1.27x.
+# Its L2 also delivers less to L1 than its 64 bytes a cycle suggest: tiles of 4 filter vectors, which need 32
+# bytes of weights a cycle from L2 where a block's weights outgrow L1, ran slower than tiles of 2 vectors and
+# more pixels (kernels alone, the two taking turns): at 24 bytes a cycle, as on Zen, the model takes those on
+# the 14 layers of ResNet-50 whose tiles then change, which ran 0.99-1.15x at batch 1 (3.7% off the stack's
+# time) and 0.90-1.10x at batch 8 (0.15% off), conv3x3s2_28x28x256, the weakest against the peers, 1.15x and 1.10x.
 # Assumed on the other server cores, whose L2 and L3 are built alike (not measured there).
 _INTEL_SERVER = dict(fma_ports=2, fma_latency=4, load_ports=2, l1_bytes=48 << 10, l2_bytes=1280 << 10,
-                     l2_bytes_per_cycle=48, weights_l2_share=0.25)
+                     l2_bytes_per_cycle=24, weights_l2_share=0.25)
 _INTEL_CLIENT = dict(fma_ports=2, fma_latency=4, load_ports=2, l1_bytes=32 << 10, l2_bytes=256 << 10,
                      l2_bytes_per_cycle=48)
 # Memory's rate per core (CpuCore.memory_bytes_per_cycle) as measured: on Zen 4 and Sapphire Rapids, at
