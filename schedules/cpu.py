@@ -212,9 +212,9 @@ def _depthwise(wl: ConvWorkload) -> bool:
 def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Knobs:
     """Default knobs for this core: Winograd where it pays (`_winograd_tile`; winograd=False: the direct sum,
     what scripts/bench_winograd.py measures it against), the register tile the model of the core scores best,
-    and the loop order that streams the fewest bytes from beyond L2. The reduction runs over all of a group's
-    input channels in one step, named as the number the template samples (`sample_tiles`), so the defaults
-    are a program of the tuner's space (tvmconv.tuning measures it and its neighbours first)."""
+    and the loop order that streams the fewest bytes from beyond L2, and the reduction's step
+    (`_reduction_step`), named as the number the template samples (`sample_tiles`), so the defaults are a
+    program of the tuner's space (tvmconv.tuning measures it and its neighbours first)."""
     depthwise = _depthwise(wl)
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
@@ -248,7 +248,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
         # order: none must stay in L2 from one row to the next (on Sapphire Rapids, ResNet-50's conv3x3_7x7x512
         # at batch 1 ran F(2, 3)'s rows first at 1.08x filter blocks first).
         order = _order(dataclasses.replace(core, weights_l2_share=1.0), gemm, n_lanes * fv)
-        return Knobs(n_lanes, fv, ow, oh, gemm.group_in_channels, order=order, winograd=m)
+        return Knobs(n_lanes, fv, ow, oh, _reduction_step(gemm), order=order, winograd=m)
     (ow, oh, fv), flat, _ = _direct_tile(core, wl, n_lanes)
     if flat:
         # Flat tiles run pixels first: each tile's input stays in cache while every filter block's weights
@@ -258,7 +258,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
         # layers of width 7 at batch 8 ran filters first at 1.2-1.3x (each block's weights then stay in L2).
         input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
         window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
-        return Knobs(n_lanes, fv, ow, rc_tile=wl.group_in_channels, order="filters" if window_beyond_l2 else "pixels",
+        return Knobs(n_lanes, fv, ow, rc_tile=_reduction_step(wl), order="filters" if window_beyond_l2 else "pixels",
                      flat=True)
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
@@ -268,8 +268,26 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
     # the 2x2-pixel tile of 4 vectors (16) ran 0.65x the copy on ResNet-50's conv3x3s2_28x28x256 (its assembly
     # stores 6 accumulators in the loop), where 2x2 of 2 vectors (8) ran 1.0x there and 1.06-1.2x on Zen 3, and
     # one-row tiles 1.02-1.05x. (Some larger tiles unswitched: 7x2 of 2 vectors ran 1.02x; no rule tells them apart.)
-    return Knobs(n_lanes, fv, ow, oh, wl.group_in_channels, order=_order(core, wl, n_lanes * fv),
+    return Knobs(n_lanes, fv, ow, oh, _reduction_step(wl), order=_order(core, wl, n_lanes * fv),
                  pad_inline=_pads_inline(wl, ow, oh, fv))
+
+
+# Input channels per reduction step of a 1x1 kernel (and of Winograd's product, one too). The step's loop is
+# unrolled, so the tile's broadcasts and weight loads for 4 channels issue between one loop branch and the
+# next. On Sapphire Rapids, kernels alone, 4-channel steps against all channels in one loop: ResNet-50's 1x1
+# layers 0.99-1.11x at batch 8 and 0.95-1.15x at batch 1 (13 of 15 layers at 1.02x or more), MobileNetV2's
+# 0.98-1.08x and 0.99-1.10x, the layers of 144 channels and more gaining most; Winograd F(4, 3)'s and
+# F(2, 3)'s products on ResNet-50's 3x3 layers 1.00-1.09x. Steps of 8 ran alike, of 16 0.94-1.01x. A window's
+# taps are looped over inside each step (`apply`), so there a step of 4 channels reads the window's input 4
+# channels at a time: ResNet-50's 3x3 stride-2 layers ran 0.83-0.93x; those keep all channels in one step.
+_POINTWISE_STEP = 4
+
+
+def _reduction_step(wl: ConvWorkload) -> int:
+    """The default rc_tile: `_POINTWISE_STEP` channels for a 1x1 kernel whose group's channels it divides, else
+    all of the group's channels."""
+    cg = wl.group_in_channels
+    return _POINTWISE_STEP if wl.kernel_size == (1, 1) and cg % _POINTWISE_STEP == 0 else cg
 
 
 def _pads_after_only(wl: ConvWorkload) -> bool:

@@ -150,7 +150,7 @@ def test_winograd_defaults(preset):
         gemm = wl.winograd_gemm(m)
         tiles = -(-wl.out_height // m)
         assert (gemm.batch, gemm.out_height, gemm.out_width) == ((m + 2) ** 2, 1, wl.batch * tiles ** 2)
-        assert knobs.winograd == m and not knobs.flat and knobs.oh_tile == 1 and knobs.rc_tile == wl.in_channels
+        assert knobs.winograd == m and not knobs.flat and knobs.oh_tile == 1 and knobs.rc_tile == 4
         assert knobs.ow_tile <= gemm.out_width, knobs
         variants = x86.RULE.tunable_knobs(wl, target)
         assert {k.winograd for k in variants} == {0, m} and {k.layout for k in variants} > {(knobs.weight_block, 0, m)}
@@ -237,6 +237,26 @@ def test_weight_heavy_tiles_follow_what_l2_delivers():
         assert x86.RULE.default_knobs(wl, sapphire_rapids).f_vectors == 2, wl.label
         assert x86.RULE.default_knobs(wl, zen4).f_vectors == 4, wl.label
     assert x86.RULE.default_knobs(ConvWorkload(1, 56, 56, 64, 256, (1, 1)), sapphire_rapids).f_vectors == 4
+
+
+def test_one_by_one_kernels_reduce_four_channels_a_step():
+    """A 1x1 kernel, and Winograd's product, reduce 4 input channels a step (an unrolled loop), where 4 divide
+    a group's channels; a window's taps sit inside each step, so other kernels take all channels in one. The
+    kernels compute the convolution (float64 reference)."""
+    target = targets.resolve("x86-avx512")
+    cases = {ConvWorkload(8, 28, 28, 512, 256, (1, 1)): 4, ConvWorkload(1, 14, 14, 24, 32, (1, 1), (2, 2)): 4,
+             ConvWorkload(1, 7, 7, 4, 32, (1, 1)): 4, ConvWorkload(1, 7, 7, 6, 32, (1, 1)): 6,
+             ConvWorkload(1, 14, 14, 64, 64, (1, 1), groups=4): 4,
+             ConvWorkload(1, 14, 14, 24, 48, (1, 1), groups=4): 6,
+             ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same"): 4,  # Winograd
+             ConvWorkload(1, 28, 28, 256, 256, (3, 3), (2, 2), padding="same"): 256,
+             ConvWorkload(1, 14, 14, 96, 96, (3, 3), padding="same", groups=96): 1}
+    for wl, step in cases.items():
+        assert x86.RULE.default_knobs(wl, target).rc_tile == step, wl.label
+    for wl in (ConvWorkload(1, 7, 9, 12, 32, (1, 1), padding="same"), ConvWorkload(2, 6, 6, 24, 16, (1, 1), groups=2)):
+        knobs = find_rule(HOST).default_knobs(wl, HOST)
+        assert knobs.rc_tile == 4 < wl.group_in_channels, knobs
+        _check(wl, knobs)
 
 
 def test_flat_tiles_are_tuned_in_tasks_of_their_own():
