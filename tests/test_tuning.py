@@ -141,6 +141,33 @@ def test_a_record_slower_than_the_defaults_gives_way_to_them(tuned, tmp_path, mo
         np.testing.assert_allclose(layer(x), np.maximum(z, 0), rtol=1e-4, atol=1e-4)
 
 
+def test_retiming_renews_a_stale_comparison_and_tunes_nothing(tuned, tmp_path, capsys):
+    """`tvmconv logs retime` re-times each workload's best record against the defaults here, as a run does when
+    it ends, and notes both in summary.json: a comparison left from older defaults (here a made-up one, the
+    defaults 1000x as fast) gives way to what runs now. No record is added; a target that cannot run here is
+    refused, naming it."""
+    root, _ = tuned
+    copy = str(tmp_path / "logs")
+    shutil.copytree(root, copy)
+    folder = records.folder(copy, HOST)
+    record_file = os.path.join(folder, records.RECORDS_FILE)
+    before = open(record_file, "rb").read()
+    note_comparison(folder, WL, 1.0, 1000.0)
+    assert records.best(WL, HOST, [copy]) is None
+    assert cli.main(["logs", "retime", "--log-dir", copy]) == 0
+    out = capsys.readouterr().out
+    (row,) = records.summarize(folder)
+    assert row["trials"] == 4 and row["records"] == 4 and open(record_file, "rb").read() == before
+    assert 1.0 < row["retimed_gflops"] and 0 < row["default_gflops"] < 1000.0
+    assert WL.label in out and f"{row['default_gflops']:9.1f}" in out
+    # Builds follow the renewed comparison: the record where it re-timed RECORD_MARGIN faster.
+    assert (records.best(WL, HOST, [copy]) is not None) == row["used"]
+    # Nothing tuned for this target in an empty root; a target of another ISA is refused.
+    assert tuning.retime(log_dir=str(tmp_path / "empty")) == [] and not os.path.exists(tmp_path / "empty")
+    assert cli.main(["logs", "retime", "--log-dir", copy, "--target", "aarch64"]) == 2
+    assert "aarch64" in capsys.readouterr().err
+
+
 def test_rerun_resumes_and_adds_only_missing_trials(tuned, tmp_path):
     root, _ = tuned
     copy = str(tmp_path / "logs")

@@ -135,15 +135,20 @@ def tune(args) -> int:
         _print_round(rounds.write_round(list(zip(counts, budgets, strict=True)), args.target, directory, args.log_dir,
                                         args.space, args.round_size or rounds.ROUND_CANDIDATES), directory)
         return 0
-    results = tuning.tune_workloads(list(counts), args.trials, args.target, args.log_dir, args.space, rpc,
-                                    args.time_budget, min_trials=args.min_trials, counts=list(counts.values()))
+    _print_results(tuning.tune_workloads(list(counts), args.trials, args.target, args.log_dir, args.space, rpc,
+                                         args.time_budget, min_trials=args.min_trials, counts=list(counts.values())),
+                   "nothing to tune")
+    return 0
+
+
+def _print_results(results, empty: str) -> None:
+    """A table of tuning.TuneResult: per workload its trials, errors and GFLOP/s (re-timed here)."""
     print(f"{'workload':44} {'trials':>6} {'errors':>6} {'default':>9} {'tuned':>9} {'tuner':>9}  GFLOP/s")
     for r in results:
         cells = [f"{v:9.1f}" if v else f"{'-':>9}" for v in (r.default_gflops, r.gflops, r.tuner_gflops)]
         stopped = f"  ({r.stopped})" if r.stopped else ""
         print(f"{r.workload.label:44} {r.trials:6d} {r.errors:6d} {' '.join(cells)}{stopped}")
-    print(f"records: {results[0].folder}" if results else "nothing to tune")
-    return 0
+    print(f"records: {results[0].folder}" if results else empty)
 
 
 def _print_round(summary, directory: str) -> None:
@@ -215,6 +220,10 @@ def logs(args) -> int:
                 destination = os.path.join(root, os.path.basename(folder))
                 added = records.merge([folder], destination)
                 print(f"{folder} -> {destination}: {added} new records")
+        return 0
+    if args.logs_command == "retime":
+        from tvmconv import tuning
+        _print_results(tuning.retime(args.target, root), f"no records for {args.target or 'this host'} in {root}")
         return 0
     for folder in records.target_folders(root):
         before, after = records.prune(folder, args.keep)
@@ -311,13 +320,19 @@ def main(argv=None) -> int:
     logs_commands = logs_parser.add_subparsers(dest="logs_command", required=True)
     for name, text in (("list", "per target and workload: trials, best GFLOP/s, date"),
                        ("merge", "merge other log roots into this one"),
-                       ("prune", "keep only the fastest records per workload")):
+                       ("prune", "keep only the fastest records per workload"),
+                       ("retime", "re-time each workload's best record against the defaults here, tuning nothing "
+                                  "(after a change of the defaults, or a busy machine's timing)")):
         sub = logs_commands.add_parser(name, help=text)
         sub.add_argument("--log-dir", default=None, help="default $TVMCONV_TUNING_LOGS or ~/.cache/tvmconv/tuning_logs")
         if name == "merge":
             sub.add_argument("sources", nargs="+", metavar="LOG_ROOT")
         if name == "prune":
             sub.add_argument("--keep", type=int, default=8, help="records kept per workload (default 8)")
+        if name == "retime":
+            sub.add_argument("--target", default=None, type=target_argument,
+                             help="the records' target, which must run here: a preset or a target dict as JSON; "
+                                  "default: this host")
         sub.set_defaults(run=logs)
 
     args = parser.parse_args(argv)

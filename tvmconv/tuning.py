@@ -601,6 +601,27 @@ def _result(wl, target, folder, rpc, done, callback, stopped) -> TuneResult:
                       timed.get("record"), timed["default"], stopped)
 
 
+def retime(target=None, log_dir: str | None = None, threads: int | None = None) -> list[TuneResult]:
+    """Re-time, on this machine, each tuned workload's best record in `log_dir` (default as `tune`) under
+    `target`'s key (default: this host) against the rule's schedule, as a run does when it ends, and note
+    both figures in summary.json; nothing is tuned. For a log whose comparison is stale: after a change of
+    the template's defaults, or one timed on a busy machine. (Over RPC, `tune_workloads` with the trials
+    the log holds re-times them there.)"""
+    target = targets.resolve(target)
+    targets.check_runnable_here(target)
+    folder = records.folder(log_dir or records.user_root(), target)
+    results = []
+    if records.index(folder) is None:  # no log there: nothing to re-time, and no folder to leave behind
+        return results
+    with records.locked(folder), _measurement_threads(threads or runtime.default_threads()):
+        idx = records.index(folder)
+        for entry in sorted(idx.entries.values() if idx else (), key=lambda entry: entry["workload"].label):
+            result = _result(entry["workload"], target, folder, None, entry["trials"], None, None)
+            records.note_tuned(folder, result.workload, result.trials, result.gflops, result.default_gflops)
+            results.append(result)
+    return results
+
+
 def tune(layer_or_model, input_shape, trials: int = 64, target=None, log_dir: str | None = None,
          space: str = "template", rpc=None, time_budget: float | None = None,
          gradients: bool = False) -> list[TuneResult]:
