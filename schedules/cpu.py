@@ -276,7 +276,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
 # unrolled, so the tile's broadcasts and weight loads for 4 channels issue between one loop branch and the
 # next. On Sapphire Rapids, kernels alone, 4-channel steps against all channels in one loop: ResNet-50's 1x1
 # layers 0.99-1.11x at batch 8 and 0.95-1.15x at batch 1 (13 of 15 layers at 1.02x or more), MobileNetV2's
-# 0.98-1.08x and 0.99-1.10x, the layers of 144 channels and more gaining most; Winograd F(4, 3)'s and
+# 0.98-1.08x and 0.99-1.10x (those of 384 channels and more 1.03-1.08x at batch 8); Winograd F(4, 3)'s and
 # F(2, 3)'s products on ResNet-50's 3x3 layers 1.00-1.09x. Steps of 8 ran alike, of 16 0.94-1.01x. A window's
 # taps are looped over inside each step (`apply`), so there a step of 4 channels reads the window's input 4
 # channels at a time: ResNet-50's 3x3 stride-2 layers ran 0.83-0.93x; those keep all channels in one step.
