@@ -347,7 +347,7 @@ def overhead(peers: dict) -> dict:
     their time goes (medians over those layers, µs): the FFI call of the kernel from Python, and the rest of
     the call over that FFI call: tvmconv's Python around it (the DLPack tensors, the thread count, the output
     pool, the layer's shortcut), which right after a kernel runs on caches the kernel filled, and the kernel
-    running slower in a call than in the evaluator's loop (docs/benchmarks.md, Sapphire Rapids: from the call's
+    running slower in a call than in the evaluator's loop (docs/benchmark_history.md, Sapphire Rapids: from the call's
     start to a 330 µs kernel 6-14 µs, 1.1-1.3 back to back; the kernel 2-3% slower)."""
     if "tvmconv" not in peers:
         return {}

@@ -192,7 +192,8 @@ class Conv2D:
     def __call__(self, inputs):
         # A plain call (numpy, the compute dtype, a shape called before; no Python activation, activity regularizer
         # or RPC) goes straight to its forward step: after a kernel has filled L2 each object Python touches is a
-        # cache miss, and the checks below added 3.0 µs where this adds 1.3 (Sapphire Rapids, docs/benchmarks.md).
+        # cache miss, and the checks below added 3.0 µs where this adds 1.3 (Sapphire Rapids,
+        # docs/benchmark_history.md).
         if type(inputs) is np.ndarray and inputs.dtype is self._step_dtype:
             step = self._steps.get(inputs.shape)
             if step is not None:

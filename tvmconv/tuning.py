@@ -444,7 +444,7 @@ def first_round(wl, target, contexts: list, limit: int) -> tuple[ms.TuneContext 
     measure candidates of their task (those its postprocessors accept). The defaults come from a model of
     the core and beat most records of a few hundred trials (tuning_logs/README.md), so better programs are
     likeliest next to them; 30 minutes of search from random samples mostly did not get back to them
-    (docs/benchmarks.md). (None, []) where the defaults are no program of the space."""
+    (docs/benchmark_history.md). (None, []) where the defaults are no program of the space."""
     context, traces = neighbourhood(wl, target, contexts)
     if context is None:
         return None, []
