@@ -10,7 +10,8 @@ Run from the repository root with the `bench` extra installed (pip install -e ".
 Peers, each in its own process, one after the other (thread pools of several runtimes in one process
 fight over the cores), on the same inputs and weights, NHWC in and out, float32, `--threads` threads:
   tvmconv           `layer(x)`, the whole call. For the per-call overhead, the call, its kernel called from
-                    Python and the kernel alone (TVM's time evaluator) are then timed again, taking turns.
+                    Python and the kernel alone (TVM's time evaluator) are then timed again, taking turns;
+                    the overhead is the median over the turns of each turn's call against its kernel.
                     Tuning records apply as in any build (`--log-dir` adds a root).
   tvmconv-defaults  the same with no tuning record: the templates' defaults.
   torch             torch.nn.functional.conv2d on channels_last tensors: oneDNN, which re-lays out the
@@ -348,22 +349,29 @@ def overhead(peers: dict) -> dict:
     the call over that FFI call: tvmconv's Python around it (the DLPack tensors, the thread count, the output
     pool, the layer's shortcut), which right after a kernel runs on caches the kernel filled, and the kernel
     running slower in a call than in the evaluator's loop (docs/benchmark_history.md, Sapphire Rapids: from the call's
-    start to a 330 µs kernel 6-14 µs, 1.1-1.3 back to back; the kernel 2-3% slower)."""
+    start to a 330 µs kernel 6-14 µs, 1.1-1.3 back to back; the kernel 2-3% slower).
+
+    Each figure is the median over the turns of what one turn measured (the call over the kernel timed next to
+    it), not a ratio of medians: the machine's speed drifts between turns, and on Zen 4 the 56x56x64 kernel ran
+    395-855 µs within one layer's turns, where the ratio of its medians read -13.5% (the call faster than its
+    own kernel)."""
     if "tvmconv" not in peers:
         return {}
-    seconds = {(r["name"], r["batch"]): {step: t["median_s"] for step, t in r["overhead"].items()}
-               for r in peers["tvmconv"]["results"] if r["ok"]}
+    turns = {(r["name"], r["batch"]): {step: t["seconds"] for step, t in r["overhead"].items()}
+             for r in peers["tvmconv"]["results"] if r["ok"]}
+
+    def per_turn(steps: dict, value) -> float:
+        return median(value(*turn) for turn in zip(steps["kernel"], steps["kernel_from_python"], steps["call"]))
     found = {}
-    if (OVERHEAD_WORKLOAD, 1) in seconds:
-        at = seconds[(OVERHEAD_WORKLOAD, 1)]
-        found["pct_at_56x56x64_3x3"] = 100 * (at["call"] / at["kernel"] - 1)
-    mobilenet = [s for (name, batch), s in seconds.items() if name.startswith("mobilenet_v2/") and batch == 1]
+    if (OVERHEAD_WORKLOAD, 1) in turns:
+        found["pct_at_56x56x64_3x3"] = 100 * (per_turn(turns[(OVERHEAD_WORKLOAD, 1)], lambda k, f, c: c / k) - 1)
+    mobilenet = [s for (name, batch), s in turns.items() if name.startswith("mobilenet_v2/") and batch == 1]
     if mobilenet:
-        ratios = [s["kernel"] / s["call"] for s in mobilenet]
+        ratios = [per_turn(s, lambda k, f, c: k / c) for s in mobilenet]
         found["mobilenet_v2_call_over_kernel_min"] = min(ratios)
         found["mobilenet_v2_call_over_kernel_geomean"] = geomean(ratios)
-        found["mobilenet_v2_ffi_call_us"] = 1e6 * median(s["kernel_from_python"] - s["kernel"] for s in mobilenet)
-        found["mobilenet_v2_call_over_ffi_us"] = 1e6 * median(s["call"] - s["kernel_from_python"] for s in mobilenet)
+        found["mobilenet_v2_ffi_call_us"] = 1e6 * median(per_turn(s, lambda k, f, c: f - k) for s in mobilenet)
+        found["mobilenet_v2_call_over_ffi_us"] = 1e6 * median(per_turn(s, lambda k, f, c: c - f) for s in mobilenet)
     return found
 
 

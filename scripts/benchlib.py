@@ -54,7 +54,7 @@ class Timing:
 
     def as_json(self) -> dict:
         return {"median_s": self.median, "min_s": min(self.seconds), "max_s": max(self.seconds),
-                "number": self.number, "repeat": len(self.seconds)}
+                "number": self.number, "repeat": len(self.seconds), "seconds": self.seconds}
 
 
 def _seconds_per_call(call, number: int) -> float:
