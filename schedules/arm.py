@@ -3,7 +3,7 @@
 Cortex-A72 and Neoverse cores have two 128-bit FMA pipes; the A72's FMAs take 7 cycles, the Neoverse
 cores' 4 (Arm's software optimization guides).
 """
-from .cpu import CpuCore, CpuRule
+from .cpu import CpuCore, CpuRule, target_cores
 
 # Per LLVM CPU name (CpuCore's fields; the rest take its defaults). L3 as on the boards people run them
 # on: none on the Raspberry Pi 4's Cortex-A72, 2 MB on the Pi 5's Cortex-A76.
@@ -16,7 +16,8 @@ CORES = {
 
 
 def core(target) -> CpuCore:
-    return CpuCore(vector_bits=128, registers=32, **CORES.get(str(target.attrs.get("mcpu", "")), {}))
+    return CpuCore(vector_bits=128, registers=32, cores=target_cores(target),
+                   **CORES.get(str(target.attrs.get("mcpu", "")), {}))
 
 
 RULE = CpuRule("arm", ("aarch64", "arm64"), core)

@@ -57,6 +57,7 @@ class CpuCore:
     # tables give what their machines measured. The default is the lowest seen (Zen 3: two threads read
     # 20 GB/s beyond L3, 3.4 bytes a cycle per core at the clock of its FMA peak).
     memory_bytes_per_cycle: float = 3.4
+    cores: int = 1              # the cores a kernel's threads share out (the target's num-cores)
 
     @property
     def weights_l2_bytes(self) -> int:
@@ -91,11 +92,16 @@ class Knobs:
     # Winograd F(winograd, 3) (compute.conv2d_forward) instead of the direct sum: the tile sizes above are
     # then those of its batched product, `ConvWorkload.winograd_gemm`'s (one row, a tile a "pixel"). 0: direct.
     winograd: int = 0
+    # Winograd in chunks of this many rows of tiles (of one image), each chunk taken through every stage by one
+    # thread while its transformed tiles are in cache (`_winograd_chunks`); ow_tile then divides a
+    # chunk's tiles. 0: each stage over all tiles, in parallel, before the next.
+    chunk_rows: int = 0
 
     def __post_init__(self):
         # Tile sizes given as numbers must be usable; tuning passes sampled decisions instead (`sample_tiles`),
         # drawn from usable sizes.
-        for name, least in (("lanes", 1), ("f_vectors", 1), ("ow_tile", 1), ("oh_tile", 1), ("rc_tile", 0)):
+        for name, least in (("lanes", 1), ("f_vectors", 1), ("ow_tile", 1), ("oh_tile", 1), ("rc_tile", 0),
+                            ("chunk_rows", 0)):
             value = getattr(self, name)
             if isinstance(value, int) and (isinstance(value, bool) or value < least):
                 raise ValueError(f"Knobs.{name} must be an int of at least {least}, got {value!r}")
@@ -104,6 +110,9 @@ class Knobs:
         if self.winograd not in (0, *WINOGRAD_TILES) or (self.winograd and self.flat):
             raise ValueError(f"Knobs.winograd must be one of {', '.join(map(str, (0, *WINOGRAD_TILES)))}, and 0 "
                              f"with flat tiles; got {self.winograd!r} (flat={self.flat})")
+        if self.chunk_rows and not self.winograd:
+            raise ValueError(f"Knobs.chunk_rows chunks Winograd's tiles: it must be 0 without Winograd; got "
+                             f"chunk_rows={self.chunk_rows!r} with winograd=0")
 
     @property
     def weight_block(self) -> int:
@@ -119,6 +128,11 @@ class Knobs:
     def layout(self) -> tuple[int, int, int]:
         """The PrimFunc these knobs schedule: workload.prim_func(*layout)."""
         return self.weight_block, self.flat_tile, self.winograd
+
+
+def target_cores(target) -> int:
+    """The cores a target's kernels share their work among (`num-cores`, which tvmconv.targets sets)."""
+    return int(target.attrs.get("num-cores", 1))
 
 
 def lanes(wl: ConvWorkload, core: CpuCore) -> int:
@@ -210,7 +224,7 @@ def _depthwise(wl: ConvWorkload) -> bool:
 
 
 def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Knobs:
-    """Default knobs for this core: Winograd where it pays (`_winograd_tile`; winograd=False: the direct sum,
+    """Default knobs for this core: Winograd where it pays (`_winograd_choice`; winograd=False: the direct sum,
     what scripts/bench_winograd.py measures it against), the register tile the model of the core scores best,
     and the loop order that streams the fewest bytes from beyond L2, and the reduction's step
     (`_reduction_step`), named as the number the template samples (`sample_tiles`), so the defaults are a
@@ -240,15 +254,15 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
             ow, fv = max(c for c in range(1, 8) if wl.out_width % c == 0), 1
         return Knobs(n_lanes, fv, ow, rc_tile=wl.group_in_channels, order="pixels", pad_inline=True,
                      unroll_window=_window_unrollable(wl))
-    m = _winograd_tile(wl, core) if winograd else 0
+    m, chunk_rows = _winograd_choice(wl, core) if winograd else (0, 0)
     if m:
         gemm = wl.winograd_gemm(m)
-        ow, oh, fv = _best_rectangle(core, gemm, n_lanes)
+        ow, oh, fv = _best_rectangle(core, gemm, n_lanes, _chunk_tiles(wl, m, chunk_rows))
         # The product's rows are the transform's points, each with weights of its own, read once in any
         # order: none must stay in L2 from one row to the next (on Sapphire Rapids, ResNet-50's conv3x3_7x7x512
         # at batch 1 ran F(2, 3)'s rows first at 1.08x filter blocks first).
         order = _order(dataclasses.replace(core, weights_l2_share=1.0), gemm, n_lanes * fv)
-        return Knobs(n_lanes, fv, ow, oh, _reduction_step(gemm), order=order, winograd=m)
+        return Knobs(n_lanes, fv, ow, oh, _reduction_step(gemm), order=order, winograd=m, chunk_rows=chunk_rows)
     (ow, oh, fv), flat, _ = _direct_tile(core, wl, n_lanes)
     if flat:
         # Flat tiles run pixels first: each tile's input stays in cache while every filter block's weights
@@ -315,9 +329,10 @@ def _direct_tile(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[tuple[i
     return rectangle, False, score
 
 
-def _best_rectangle(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> tuple[int, int, int]:
-    """The register tile (columns, rows, filter vectors) of rows and columns that the model scores best."""
-    candidates = [(ow, oh, fv) for ow, oh, fv in itertools.product(range(1, min(wl.out_width, 16) + 1), (1, 2, 4),
+def _best_rectangle(core: CpuCore, wl: ConvWorkload, n_lanes: int, width_divides: int = 0) -> tuple[int, int, int]:
+    """The register tile (columns, rows, filter vectors) of rows and columns that the model scores best; with
+    `width_divides`, of a width that divides it (a Winograd chunk's tiles, `_chunk_tiles`)."""
+    candidates = [(ow, oh, fv) for ow, oh, fv in itertools.product(_widths(wl, width_divides), (1, 2, 4),
                                                                    _vector_counts(wl, n_lanes))
                   if wl.out_height % oh == 0 and _fits(core.registers, fv, ow, oh)]
     # Ties go to the tile with the most FMAs per load (fewer loads leave room for what the model omits),
@@ -351,39 +366,70 @@ def _order(core: CpuCore, wl: ConvWorkload, block: int) -> str:
     return "filters" if _filters_first(core, wl, block) else "pixels" if _pixels_first(core, wl, block) else "rows"
 
 
-def _winograd_tile(wl: ConvWorkload, core: CpuCore) -> int:
-    """m of Winograd F(m, 3) (`WINOGRAD_TILES`) or 0 for the direct sum: the fewest cycles the model of the
-    core gives each (`_cycles`), where Winograd applies (`ConvWorkload.winograd_applies`) to float32
-    channels-last layers of 16 channels and filters or more. F(4, 3) multiplies 36 times per 16 output pixels
-    where the direct sum does 144, F(2, 3) 16 per 4, but their transformed weights are 4x and 1.8x the
-    direct sum's, read by as many tiles as the output has: at batch 1 on a 7x7 layer, 4 tiles of F(4, 3), so
-    ResNet-50's 512-channel one streams 38 MB a call from memory. There on Zen 3 (20 GB/s from memory) F(4, 3)
-    ran 0.7-1.0x the direct sum and F(2, 3), 17 MB read by 16 tiles, 1.0-1.3x, where on Zen 4 F(4, 3) ran 2.5x
-    the direct sum. Elsewhere on Zen 4 F(4, 3) ran ResNet-50's 3x3 stride-1 layers at 2.1-2.8x the direct
-    kernels at batch 1 and 1.6-2.6x at batch 8, within 7e-6 of float64 relative to the largest output
-    (scripts/bench_winograd.py); F(2, 3) 1.6-2.1x at batch 1 (the probe of commit 21ae2c2).
+def _winograd_choice(wl: ConvWorkload, core: CpuCore) -> tuple[int, int]:
+    """(m, chunk rows): Winograd F(m, 3) (`WINOGRAD_TILES`) and its chunks' rows of tiles (`Knobs.chunk_rows`;
+    0: its stages over all tiles), or (0, 0) for the direct sum: the fewest cycles the model of the core gives
+    each (`_cycles`), where Winograd applies (`ConvWorkload.winograd_applies`) to float32 channels-last layers
+    of 16 channels and filters or more. F(4, 3) multiplies 36 times per 16 output pixels where the direct sum
+    does 144, F(2, 3) 16 per 4, but their transformed weights are 4x and 1.8x the direct sum's, read by as many
+    tiles as the output has: at batch 1 on a 7x7 layer, 4 tiles of F(4, 3), so ResNet-50's 512-channel one
+    streams 38 MB a call from memory. There on Zen 3 (20 GB/s from memory) F(4, 3) ran 0.7-1.0x the direct sum
+    and F(2, 3), 17 MB read by 16 tiles, 1.0-1.3x, where on Zen 4 F(4, 3) ran 2.5x the direct sum. Elsewhere
+    on Zen 4 F(4, 3) ran ResNet-50's 3x3 stride-1 layers at 2.1-2.8x the direct kernels at batch 1 and 1.6-2.6x
+    at batch 8, within 7e-6 of float64 relative to the largest output (scripts/bench_winograd.py); F(2, 3)
+    1.6-2.1x at batch 1 (the probe of commit 21ae2c2).
+    Stages over all tiles write the transformed tiles out and read them back, in and out, from beyond L2 once
+    there are many; chunks keep them in L2 but read the weights once per chunk (`_chunk_rows`).
     Fewer channels leave the product too small to pay for the transforms; float16 would round the
     transformed weights (their entries grow to 4x), and channels-first inputs would be gathered."""
     n_lanes = lanes(wl, core)
     if not (wl.winograd_applies and wl.dtype == "float32" and wl.channels_last
             and min(wl.in_channels, wl.filters) >= 16 and wl.filters % n_lanes == 0):
-        return 0
+        return 0, 0
     bytes_per_element = _element_bytes(wl)
-    cycles = {0: _cycles(core, wl, _direct_tile(core, wl, n_lanes)[2], math.prod(wl.weights_shape) * bytes_per_element)}
+    cycles = {(0, 0): _cycles(core, wl, _direct_tile(core, wl, n_lanes)[2],
+                              math.prod(wl.weights_shape) * bytes_per_element)}
     for m in WINOGRAD_TILES:
         gemm = wl.winograd_gemm(m)
         weights = gemm.batch * math.prod(gemm.weights_shape) * bytes_per_element
         # The transforms write the product's input and read its output, which the product reads and writes.
         transformed = gemm.batch * gemm.out_width * (gemm.in_channels + gemm.filters) * bytes_per_element
-        score = _tile_score(core, gemm, n_lanes, *_best_rectangle(core, gemm, n_lanes))
-        cycles[m] = _cycles(core, gemm, score, weights) + 2 * transformed / _stream_rate(core, transformed)
+        for rows in {0, _chunk_rows(core, wl, m)}:
+            tiles = _chunk_tiles(wl, m, rows)
+            score = _tile_score(core, gemm, n_lanes, *_best_rectangle(core, gemm, n_lanes, tiles))
+            # Chunks read the weights once each, and hand the transformed tiles on in L2.
+            reads, rate = (gemm.out_width // tiles, core.l2_bytes_per_cycle) if rows else (
+                1, _stream_rate(core, transformed))
+            cycles[m, rows] = _cycles(core, gemm, score, weights, reads) + 2 * transformed / rate
     return min(cycles, key=cycles.get)
 
 
-def _cycles(core: CpuCore, wl: ConvWorkload, score: float, weight_bytes: int) -> float:
+def _chunk_tiles(wl: ConvWorkload, m: int, rows: int) -> int:
+    """The tiles of a Winograd chunk of `rows` rows of F(m, 3)'s tiles (0: no chunks)."""
+    return rows * wl.winograd_tiles(m)[1] if rows else 0
+
+
+def _chunk_rows(core: CpuCore, wl: ConvWorkload, m: int) -> int:
+    """The rows of tiles of the Winograd chunks the model would take, 0 for none: rows that divide an image's,
+    with a chunk for every core, the most whose transformed tiles, in and out, fit in L2 beside the weights
+    where those fit there too (every chunk reads them all), else the fewest. On Zen 4, ResNet-50's 3x3 layers
+    of width 56 (590 KB of weights) ran 1.7x the stages over all tiles at batch 1 and 1.9x at batch 8 with chunks of
+    one row (848 KB with the weights), 1.5x and 1.8x with two; those of width 14 (9.4 MB of weights,
+    streamed) ran 1.22-1.29x with chunks of an image's 4 rows (1.2 MB), 1.14-1.21x with one row."""
+    rows, columns = wl.winograd_tiles(m)
+    bytes_per_element = _element_bytes(wl)
+    weights = (m + 2) ** 2 * wl.in_channels * wl.filters * bytes_per_element
+    per_row = columns * (m + 2) ** 2 * (wl.in_channels + wl.filters) * bytes_per_element
+    beside = weights if weights <= core.l2_bytes else 0
+    options = [r for r in range(1, rows + 1) if rows % r == 0 and wl.batch * rows // r >= core.cores]
+    fitting = [r for r in options if r * per_row + beside <= core.l2_bytes]
+    return max(fitting) if fitting else min(options, default=0)
+
+
+def _cycles(core: CpuCore, wl: ConvWorkload, score: float, weight_bytes: int, reads: int = 1) -> float:
     """Cycles of a kernel whose tiles reach `score` of the FMA peak, or that its weights take to stream in
-    once, whichever is more (the FMAs run while they stream)."""
-    return max(_peak_cycles(core, wl) / score, weight_bytes / _stream_rate(core, weight_bytes))
+    `reads` times, whichever is more (the FMAs run while they stream)."""
+    return max(_peak_cycles(core, wl) / score, reads * weight_bytes / _stream_rate(core, weight_bytes))
 
 
 def _flat_tiles(core: CpuCore, wl: ConvWorkload, n_lanes: int) -> list[tuple[int, int]]:
@@ -444,8 +490,9 @@ def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
     flat tiles, each vector count with its best-scoring number of pixels. A flat tile shapes the compute
     (the conv stage's pixels are padded to its multiple), so it is no sampled decision: each is a task of
     its own (tvmconv.tuning.tasks), and one per vector count keeps the trials from spreading thin. Where
-    the defaults take Winograd (`_winograd_tile`), its variants come first (its product's rectangles, one
-    row each, every order), in tasks of their own; the direct sum's stay in the space."""
+    the defaults take Winograd (`_winograd_choice`), its variants come first (its product's rectangles, one
+    row each, every order; in the defaults' chunks first, where they take chunks, then over all tiles), in
+    tasks of their own; the direct sum's stay in the space."""
     registers = core.registers
     n_lanes = default_knobs(wl, core).lanes
     vector_counts = [fv for fv in _vector_counts(wl, n_lanes) if _fits(registers, fv, 1)]
@@ -458,18 +505,25 @@ def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
               for (fv, ow, flat), order, pad_inline, unroll_window in itertools.product(
                   tiles, ORDERS, (False, True) if wl.has_data_pad else (False,),
                   (False, True) if _window_unrollable(wl) else (False,))]
-    m = _winograd_tile(wl, core)
+    m, chunk_rows = _winograd_choice(wl, core)
     if not m:
         return direct
     gemm = wl.winograd_gemm(m)
-    return [Knobs(n_lanes, fv, _widest(gemm, registers, fv), order=order, winograd=m)
-            for fv, order in itertools.product(_vector_counts(gemm, n_lanes), ORDERS) if _fits(registers, fv, 1)
-            ] + direct
+    return [Knobs(n_lanes, fv, _widest(gemm, registers, fv, _chunk_tiles(wl, m, rows)), order=order, winograd=m,
+                  chunk_rows=rows)
+            for rows, fv, order in itertools.product(dict.fromkeys((chunk_rows, 0)), _vector_counts(gemm, n_lanes),
+                                                     ORDERS) if _fits(registers, fv, 1)] + direct
 
 
-def _widest(wl: ConvWorkload, registers: int, fv: int) -> int:
-    """The most columns (up to 16) of a one-row tile of fv vectors that fits the registers."""
-    return max(c for c in range(1, min(wl.out_width, 16) + 1) if _fits(registers, fv, c))
+def _widths(wl: ConvWorkload, divides: int = 0) -> list[int]:
+    """Register tiles' widths: up to 16 columns, those that divide `divides` where it is given."""
+    return [c for c in range(1, min(wl.out_width, 16) + 1) if not divides or divides % c == 0]
+
+
+def _widest(wl: ConvWorkload, registers: int, fv: int, divides: int = 0) -> int:
+    """The most columns (up to 16; dividing `divides` where given) of a one-row tile of fv vectors that fits
+    the registers."""
+    return max(c for c in _widths(wl, divides) if _fits(registers, fv, c))
 
 
 def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore, knobs: Knobs) -> Knobs:
@@ -479,13 +533,14 @@ def sample_tiles(sch: s_tir.Schedule, wl: ConvWorkload, core: CpuCore, knobs: Kn
     them) and has no rows."""
     def sample(candidates):
         return sch.sample_categorical(candidates, [1 / len(candidates)] * len(candidates))
+    divides = _chunk_tiles(wl, knobs.winograd, knobs.chunk_rows)
     if knobs.winograd:  # the tiles of its product, as those of the 1x1 convolution with its loops
         wl = wl.winograd_gemm(knobs.winograd)
     cg = wl.group_in_channels
     steps = sorted({cg} | {c for c in (4, 8, 16, 32, 64, 128) if c < cg and cg % c == 0})
     if knobs.flat:
         return dataclasses.replace(knobs, rc_tile=sample(steps))
-    widths = [c for c in range(1, min(wl.out_width, 16) + 1) if _fits(core.registers, knobs.f_vectors, c)]
+    widths = [c for c in _widths(wl, divides) if _fits(core.registers, knobs.f_vectors, c)]
     heights = [c for c in (1, 2, 4) if c <= wl.out_height]
     return dataclasses.replace(knobs, ow_tile=sample(widths), oh_tile=sample(heights), rc_tile=sample(steps))
 
@@ -495,13 +550,15 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     instruction's outputs are the same for any tile sizes, as MetaSchedule's trace replay requires (so
     no `get_loops(...)[-1]` on loops that vanish when a tile is 1: LLVM vectorizes those by itself).
     `sch` holds workload.prim_func(knobs.weight_block, knobs.flat_tile)."""
+    # Chunked Winograd: every stage is computed under the loop over chunks, which runs in parallel.
+    chunk = _winograd_chunks(sch, wl, knobs) if knobs.chunk_rows else None
     conv = sch.get_sblock("conv")
     if knobs.flat:
         p, f, rh, rw, rc = sch.get_loops(conv)
         p_o, p_i = sch.split(p, factors=[None, knobs.ow_tile])
         rows, columns, unrolled = (p_o,), (), (p_i,)
     else:
-        n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)
+        n, oh, ow, f, rh, rw, rc = sch.get_loops(conv)[-7:]
         oh_o, oh_i = sch.split(oh, factors=[None, knobs.oh_tile])
         ow_o, ow_i = sch.split(ow, factors=[None, knobs.ow_tile])
         rows, columns, unrolled = (n, oh_o), (ow_o,), (oh_i, ow_i)
@@ -515,12 +572,13 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
     else:  # "pixels"
         outer, tiles = rows, (*columns, f_o)
     sch.reorder(*outer, *tiles, rc_o, rh, rw, rc_i, *unrolled, f_r, f_v)
-    # Threads split rows and filter blocks together, unless the order puts filter blocks inside: 7x7 layers
-    # have too few rows for many cores.
-    parallel = sch.fuse(*outer)
-    sch.parallel(parallel)
+    if chunk is None:
+        # Threads split rows and filter blocks together, unless the order puts filter blocks inside: 7x7 layers
+        # have too few rows for many cores.
+        outer = (sch.fuse(*outer),)
+        sch.parallel(outer[0])
     # The innermost loop over tiles, under which each tile's accumulators are written out.
-    tile = tiles[-1] if tiles else parallel
+    tile = tiles[-1] if tiles else outer[-1]
     if knobs.flat or knobs.winograd:
         # The accumulator tile lives in registers and is written to the conv stage, which the epilogue
         # then reads in a pass of its own: a flat tile's pixels need not form a rectangle of the output,
@@ -529,17 +587,18 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         # Its loops under the tile's: pixels, filters, each gone where the tile's extent is 1 (a flat tile's
         # extents are no sampled decisions); Winograd's sampled tile keeps them all (point, row, tiles, filters).
         sch.reverse_compute_at(write_back, tile, preserve_unit_loops=bool(knobs.winograd))
-        copy_loops = sch.get_loops(write_back)[1 + len(tiles):]
+        copy_loops = sch.get_loops(write_back)[(chunk is not None) + len(outer) + len(tiles):]
         if knobs.winograd or min(knobs.weight_block, wl.filters) > 1:
             *copy_loops, filters = copy_loops
             sch.vectorize(filters)
         for loop in copy_loops:
             sch.unroll(loop)
-        if knobs.winograd:
-            _schedule_winograd_transforms(sch, wl, knobs)
-        epilogue = sch.get_loops(sch.get_sblock("epilogue"))
-        sch.parallel(sch.fuse(*epilogue[:2]))
-        sch.vectorize(epilogue[-1])
+        if chunk is None:
+            if knobs.winograd:
+                _schedule_winograd_transforms(sch, wl, knobs, parallel=True)
+            epilogue = sch.get_loops(sch.get_sblock("epilogue"))
+            sch.parallel(sch.fuse(*epilogue[:2]))
+            sch.vectorize(epilogue[-1])
     else:
         # The accumulator tile lives in registers; the epilogue consumes it inside the same tile.
         sch.set_scope(conv, 0, "local")
@@ -565,28 +624,55 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         sch.vectorize(loops[-1])
 
 
-def _schedule_winograd_transforms(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
+def _winograd_chunks(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs):
+    """Winograd in chunks of `knobs.chunk_rows` rows of tiles: each chunk's input transform, product, output
+    transform and epilogue run one after the other on one thread, so the transformed tiles (alpha^2 x channels
+    each, in and out) stay in its core's cache, where stages over all tiles hand them on through L3 or memory
+    (ResNet-50's 3x3 layers of width 56 at batch 8 on Zen 4: 29 MB a call). The epilogue's rows lead, split
+    by the chunk's rows of pixels and in parallel with the images, and the stages before it are computed at
+    that loop: TVM infers their tiles from the epilogue's rows, where the reverse (the epilogue's pixels from
+    the tiles) it cannot. The product's register tiles are then `apply`'s; returns the loop over chunks."""
+    rows = wl.winograd_tiles(knobs.winograd)[0]
+    if rows % knobs.chunk_rows:  # a chunk past an image's last row would read the next image's rows
+        raise ValueError(f"Knobs.chunk_rows must divide the {rows} rows of F({knobs.winograd}, 3)'s tiles of "
+                         f"{wl.label}; got {knobs.chunk_rows}")
+    loops = sch.get_loops(sch.get_sblock("epilogue"))
+    n, oh, innermost = loops[0], loops[1 if wl.channels_last else 2], loops[-1]
+    oh_o, oh_i = sch.split(oh, factors=[None, knobs.chunk_rows * knobs.winograd])
+    if not wl.channels_last:  # (n, filters, rows, columns): the chunk's rows outside its filters
+        sch.reorder(oh_o, loops[1], oh_i)
+    chunk = sch.fuse(n, oh_o)
+    sch.parallel(chunk)
+    sch.vectorize(innermost)
+    for stage in ("winograd_output", "conv", "winograd_input"):
+        sch.compute_at(sch.get_sblock(stage), chunk, preserve_unit_loops=True)
+    _schedule_winograd_transforms(sch, wl, knobs, parallel=False)
+    return chunk
+
+
+def _schedule_winograd_transforms(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs, parallel: bool) -> None:
     """Winograd's input transform and the first half of its output transform (compute.conv2d_forward): tiles
-    in parallel, channels in vectors, the points of the transform unrolled, each tile's rows computed
-    where its columns read them."""
-    eps, nu, p, c = sch.get_loops(sch.get_sblock("winograd_input"))
-    channels = _tile_by_vectors(sch, p, c, (eps, nu), math.gcd(wl.in_channels, knobs.lanes))
+    (in parallel, or in a chunk's thread), channels in vectors, the points of the transform unrolled, each
+    tile's rows computed where its columns read them."""
+    eps, nu, p, c = sch.get_loops(sch.get_sblock("winograd_input"))[-4:]
+    channels = _tile_by_vectors(sch, p, c, (eps, nu), math.gcd(wl.in_channels, knobs.lanes), parallel)
     rows = sch.get_sblock("winograd_rows")
     sch.compute_at(rows, channels)
     i, nu, c = sch.get_loops(rows)[-3:]
     sch.unroll(i)
     sch.unroll(nu)
     sch.vectorize(c)
-    p, i, jj, f = sch.get_loops(sch.get_sblock("winograd_output"))
-    _tile_by_vectors(sch, p, f, (i, jj), math.gcd(wl.filters, knobs.lanes))
+    p, i, jj, f = sch.get_loops(sch.get_sblock("winograd_output"))[-4:]
+    _tile_by_vectors(sch, p, f, (i, jj), math.gcd(wl.filters, knobs.lanes), parallel)
 
 
-def _tile_by_vectors(sch: s_tir.Schedule, tile, channels, points, lanes: int):
-    """A transform's loops as tiles in parallel, then channel vectors, then its points unrolled, each a vector
-    of `lanes` channels; returns the loop over vectors."""
+def _tile_by_vectors(sch: s_tir.Schedule, tile, channels, points, lanes: int, parallel: bool):
+    """A transform's loops as tiles (in parallel if `parallel`), then channel vectors, then its points unrolled,
+    each a vector of `lanes` channels; returns the loop over vectors."""
     outer, inner = sch.split(channels, factors=[None, lanes])
     sch.reorder(tile, outer, *points, inner)
-    sch.parallel(tile)
+    if parallel:
+        sch.parallel(tile)
     for point in points:
         sch.unroll(point)
     sch.vectorize(inner)
@@ -718,7 +804,7 @@ class CpuRule:
 
 def generic_core(target) -> CpuCore:
     """Any LLVM CPU no family module knows: its vector width, and 16 vector registers assumed."""
-    return CpuCore(vector_bits(target), 16)
+    return CpuCore(vector_bits(target), 16, cores=target_cores(target))
 
 
 GENERIC = CpuRule("cpu", None, generic_core)

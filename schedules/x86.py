@@ -13,7 +13,7 @@ import os
 
 from tvmconv.targets import host, vector_bits
 
-from .cpu import CpuCore, CpuRule
+from .cpu import CpuCore, CpuRule, target_cores
 
 # L2's bandwidth to L1 as sustained: 3/4 of its peak (32 bytes a cycle on Zen 1 to 3, 64 on Zen 4 and on
 # Intel's client cores; the server cores' below). On Zen 3, ResNet-50's stack at 24 ran 9% faster than at 32,
@@ -98,7 +98,7 @@ def core(target) -> CpuCore:
     known = dict(CORES.get(cpu, {}))
     if cpu and cpu == host().get("mcpu"):
         known.update(host_caches())
-    return CpuCore(vector_bits=bits, registers=32 if bits == 512 else 16, **known)
+    return CpuCore(vector_bits=bits, registers=32 if bits == 512 else 16, cores=target_cores(target), **known)
 
 
 RULE = CpuRule("x86", ("x86_64", "i686"), core)

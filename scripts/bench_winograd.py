@@ -1,7 +1,7 @@
 """Winograd F(4, 3) against the direct sum, on the 3x3 stride-1 layers of ResNet-50 (or any network's).
 
 tvmconv computes float32 channels-last 3x3 stride-1 layers of 16 channels and filters or more by Winograd
-(schedules/cpu.py, `_winograd_tile`). This times, per layer and batch, the compiled kernel of the
+(schedules/cpu.py, `_winograd_choice`). This times, per layer and batch, the compiled kernel of the
 defaults (Winograd) and of the direct sum's defaults (`default_knobs(..., winograd=False)`), taking
 turns in one process (the machine's speed drifts over minutes; turns spread it over both), with TVM's
 time evaluator (as bench.py's "kernel" column), and checks both against the float64 reference first,

@@ -18,6 +18,7 @@ def check_kernel(wl: ConvWorkload, knobs=None, seed=0, record=None):
     compiled = build.get_kernel(wl, HOST, knobs, record=record)
     assert compiled.knobs == knobs and compiled.tuning == record
     y = runtime.aligned_empty(wl.output_shape, wl.dtype)
+    y[...] = np.nan  # every output must be written
     weights = [compiled.pack(kernel.astype(wl.dtype))] + (
         [bias.astype(wl.dtype)] if wl.use_bias else [])
     compiled.kernel(x.astype(wl.dtype), compiled.kernel.weights(weights), y)  # x at numpy's alignment

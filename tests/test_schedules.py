@@ -299,13 +299,32 @@ WINOGRAD_KNOBS = [
     cpu.Knobs(lanes=4, f_vectors=3, ow_tile=5, rc_tile=3, order="filters", winograd=4),  # non-dividing tiles
     cpu.Knobs(lanes=8, f_vectors=1, ow_tile=3, order="pixels", winograd=2),
     cpu.Knobs(lanes=1, f_vectors=4, ow_tile=1, winograd=2),  # scalar lanes, a tile of one tile
+    # In chunks of a row of tiles, every stage under the chunk's loop (each order), and a register tile that does
+    # not divide the chunk's tiles (test_winograd_chunks_of_several_rows: of more rows).
+    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=2, winograd=4, chunk_rows=1),
+    cpu.Knobs(lanes=4, f_vectors=2, ow_tile=3, order="filters", winograd=4, chunk_rows=1),
+    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=2, order="pixels", winograd=2, chunk_rows=1),
 ]
 
 
-@pytest.mark.parametrize("knobs", WINOGRAD_KNOBS, ids=lambda k: f"F({k.winograd},3) {k.lanes}x{k.f_vectors}x{k.ow_tile}")
+@pytest.mark.parametrize("knobs", WINOGRAD_KNOBS, ids=lambda k: f"F({k.winograd},3) {k.lanes}x{k.f_vectors}x{k.ow_tile}"
+                                                             f"{f' chunks of {k.chunk_rows}' if k.chunk_rows else ''}")
 @pytest.mark.parametrize("name", WINOGRAD_WORKLOADS)
 def test_winograd_kernels(name, knobs):
     _check(WINOGRAD_WORKLOADS[name], knobs)
+
+
+@pytest.mark.parametrize("m, chunk_rows", [(4, 2), (2, 2), (2, 4)])
+def test_winograd_chunks_of_several_rows(m, chunk_rows):
+    """Chunks of several rows of tiles (an image's 8 rows of pixels: 2 rows of F(4, 3)'s tiles, 4 of F(2, 3)'s),
+    over two images; chunk rows that do not divide an image's rows of tiles are refused (a chunk would run into
+    the next image's rows)."""
+    wl = ConvWorkload(2, 8, 9, 16, 32, (3, 3), padding="same", activation="relu")
+    _check(wl, cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, winograd=m, chunk_rows=chunk_rows))
+    with pytest.raises(ValueError, match=r"Knobs\.chunk_rows must divide the 2 rows of F\(4, 3\)'s tiles .* got 3"):
+        _check(wl, cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, winograd=4, chunk_rows=3))
+    with pytest.raises(ValueError, match="chunk_rows=1 with winograd=0"):
+        cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, chunk_rows=1)
 
 
 @pytest.mark.parametrize("knobs", [{"winograd": 3}, {"winograd": 6}, {"winograd": 4, "flat": True}])
