@@ -390,6 +390,41 @@ def test_winograd_is_tuned_in_a_task_of_its_own():
     _check(wl, None, record=records.Tuned("sampled", *winograd[-1], spaces[-1].trace, 1.0, 1, None))
 
 
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512"])
+def test_winograd_chunks_where_each_chunk_reads_the_weights_cheaply(preset):
+    """ResNet-50's 3x3 layer of width 56 takes Winograd in chunks of rows of tiles (its 590 KB of transformed
+    weights, read by every chunk, come from L2), at batch 1 and 8: rows that divide an image's 14, a chunk for
+    every core, a register tile that divides a chunk's tiles. The 512-channel layer of width 7 at batch 8 runs its
+    stages over all tiles: chunks would each read its 38 MB of weights. Tuning searches both, chunks first."""
+    target = targets.resolve(preset)
+    for batch in (1, 8):
+        wl = ConvWorkload(batch, 56, 56, 64, 64, (3, 3), padding="same")
+        knobs = x86.RULE.default_knobs(wl, target)
+        assert knobs.winograd == 4 and knobs.chunk_rows and 14 % knobs.chunk_rows == 0, knobs
+        assert batch * 14 // knobs.chunk_rows >= target.attrs["num-cores"]
+        assert (knobs.chunk_rows * 14) % knobs.ow_tile == 0, knobs
+        variants = [k for k in x86.RULE.tunable_knobs(wl, target) if k.winograd]
+        assert [k.chunk_rows for k in variants] == sorted((k.chunk_rows for k in variants), reverse=True)
+        assert {k.chunk_rows for k in variants} == {knobs.chunk_rows, 0}
+        assert all((k.chunk_rows * 14) % k.ow_tile == 0 for k in variants if k.chunk_rows)
+    assert x86.RULE.default_knobs(ConvWorkload(8, 7, 7, 512, 512, (3, 3), padding="same"), target).chunk_rows == 0
+
+
+def test_a_winograd_chunk_program_sampled_by_the_tuner_replays_and_computes():
+    """A program of the chunks' design space, its register tile sampled among those that divide a chunk's
+    tiles, replays from its trace as a record does and computes the convolution."""
+    wl = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
+    variants = find_rule(HOST).tunable_knobs(wl, HOST)
+    knobs = find_rule(HOST).default_knobs(wl, HOST)
+    assert knobs.chunk_rows, knobs
+    contexts = tuning.tasks(wl, HOST, "template")
+    layouts = [records.workload_of(c.mod["main"])[1] for c in contexts]
+    spaces = contexts[layouts.index(knobs.layout)].generate_design_space()
+    in_layout = [k for k in variants if k.layout == knobs.layout]
+    space = spaces[next(i for i, k in enumerate(in_layout) if k.chunk_rows and k.order == "pixels")]
+    _check(wl, None, record=records.Tuned("sampled", *knobs.layout, space.trace, 1.0, 1, None))
+
+
 def test_window_unrolling_only_for_small_windows():
     target = targets.resolve("x86-avx512")
     small = ConvWorkload(1, 14, 14, 32, 32, (3, 3), padding="same", groups=32)
