@@ -412,10 +412,11 @@ def _chunk_tiles(wl: ConvWorkload, m: int, rows: int) -> int:
 def _chunk_rows(core: CpuCore, wl: ConvWorkload, m: int) -> int:
     """The rows of tiles of the Winograd chunks the model would take, 0 for none: rows that divide an image's,
     with a chunk for every core, the most whose transformed tiles, in and out, fit in L2 beside the weights
-    where those fit there too (every chunk reads them all), else the fewest. On Zen 4, ResNet-50's 3x3 layers
-    of width 56 (590 KB of weights) ran 1.7x the stages over all tiles at batch 1 and 1.9x at batch 8 with chunks of
-    one row (848 KB with the weights), 1.5x and 1.8x with two; those of width 14 (9.4 MB of weights,
-    streamed) ran 1.22-1.29x with chunks of an image's 4 rows (1.2 MB), 1.14-1.21x with one row."""
+    where those fit there too (every chunk reads them all), else the fewest. On Zen 4, kernels alone, ResNet-50's
+    3x3 layer of width 56 (590 KB of weights) ran 1.49x the stages over all tiles at batch 1 and 1.86x at batch 8
+    in chunks of one row (848 KB with the weights; two rows, 1.1 MB: 0.87x and 0.95x of that); the layer of width
+    14 (9.4 MB of weights, from L3) 1.03x and 1.28x in chunks of two rows; in a prototype, chunks of its image's 4
+    rows (1.2 MB) 1.22-1.29x, of one row 1.14-1.21x (docs/benchmark_history.md, Zen 4, "Winograd in chunks")."""
     rows, columns = wl.winograd_tiles(m)
     bytes_per_element = _element_bytes(wl)
     weights = (m + 2) ** 2 * wl.in_channels * wl.filters * bytes_per_element
