@@ -299,11 +299,10 @@ WINOGRAD_KNOBS = [
     cpu.Knobs(lanes=4, f_vectors=3, ow_tile=5, rc_tile=3, order="filters", winograd=4),  # non-dividing tiles
     cpu.Knobs(lanes=8, f_vectors=1, ow_tile=3, order="pixels", winograd=2),
     cpu.Knobs(lanes=1, f_vectors=4, ow_tile=1, winograd=2),  # scalar lanes, a tile of one tile
-    # In chunks of a row of tiles, every stage under the chunk's loop (each order), and a register tile that does
-    # not divide the chunk's tiles (test_winograd_chunks_of_several_rows: of more rows).
+    # In chunks of a row of tiles, every stage under the chunk's loop, and a register tile that does not divide the
+    # chunk's tiles (test_winograd_chunks_of_several_rows: F(2, 3), pixels first, chunks of more rows).
     cpu.Knobs(lanes=8, f_vectors=1, ow_tile=2, winograd=4, chunk_rows=1),
     cpu.Knobs(lanes=4, f_vectors=2, ow_tile=3, order="filters", winograd=4, chunk_rows=1),
-    cpu.Knobs(lanes=8, f_vectors=1, ow_tile=2, order="pixels", winograd=2, chunk_rows=1),
 ]
 
 
@@ -320,7 +319,7 @@ def test_winograd_chunks_of_several_rows(m, chunk_rows):
     over two images; chunk rows that do not divide an image's rows of tiles are refused (a chunk would run into
     the next image's rows)."""
     wl = ConvWorkload(2, 8, 9, 16, 32, (3, 3), padding="same", activation="relu")
-    _check(wl, cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, winograd=m, chunk_rows=chunk_rows))
+    _check(wl, cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, order="pixels", winograd=m, chunk_rows=chunk_rows))
     with pytest.raises(ValueError, match=r"Knobs\.chunk_rows must divide the 2 rows of F\(4, 3\)'s tiles .* got 3"):
         _check(wl, cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, winograd=4, chunk_rows=3))
     with pytest.raises(ValueError, match="chunk_rows=1 with winograd=0"):
@@ -411,18 +410,17 @@ def test_winograd_chunks_where_each_chunk_reads_the_weights_cheaply(preset):
 
 
 def test_a_winograd_chunk_program_sampled_by_the_tuner_replays_and_computes():
-    """A program of the chunks' design space, its register tile sampled among those that divide a chunk's
-    tiles, replays from its trace as a record does and computes the convolution."""
-    wl = ConvWorkload(1, 56, 56, 64, 64, (3, 3), padding="same")
-    variants = find_rule(HOST).tunable_knobs(wl, HOST)
-    knobs = find_rule(HOST).default_knobs(wl, HOST)
-    assert knobs.chunk_rows, knobs
-    contexts = tuning.tasks(wl, HOST, "template")
-    layouts = [records.workload_of(c.mod["main"])[1] for c in contexts]
-    spaces = contexts[layouts.index(knobs.layout)].generate_design_space()
-    in_layout = [k for k in variants if k.layout == knobs.layout]
-    space = spaces[next(i for i, k in enumerate(in_layout) if k.chunk_rows and k.order == "pixels")]
-    _check(wl, None, record=records.Tuned("sampled", *knobs.layout, space.trace, 1.0, 1, None))
+    """A program of a chunked variant's design space (as tvmconv.tuning builds it), its register tile's width
+    sampled among those that divide a chunk's tiles (2 rows of 4), replays from its trace as a record does and
+    computes the convolution."""
+    wl = ConvWorkload(1, 16, 16, 16, 32, (3, 3), padding="same")
+    knobs = cpu.Knobs(lanes=8, f_vectors=1, ow_tile=4, winograd=4, chunk_rows=2)
+    rule = find_rule(HOST)
+    sch = tvm.s_tir.Schedule(wl.prim_func(*knobs.layout))
+    rule.schedule(wl, sch, HOST, rule.sample_tiles(sch, wl, HOST, knobs))
+    widths = next(inst.attrs[0] for inst in sch.trace.insts if inst.kind.name == "SampleCategorical")
+    assert widths and all(8 % int(width) == 0 for width in widths), widths
+    _check(wl, None, record=records.Tuned("sampled", *knobs.layout, sch.trace, 1.0, 1, None))
 
 
 def test_window_unrolling_only_for_small_windows():
