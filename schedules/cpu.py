@@ -93,8 +93,9 @@ class Knobs:
     # then those of its batched product, `ConvWorkload.winograd_gemm`'s (one row, a tile a "pixel"). 0: direct.
     winograd: int = 0
     # Winograd in chunks of this many rows of tiles (of one image), each chunk taken through every stage by one
-    # thread while its transformed tiles are in cache (`_winograd_chunks`); ow_tile then divides a
-    # chunk's tiles. 0: each stage over all tiles, in parallel, before the next.
+    # thread while its transformed tiles are in cache (`_winograd_chunks`); the defaults and the tuner then take an
+    # ow_tile that divides a chunk's tiles (another leaves TVM keeping the accumulators in memory, correct but slow).
+    # 0: each stage over all tiles, in parallel, before the next.
     chunk_rows: int = 0
 
     def __post_init__(self):
