@@ -585,10 +585,12 @@ def test_a_new_cpu_starts_from_what_another_cpu_of_its_isa_measured(tmp_path, rn
 
 
 @pytest.mark.parametrize("wl", [
-    ConvWorkload(1, 7, 7, 16, 32, (3, 3), padding="same"),                 # flat tiles
+    # (flat tiles and padding after the input: 46 s together, behind `slow`; the default run keeps two)
+    pytest.param(ConvWorkload(1, 7, 7, 16, 32, (3, 3), padding="same"), marks=pytest.mark.slow),  # flat tiles
     ConvWorkload(1, 14, 14, 32, 64, (1, 1)),                               # tall tiles
     ConvWorkload(1, 16, 16, 16, 16, (3, 3), padding="same", groups=16),    # depthwise, bound checks, unrolled window
-    ConvWorkload(1, 16, 16, 8, 32, (3, 3), strides=(2, 2), padding="same"),  # padding after the input
+    pytest.param(ConvWorkload(1, 16, 16, 8, 32, (3, 3), strides=(2, 2), padding="same"),
+                 marks=pytest.mark.slow),                                    # padding after the input
 ], ids=lambda wl: wl.label)
 def test_the_first_round_measures_the_defaults_and_their_neighbours(wl, tmp_path):
     """The rule's defaults are a program of the template's space: its trace, decisions at the default tile
