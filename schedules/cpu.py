@@ -7,7 +7,8 @@ every broadcast input value feeds `f_vectors`. The weights are packed (`compute.
 so a tile's weights are one contiguous stream. The epilogue (bias, activation, cast, and the
 channels-first transpose) runs on the tile while it is still in registers. Outputs too narrow for
 tiles of columns (7x7) get flat tiles instead (`Knobs.flat`): `ow_tile` pixels along the pixels of all
-samples and rows as one axis, the epilogue then a pass of its own.
+samples and rows as one axis, the epilogue then a pass of its own. Where a call's input and output outgrow
+the last-level cache, the epilogue writes with non-temporal stores (`Knobs.stream_output`, x86).
 
 Knobs are data: `default_knobs` picks defaults from the shape and a model of the core (`CpuCore`:
 vector width, register count), which each family (x86.py, arm.py) derives from the target. The
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from tvm import DataType, s_tir
 
 from tvmconv import backward
-from tvmconv.compute import WINOGRAD_TILES, ConvWorkload
+from tvmconv.compute import LAST_AXIS_ACTIVATIONS, WINOGRAD_TILES, ConvWorkload
 from tvmconv.targets import architecture, vector_bits
 
 
@@ -58,6 +59,9 @@ class CpuCore:
     # 20 GB/s beyond L3, 3.4 bytes a cycle per core at the clock of its FMA peak).
     memory_bytes_per_cycle: float = 3.4
     cores: int = 1              # the cores a kernel's threads share out (the target's num-cores)
+    # Vector stores that bypass the caches (x86's MOVNTPS), which the template can give a large output
+    # (`Knobs.stream_output`); the family says (x86.py).
+    nontemporal_stores: bool = False
 
     @property
     def weights_l2_bytes(self) -> int:
@@ -71,6 +75,8 @@ class CpuCore:
 
 
 ORDERS = ("rows", "filters", "pixels")
+# The annotation on a loop whose stores to the output tvmconv.lowering makes non-temporal (`Knobs.stream_output`).
+NONTEMPORAL_PRAGMA = "pragma_tvmconv_nontemporal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +103,10 @@ class Knobs:
     # ow_tile that divides a chunk's tiles (another leaves TVM keeping the accumulators in memory, correct but slow).
     # 0: each stage over all tiles, in parallel, before the next.
     chunk_rows: int = 0
+    # Write the output with non-temporal stores (the epilogue's vector loop marked NONTEMPORAL_PRAGMA, which
+    # tvmconv.lowering turns into them), where a call's input and output outgrow the last-level cache
+    # (`_streams_output`): a plain store first reads the output's line from memory, one pass more.
+    stream_output: bool = False
 
     def __post_init__(self):
         # Tile sizes given as numbers must be usable; tuning passes sampled decisions instead (`sample_tiles`),
@@ -114,6 +124,9 @@ class Knobs:
         if self.chunk_rows and not self.winograd:
             raise ValueError(f"Knobs.chunk_rows chunks Winograd's tiles: it must be 0 without Winograd; got "
                              f"chunk_rows={self.chunk_rows!r} with winograd=0")
+        if not isinstance(self.stream_output, bool) or (self.stream_output and self.winograd):
+            raise ValueError(f"Knobs.stream_output must be a bool, and False with Winograd; got "
+                             f"{self.stream_output!r} (winograd={self.winograd})")
 
     @property
     def weight_block(self) -> int:
@@ -224,6 +237,21 @@ def _depthwise(wl: ConvWorkload) -> bool:
     return wl.groups == wl.in_channels == wl.filters
 
 
+def _streams_output(wl: ConvWorkload, core: CpuCore) -> bool:
+    """Whether the direct sum writes its output with non-temporal stores (`Knobs.stream_output`): where the core
+    has them, the epilogue writes the layer's output (channels last, no last-axis activation after it), and a
+    call's input and output outgrow half the last-level cache, so that neither stays there from one call to
+    the next and a plain store's read of each output line comes from memory. Measured on Zen 4 (32 MiB of L3),
+    kernels alone, the two taking turns (the median of 31 turns' ratios): at batch 8, input and output 17-29 MB,
+    MobileNetV2's dwconv3x3_56x56x144 ran 1.90x, dwconv3x3_112x112x32 1.44x, conv1x1_112x112x16_to96 1.37x,
+    conv1x1_56x56x24_to144 1.10x, ResNet-50's 1x1 layers of width 56 1.04-1.06x, its 7x7 stem 1.03x; at
+    batch 1, 2 and 4 (13 MB and less, kept in L3) 0.80-1.01x. (Winograd's chunks keep plain stores: its
+    conv3x3_56x56x64 at batch 8 ran 0.98x.)"""
+    if not core.nontemporal_stores or not wl.channels_last or wl.activation in LAST_AXIS_ACTIVATIONS:
+        return False
+    return (math.prod(wl.input_shape) + math.prod(wl.output_shape)) * _element_bytes(wl) > core.l3_bytes // 2
+
+
 def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Knobs:
     """Default knobs for this core: Winograd where it pays (`_winograd_choice`; winograd=False: the direct sum,
     what scripts/bench_winograd.py measures it against), the register tile the model of the core scores best,
@@ -254,7 +282,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
             # vectors on Zen 4 at batch 1 and 8, 1.4-2.9x with Zen 3's code there.
             ow, fv = max(c for c in range(1, 8) if wl.out_width % c == 0), 1
         return Knobs(n_lanes, fv, ow, rc_tile=wl.group_in_channels, order="pixels", pad_inline=True,
-                     unroll_window=_window_unrollable(wl))
+                     unroll_window=_window_unrollable(wl), stream_output=_streams_output(wl, core))
     m, chunk_rows = _winograd_choice(wl, core) if winograd else (0, 0)
     if m:
         gemm = wl.winograd_gemm(m)
@@ -274,7 +302,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
         input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
         window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
         return Knobs(n_lanes, fv, ow, rc_tile=_reduction_step(wl), order="filters" if window_beyond_l2 else "pixels",
-                     flat=True)
+                     flat=True, stream_output=_streams_output(wl, core))
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
     # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,
@@ -284,7 +312,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
     # stores 6 accumulators in the loop), where 2x2 of 2 vectors (8) ran 1.0x there and 1.06-1.2x on Zen 3, and
     # one-row tiles 1.02-1.05x. (Some larger tiles unswitched: 7x2 of 2 vectors ran 1.02x; no rule tells them apart.)
     return Knobs(n_lanes, fv, ow, oh, _reduction_step(wl), order=_order(core, wl, n_lanes * fv),
-                 pad_inline=_pads_inline(wl, ow, oh, fv))
+                 pad_inline=_pads_inline(wl, ow, oh, fv), stream_output=_streams_output(wl, core))
 
 
 # Input channels per reduction step of a 1x1 kernel (and of Winograd's product, one too). The step's loop is
@@ -503,7 +531,9 @@ def tunable_knobs(wl: ConvWorkload, core: CpuCore) -> list[Knobs]:
         flat_pixels.setdefault(fv, pixels)
     tiles = [(fv, _widest(wl, registers, fv), False)
              for fv in vector_counts] + [(fv, pixels, True) for fv, pixels in flat_pixels.items()]
-    direct = [Knobs(n_lanes, fv, ow, order=order, pad_inline=pad_inline, unroll_window=unroll_window, flat=flat)
+    stream = _streams_output(wl, core)
+    direct = [Knobs(n_lanes, fv, ow, order=order, pad_inline=pad_inline, unroll_window=unroll_window, flat=flat,
+                    stream_output=stream)
               for (fv, ow, flat), order, pad_inline, unroll_window in itertools.product(
                   tiles, ORDERS, (False, True) if wl.has_data_pad else (False,),
                   (False, True) if _window_unrollable(wl) else (False,))]
@@ -600,13 +630,16 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
                 _schedule_winograd_transforms(sch, wl, knobs, parallel=True)
             epilogue = sch.get_loops(sch.get_sblock("epilogue"))
             sch.parallel(sch.fuse(*epilogue[:2]))
-            sch.vectorize(epilogue[-1])
+            _vectorize_output(sch, epilogue[-1], knobs)
     else:
         # The accumulator tile lives in registers; the epilogue consumes it inside the same tile.
         sch.set_scope(conv, 0, "local")
         # (With a last-axis activation, "epilogue" is the pre-activation tensor; the stages after it
         # need whole rows and stay outside.)
         sch.reverse_compute_at(sch.get_sblock("epilogue"), tile)
+        if knobs.stream_output and min(knobs.weight_block, wl.filters) > 1:
+            # Else LLVM vectorizes the epilogue's filters by itself, but non-temporal stores need vectors in TIR.
+            _vectorize_output(sch, sch.get_loops(sch.get_sblock("epilogue"))[-1], knobs)
     if knobs.unroll_window:
         sch.unroll(rh)
         sch.unroll(rw)
@@ -624,6 +657,14 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*loops[:2]))
         sch.vectorize(loops[-1])
+
+
+def _vectorize_output(sch: s_tir.Schedule, loop, knobs: Knobs) -> None:
+    """Vectorize the epilogue's innermost loop, over the output's last axis, marked for non-temporal stores
+    where the knobs stream the output."""
+    sch.vectorize(loop)
+    if knobs.stream_output:
+        sch.annotate(loop, NONTEMPORAL_PRAGMA, 1)
 
 
 def _winograd_chunks(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs):
@@ -785,6 +826,9 @@ class CpuRule:
 
     @schedule.register
     def _(self, workload: ConvWorkload, sch: s_tir.Schedule, target, knobs: Knobs) -> None:
+        if knobs.stream_output and not self.core(target).nontemporal_stores:
+            raise ValueError(f"Knobs.stream_output needs non-temporal stores, which the {self.name} rule's cores do not "
+                             f"have (x86's do); got stream_output=True for {target.attrs.get('mcpu', target.kind.name)}")
         apply(sch, workload, knobs)
 
     @schedule.register

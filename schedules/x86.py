@@ -98,7 +98,9 @@ def core(target) -> CpuCore:
     known = dict(CORES.get(cpu, {}))
     if cpu and cpu == host().get("mcpu"):
         known.update(host_caches())
-    return CpuCore(vector_bits=bits, registers=32 if bits == 512 else 16, cores=target_cores(target), **known)
+    # Every x86-64 core has non-temporal vector stores (SSE2's MOVNTPS, and its AVX forms).
+    return CpuCore(vector_bits=bits, registers=32 if bits == 512 else 16, cores=target_cores(target),
+                   nontemporal_stores=True, **known)
 
 
 RULE = CpuRule("x86", ("x86_64", "i686"), core)

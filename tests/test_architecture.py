@@ -17,7 +17,7 @@ TIERS = [
     ("compute", {"compute", "backward", "graph", "networks", "reference"}),
     ("keras compatibility", {"keras"}),
     ("schedules", {"schedules"}),
-    ("build", {"records", "build"}),
+    ("build", {"records", "lowering", "build"}),
     ("beside build", {"tuning", "rounds", "engine"}),
     ("layer API", {"layer", "training", "model"}),
     ("on top", {"bundle", "keras_file", "serving", "protocol", "batching", "cli"}),

@@ -1,4 +1,5 @@
 """The CPU template at its default and edge knobs against the float64 reference; the x86 builds' code."""
+import dataclasses
 import os
 import re
 
@@ -10,7 +11,7 @@ from kernel_check import check_kernel as _check
 from paths import PATHS
 
 import tvmconv
-from tvmconv import build, records, targets, tuning
+from tvmconv import build, lowering, records, targets, tuning
 from tvmconv.compute import ConvWorkload, pack_weights, winograd_matrices
 from tvmconv.schedules import cpu, find_rule, x86
 
@@ -82,7 +83,7 @@ def test_x86_builds_use_vector_fmas(preset, register, absent, name):
     rule = find_rule(target)
     assert rule is x86.RULE
     func = build.scheduled(wl, target, rule, rule.default_knobs(wl, target))
-    asm = tvm.compile(func, target=target).mod.inspect_source("asm")
+    asm = lowering.compile(func, target).inspect_source("asm")
     fmas = re.findall(rf"vfmadd\d+ps\s+[^\n]*%{register}", asm)
     assert len(fmas) >= 4, f"no {register} FMAs in the {preset} build"
     if absent:
@@ -455,3 +456,63 @@ def test_x86_vectors_never_straddle_groups_or_the_last_filter():
     }.items()}
     assert lanes == {"resnext, 4 filters per group": 4, "8 filters per group": 8, "24 filters": 8,
                      "depthwise, 24 channels": 8, "depthwise, 96 channels": 16}
+
+
+def test_outputs_that_outgrow_the_last_level_cache_are_streamed_on_x86():
+    """Where a call's input and output take over half the last-level cache (MobileNetV2's 112x112x32 depthwise
+    layer at batch 8: 25.7 MB, against the 32 MiB the x86 table assumes for a CPU other than this host's), the x86
+    defaults write the output with non-temporal stores, in every variant tuning searches; not at batch 1, not
+    on ARM, not for an output the epilogue does not write (channels first, a last-axis activation after it),
+    nor with Winograd."""
+    avx512 = targets.resolve("x86-avx512")
+    large = ConvWorkload(8, 112, 112, 32, 32, (3, 3), padding="same", groups=32)
+    assert x86.core(avx512).l3_bytes == 32 << 20
+    assert x86.RULE.default_knobs(large, avx512).stream_output
+    assert all(k.stream_output for k in x86.RULE.tunable_knobs(large, avx512))
+    pointwise = ConvWorkload(8, 56, 56, 24, 144, (1, 1))  # 2.4 MB in, 14.5 MB out
+    assert x86.RULE.default_knobs(pointwise, targets.resolve("x86-avx2")).stream_output
+    for plain in (dataclasses.replace(large, batch=1), dataclasses.replace(large, data_format="channels_first"),
+                  dataclasses.replace(large, activation="softmax")):
+        assert not x86.RULE.default_knobs(plain, avx512).stream_output, plain.label
+    assert not find_rule(targets.resolve("aarch64")).default_knobs(large, targets.resolve("aarch64")).stream_output
+    winograd = ConvWorkload(8, 56, 56, 64, 64, (3, 3), padding="same")
+    knobs = x86.RULE.default_knobs(winograd, avx512)
+    assert knobs.winograd and not knobs.stream_output
+    assert not any(k.stream_output for k in x86.RULE.tunable_knobs(winograd, avx512) if k.winograd)
+    with pytest.raises(ValueError, match=r"Knobs\.stream_output must be a bool, and False with Winograd; got 1"):
+        cpu.Knobs(lanes=8, f_vectors=2, ow_tile=4, stream_output=1)
+    with pytest.raises(ValueError, match=r"Knobs\.stream_output must be a bool, and False with Winograd"):
+        cpu.Knobs(lanes=8, f_vectors=2, ow_tile=4, winograd=2, stream_output=True)
+    arm = targets.resolve("aarch64")
+    streamed = dataclasses.replace(find_rule(arm).default_knobs(large, arm), stream_output=True)
+    with pytest.raises(ValueError, match=r"Knobs\.stream_output needs non-temporal stores, which the arm rule's"):
+        build.scheduled(large, arm, find_rule(arm), streamed)
+
+
+# Streamed outputs: 32 filters of float32 or 8 of float64 (a pixel's output is a whole number of 64-byte lines, so
+# every vector store is aligned and becomes non-temporal), and 24 filters (96 bytes a pixel: only some pixels'
+# stores are provably aligned, so the pass leaves them all plain). Direct tiles, flat tiles, depthwise.
+STREAMED = {
+    "3x3, 32 filters": (ConvWorkload(2, 9, 10, 16, 32, (3, 3), padding="same"),
+                        cpu.Knobs(lanes=8, f_vectors=2, ow_tile=3, oh_tile=2, stream_output=True), True),
+    "depthwise, relu, 32": (ConvWorkload(2, 10, 10, 32, 32, (3, 3), padding="same", groups=32, activation="relu"),
+                            cpu.Knobs(lanes=8, f_vectors=4, ow_tile=4, pad_inline=True, unroll_window=True,
+                                      order="pixels", stream_output=True), True),
+    "1x1 flat, float64": (ConvWorkload(1, 7, 7, 16, 8, (1, 1), dtype="float64"),
+                          cpu.Knobs(lanes=4, f_vectors=2, ow_tile=5, flat=True, stream_output=True), True),
+    "3x3, 24 filters": (ConvWorkload(1, 9, 10, 8, 24, (3, 3), padding="same"),
+                        cpu.Knobs(lanes=8, f_vectors=3, ow_tile=4, stream_output=True), False),
+}
+
+
+@pytest.mark.skipif(x86.RULE is not find_rule(HOST), reason="non-temporal stores are x86's; this host is not x86")
+@pytest.mark.parametrize("name", STREAMED)
+def test_streamed_outputs_compute_and_use_nontemporal_stores(name):
+    wl, knobs, aligned = STREAMED[name]
+    _check(wl, knobs)  # the output filled with NaN first: every element must be written
+    asm = lowering.compile(build.scheduled(wl, HOST, x86.RULE, knobs), HOST).inspect_source("asm")
+    stores = re.findall(r"vmovntp[sd]", asm)
+    assert (len(stores) > 0, "sfence" in asm) == (aligned, aligned), asm.count("vmovntp")
+    plain = lowering.compile(build.scheduled(wl, HOST, x86.RULE, dataclasses.replace(knobs, stream_output=False)),
+                             HOST).inspect_source("asm")
+    assert "vmovntp" not in plain and "sfence" not in plain

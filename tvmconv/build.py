@@ -32,7 +32,7 @@ import numpy as np
 import tvm
 from tvm import s_tir
 
-from . import records, runtime, schedules, targets, timing
+from . import lowering, records, runtime, schedules, targets, timing
 from .compute import pack_weights
 
 
@@ -263,7 +263,7 @@ def _library(func, target: tvm.target.Target, key: str, name: str, meta: dict) -
     with contextlib.nullcontext() if problem else filelock.FileLock(os.path.join(folder, records.LOCK_FILE)):
         if entry.intact():
             return entry.library, entry.device_code, "disk cache"
-        module = tvm.compile(func, target=target).mod
+        module = lowering.compile(func, target)
         if problem is None:
             try:
                 entry.write(module, target, meta)

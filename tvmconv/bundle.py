@@ -21,7 +21,7 @@ import tvm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from . import __version__, build, runtime, targets
+from . import __version__, build, lowering, runtime, targets
 from .compute import pack_weights
 from .graph import layer_calls
 from .model import Model, output_calls
@@ -92,7 +92,7 @@ def export(model_or_layer, input_shape, path: str, target="host", sign=None) -> 
                        "tuning": str(tuned) if tuned else None})
 
     library = os.path.join(path, runtime.BUNDLE_FILES["library"])
-    module = tvm.compile(tvm.IRModule(functions), target=target).mod
+    module = lowering.compile(tvm.IRModule(functions), target)
     module.export_library(library, fcompile=targets.cross_compiler(target))
     roles = ["library", "weights"]
     if target.kind.name == "cuda":

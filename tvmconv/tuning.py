@@ -38,7 +38,17 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import backward, build, graph, records, rpc_devices, runtime, schedules, targets
+from . import (
+    backward,
+    build,
+    graph,
+    lowering,
+    records,
+    rpc_devices,
+    runtime,
+    schedules,
+    targets,
+)
 from .compute import ConvWorkload
 from .keras import validation
 
@@ -190,7 +200,7 @@ def _build(mod, target, _params):
     which takes 24 s in every fresh builder process (and the builder starts fresh ones every round);
     float convolutions use no tensor intrinsics."""
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target).mod
+    return lowering.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target)
 
 
 def _export_for(target_dict: dict):
