@@ -239,17 +239,21 @@ def _depthwise(wl: ConvWorkload) -> bool:
 
 def _streams_output(wl: ConvWorkload, core: CpuCore) -> bool:
     """Whether the direct sum writes its output with non-temporal stores (`Knobs.stream_output`): where the core
-    has them, the epilogue writes the layer's output (channels last, no last-axis activation after it), and a
-    call's input and output outgrow half the last-level cache, so that neither stays there from one call to
-    the next and a plain store's read of each output line comes from memory. Measured on Zen 4 (32 MiB of L3),
-    kernels alone, the two taking turns (the median of 31 turns' ratios): at batch 8, input and output 17-29 MB,
-    MobileNetV2's dwconv3x3_56x56x144 ran 1.90x, dwconv3x3_112x112x32 1.44x, conv1x1_112x112x16_to96 1.37x,
-    conv1x1_56x56x24_to144 1.10x, ResNet-50's 1x1 layers of width 56 1.04-1.06x, its 7x7 stem 1.03x; at
-    batch 1, 2 and 4 (13 MB and less, kept in L3) 0.80-1.01x. (Winograd's chunks keep plain stores: its
-    conv3x3_56x56x64 at batch 8 ran 0.98x.)"""
+    has them, the epilogue writes the layer's output (channels last, no last-axis activation after it), a call's
+    input and output outgrow half the last-level cache (neither stays there from one call to the next, so a plain
+    store first reads each output line from memory) and the output alone a quarter of it (the read saved is a
+    large share of the call's traffic). Measured on Zen 4 (32 MiB of L3), kernels alone taking turns on one input
+    and one output array (medians of 31 turns' ratios): at batch 8 MobileNetV2's conv1x1_112x112x16_to96 ran
+    1.48x, dwconv3x3_56x56x144 1.49x, conv1x1_56x56x24_to144 1.41x, dwconv3x3_112x112x32 1.31x, ResNet-50's
+    conv1x1_56x56x64_to256 1.05x and 7x7 stem 1.03x, at batch 4 conv1x1_112x112x16_to96 1.19x; with a small
+    output, conv1x1_56x56x144_to24 (2.4 of 17 MB) 0.97x, conv1x1_56x56x256_to64 1.03x; where input and output
+    fit, dwconv3x3_112x112x32 at batch 2 and 4 0.92x and 0.96x. The epilogue vectorized in TIR with plain stores
+    (what the non-temporal ones need) ran 0.78-0.99x at batch 8: the gains are the stores'. (Winograd's chunks keep
+    plain stores: its conv3x3_56x56x64 at batch 8 ran 0.98x.)"""
     if not core.nontemporal_stores or not wl.channels_last or wl.activation in LAST_AXIS_ACTIVATIONS:
         return False
-    return (math.prod(wl.input_shape) + math.prod(wl.output_shape)) * _element_bytes(wl) > core.l3_bytes // 2
+    output = math.prod(wl.output_shape) * _element_bytes(wl)
+    return output > core.l3_bytes // 4 and math.prod(wl.input_shape) * _element_bytes(wl) + output > core.l3_bytes // 2
 
 
 def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Knobs:
