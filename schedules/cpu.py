@@ -262,7 +262,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
     and the loop order that streams the fewest bytes from beyond L2, and the reduction's step
     (`_reduction_step`), named as the number the template samples (`sample_tiles`), so the defaults are a
     program of the tuner's space (tvmconv.tuning measures it and its neighbours first)."""
-    depthwise = _depthwise(wl)
+    depthwise, stream = _depthwise(wl), _streams_output(wl, core)
     # A vector's lanes must read one input channel (one group), or consecutive ones in depthwise
     # convolutions, and must not run past the last filter: else each lane is gathered or predicated.
     # So small groups get narrower vectors, e.g. 4 lanes for ResNeXt's 4 filters per group.
@@ -286,7 +286,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
             # vectors on Zen 4 at batch 1 and 8, 1.4-2.9x with Zen 3's code there.
             ow, fv = max(c for c in range(1, 8) if wl.out_width % c == 0), 1
         return Knobs(n_lanes, fv, ow, rc_tile=wl.group_in_channels, order="pixels", pad_inline=True,
-                     unroll_window=_window_unrollable(wl), stream_output=_streams_output(wl, core))
+                     unroll_window=_window_unrollable(wl), stream_output=stream)
     m, chunk_rows = _winograd_choice(wl, core) if winograd else (0, 0)
     if m:
         gemm = wl.winograd_gemm(m)
@@ -306,7 +306,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
         input_bytes = math.prod(wl.input_shape) * _element_bytes(wl)
         window_beyond_l2 = wl.kernel_size != (1, 1) and input_bytes > core.l2_bytes
         return Knobs(n_lanes, fv, ow, rc_tile=_reduction_step(wl), order="filters" if window_beyond_l2 else "pixels",
-                     flat=True, stream_output=_streams_output(wl, core))
+                     flat=True, stream_output=stream)
     # Padding only after the input (stride 2, "same", even sizes) is read through two bound checks against the far
     # edges rather than copied: on Zen 3 that ran 1.06-1.2x the copy on ResNet-50's 3x3 stride-2 layers of width
     # 28 and 56 and 1.0-1.4x on MobileNetV2's first layer (batch 1, 8), where checks on all four sides (3x3, 7x7,
@@ -316,7 +316,7 @@ def default_knobs(wl: ConvWorkload, core: CpuCore, winograd: bool = True) -> Kno
     # stores 6 accumulators in the loop), where 2x2 of 2 vectors (8) ran 1.0x there and 1.06-1.2x on Zen 3, and
     # one-row tiles 1.02-1.05x. (Some larger tiles unswitched: 7x2 of 2 vectors ran 1.02x; no rule tells them apart.)
     return Knobs(n_lanes, fv, ow, oh, _reduction_step(wl), order=_order(core, wl, n_lanes * fv),
-                 pad_inline=_pads_inline(wl, ow, oh, fv), stream_output=_streams_output(wl, core))
+                 pad_inline=_pads_inline(wl, ow, oh, fv), stream_output=stream)
 
 
 # Input channels per reduction step of a 1x1 kernel (and of Winograd's product, one too). The step's loop is

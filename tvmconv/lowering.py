@@ -16,11 +16,11 @@ from tvm import tirx
 from tvm.sym.analyzer import Analyzer
 from tvm_ffi.structural import structural_mutate, structural_visit
 
+from .runtime import ALIGNMENT
 from .schedules.cpu import NONTEMPORAL_PRAGMA
 
 PIPELINE = "tvmconv"
 _LLVM_TYPES = {"float32": "float", "float64": "double"}
-_MOST_ALIGNMENT = 64  # bytes: the output buffers' own alignment (TVM's kAllocAlignment, runtime.ALIGNMENT)
 
 
 def compile(mod, target: tvm.target.Target):
@@ -84,7 +84,7 @@ def _nontemporal_stores(func: tirx.PrimFunc) -> tirx.PrimFunc:
             return stmt
         dtype = tvm.DataType(_dtype(value))
         element = _LLVM_TYPES.get(str(dtype.with_lanes(1)))
-        align = min(_MOST_ALIGNMENT, dtype.lanes * dtype.bits // 8)
+        align = min(ALIGNMENT, dtype.lanes * dtype.bits // 8)  # the output buffers' own alignment at most
         offset, elements = analyzer.modular_set(index.base), align * 8 // dtype.bits
         if element is None or align & (align - 1) or offset.coeff % elements or offset.base % elements:
             return stmt
