@@ -77,6 +77,7 @@ class CpuCore:
 ORDERS = ("rows", "filters", "pixels")
 # The annotation on a loop whose stores to the output tvmconv.lowering makes non-temporal (`Knobs.stream_output`).
 NONTEMPORAL_PRAGMA = "pragma_tvmconv_nontemporal"
+CACHE_LINE_BYTES = 64  # on every x86 and Arm core we target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +250,16 @@ def _streams_output(wl: ConvWorkload, core: CpuCore) -> bool:
     output, conv1x1_56x56x144_to24 (2.4 of 17 MB) 0.97x, conv1x1_56x56x256_to64 1.03x; where input and output
     fit, dwconv3x3_112x112x32 at batch 2 and 4 0.92x and 0.96x. The epilogue vectorized in TIR with plain stores
     (what the non-temporal ones need) ran 0.78-0.99x at batch 8: the gains are the stores'. (Winograd's chunks keep
-    plain stores: its conv3x3_56x56x64 at batch 8 ran 0.98x.)"""
+    plain stores: its conv3x3_56x56x64 at batch 8 ran 0.98x.)
+
+    Where a vector is narrower than a cache line (AVX2: two non-temporal stores fill a line, and the core's
+    write-combining buffers must join them), only depthwise layers stream, whose tiles write consecutive pixels
+    of one row. Measured on Zen 3 at batch 8, the same way (15 turns): depthwise 1.08-1.18x streamed, the 7x7
+    stem 1.03x, the other direct sums 0.59-1.09x (conv1x1_112x112x16_to96 0.59x, conv1x1_56x56x64_to256 0.80x,
+    conv1x1_56x56x24_to144 1.09x, four more 0.95-0.97x), where their tiles write 4 rows at once."""
     if not core.nontemporal_stores or not wl.channels_last or wl.activation in LAST_AXIS_ACTIVATIONS:
+        return False
+    if core.vector_bits < 8 * CACHE_LINE_BYTES and not _depthwise(wl):
         return False
     output = math.prod(wl.output_shape) * _element_bytes(wl)
     return output > core.l3_bytes // 4 and math.prod(wl.input_shape) * _element_bytes(wl) + output > core.l3_bytes // 2

@@ -74,9 +74,16 @@ def default_knobs(wl: ConvWorkload, target) -> Knobs:
     shared memory, fewer channels per stage, else one tap per stage."""
     width = wl.out_width
     pixel_threads, pixel_tile = (4, 2) if width >= 56 else (4, 1) if width >= 28 else (8, 1)
-    knobs = Knobs(pixel_threads=_fit(width, pixel_threads), filter_threads=_fit(wl.filters, 16), pixel_tile=pixel_tile,
-                  filter_tile=_fit(wl.filters // wl.groups, 4), rc_tile=_fit(wl.group_in_channels, 16),
-                  window_stage=True)
+    pixel_threads = _fit(width, pixel_threads)
+    filter_threads, filter_tile = _fit(wl.filters, 16), _fit(wl.filters // wl.groups, 4)
+    # Where blocks overhang the row (7- and 14-wide rows), whole blocks of filters if fewer threads get there
+    # (160 filters: 8 x 4, not 2.5 blocks of 16 x 4): with blocks overhanging both, TVM sized the stages of
+    # MobileNetV2's 7x7x576 -> 160 layer at 18 MB of shared memory. (Not elsewhere: 16 threads a block made
+    # MobileNetV2's 56x56x96 -> 24 layer 20 times slower on an H200.)
+    while width % (pixel_threads * pixel_tile) and filter_threads > 4 and wl.filters % (filter_threads * filter_tile):
+        filter_threads //= 2
+    knobs = Knobs(pixel_threads=pixel_threads, filter_threads=filter_threads, pixel_tile=pixel_tile,
+                  filter_tile=filter_tile, rc_tile=_fit(wl.group_in_channels, 16), window_stage=True)
     limit = shared_bytes(target)
     while _window_stage_bytes(wl, knobs) > limit and knobs.rc_tile > 1:
         knobs = dataclasses.replace(knobs, rc_tile=knobs.rc_tile // 2)
@@ -162,9 +169,14 @@ def apply(sch: s_tir.Schedule, wl: ConvWorkload, knobs: Knobs) -> None:
 
 def _bind_the_rest(sch: s_tir.Schedule) -> None:
     """A last-axis activation's stages, after either template, need whole rows of the output: one thread
-    per row or element."""
+    per row or element. A block's outermost loop is read from the schedule's state, not by get_loops: that
+    instruction would enter the trace with as many outputs as the templates' blocks have loops, which
+    varies with the sampled tiles (unit loops are dropped), and a trace must replay with any decisions."""
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(sch.get_loops(block)[0]).thread_binding is None:
+        outermost = sch.get_sref(block)
+        while outermost.parent is not None and outermost.parent.parent is not None:  # up to the root block's child
+            outermost = outermost.parent
+        if getattr(outermost.stmt, "thread_binding", None) is None:
             _bind_elementwise(sch, block)
 
 

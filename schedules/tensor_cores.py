@@ -32,6 +32,12 @@ from tvmconv.compute import ConvWorkload
 
 WARP = 32
 M_PADDING = 64  # M is padded to this (the output pixels of a batch-1 7x7 layer, 49, to 64)
+# The alignment the intrinsics' tiles claim: their element's. Where the GEMM needs no padding (M and K whole
+# tiles: most 1x1 layers at batch 8), A's stage is the reindex of x itself and inherits x's declaration,
+# element-aligned so that CPU kernels read the caller's arrays in place (compute.read_unaligned). What the
+# instructions need (ldmatrix's 16-byte rows) comes from the shared allocation and the rows' padding
+# (storage_align), not from this claim.
+_ALIGN = {"float16": 2, "float32": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +134,9 @@ def _copy_desc(rows: int, cols: int, registers: int, dtype: str, layout, source_
     """A tile copied from shared memory into a warp's registers laid out by `layout`."""
     @T.prim_func(s_tir=True)
     def desc(warp_handle: T.handle, shared_handle: T.handle) -> None:
-        shared = T.match_buffer(shared_handle, (rows, cols), dtype, align=64, offset_factor=offset_factor,
+        shared = T.match_buffer(shared_handle, (rows, cols), dtype, align=_ALIGN[dtype], offset_factor=offset_factor,
                                 scope=source_scope)
-        warp = T.match_buffer(warp_handle, (WARP, registers), dtype, align=64, offset_factor=offset_factor,
+        warp = T.match_buffer(warp_handle, (WARP, registers), dtype, align=_ALIGN[dtype], offset_factor=offset_factor,
                               scope="warp")
         with T.sblock("root"):
             T.reads(shared[0:rows, 0:cols])
@@ -151,9 +157,10 @@ def _ldmatrix_impl(registers: int, transposed: bool, offset):
     def impl(warp_handle: T.handle, shared_handle: T.handle) -> None:
         s0 = T.int32()
         s1 = T.int32()
-        shared = T.match_buffer(shared_handle, (16, 16), "float16", align=64, offset_factor=16, scope="shared",
-                                strides=[s0, s1])
-        warp = T.match_buffer(warp_handle, (WARP, registers), "float16", align=64, offset_factor=16, scope="warp")
+        shared = T.match_buffer(shared_handle, (16, 16), "float16", align=_ALIGN["float16"], offset_factor=16,
+                                scope="shared", strides=[s0, s1])
+        warp = T.match_buffer(warp_handle, (WARP, registers), "float16", align=_ALIGN["float16"], offset_factor=16,
+                              scope="warp")
         with T.sblock("root"):
             T.reads(shared[0:16, 0:16])
             T.writes(warp[0:WARP, 0:registers])
@@ -171,9 +178,10 @@ def _lanewise_impl(rows: int, cols: int, registers: int, position):
     def impl(warp_handle: T.handle, shared_handle: T.handle) -> None:
         s0 = T.int32()
         s1 = T.int32()
-        shared = T.match_buffer(shared_handle, (rows, cols), "float32", align=64, offset_factor=cols, scope="shared",
-                                strides=[s0, s1])
-        warp = T.match_buffer(warp_handle, (WARP, registers), "float32", align=64, offset_factor=cols, scope="warp")
+        shared = T.match_buffer(shared_handle, (rows, cols), "float32", align=_ALIGN["float32"], offset_factor=cols,
+                                scope="shared", strides=[s0, s1])
+        warp = T.match_buffer(warp_handle, (WARP, registers), "float32", align=_ALIGN["float32"], offset_factor=cols,
+                              scope="warp")
         with T.sblock("root"):
             T.reads(shared[0:rows, 0:cols])
             T.writes(warp[0:WARP, 0:registers])
@@ -192,9 +200,9 @@ def _mma(depth: int, dtype: str, abbreviation: str):
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (WARP, a_registers), dtype, align=64, offset_factor=depth, scope="warp")
-        B = T.match_buffer(b, (WARP, b_registers), dtype, align=64, offset_factor=16, scope="warp")
-        C = T.match_buffer(c, (WARP, 8), "float32", align=64, offset_factor=16, scope="warp")
+        A = T.match_buffer(a, (WARP, a_registers), dtype, align=_ALIGN[dtype], offset_factor=depth, scope="warp")
+        B = T.match_buffer(b, (WARP, b_registers), dtype, align=_ALIGN[dtype], offset_factor=16, scope="warp")
+        C = T.match_buffer(c, (WARP, 8), "float32", align=_ALIGN["float32"], offset_factor=16, scope="warp")
         with T.sblock("root"):
             T.reads(C[0:WARP, 0:8], A[0:WARP, 0:a_registers], B[0:WARP, 0:b_registers])
             T.writes(C[0:WARP, 0:8])
@@ -213,9 +221,9 @@ def _mma(depth: int, dtype: str, abbreviation: str):
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (WARP, a_registers), dtype, align=64, offset_factor=depth, scope="warp")
-        B = T.match_buffer(b, (WARP, b_registers), dtype, align=64, offset_factor=16, scope="warp")
-        C = T.match_buffer(c, (WARP, 8), "float32", align=64, offset_factor=16, scope="warp")
+        A = T.match_buffer(a, (WARP, a_registers), dtype, align=_ALIGN[dtype], offset_factor=depth, scope="warp")
+        B = T.match_buffer(b, (WARP, b_registers), dtype, align=_ALIGN[dtype], offset_factor=16, scope="warp")
+        C = T.match_buffer(c, (WARP, 8), "float32", align=_ALIGN["float32"], offset_factor=16, scope="warp")
         with T.sblock("root"):
             T.reads(C[0:WARP, 0:8], A[0:WARP, 0:a_registers], B[0:WARP, 0:b_registers])
             T.writes(C[0:WARP, 0:8])

@@ -108,20 +108,22 @@ def _knob_variants(wl, target) -> list:
 
 def _gradient_arrays(workload, host) -> dict:
     """Seeded inputs of a gradient kernel (by its PrimFunc's parameters, Keras's weight layout for a
-    convolution) and its expected output."""
-    from tvmconv import build, reference
+    convolution), its expected output (float64 for a convolution) and the output's dtype."""
+    from tvmconv import build, reference, runtime
     from tvmconv.compute import ConvWorkload
     rng = np.random.default_rng(3)
     *params, out = workload.prim_func(0).params
     inputs = [rng.standard_normal([int(d) for d in p.shape]).astype(str(p.dtype)) for p in params]
-    if isinstance(workload, ConvWorkload):  # dx's phases and dW: linear, no bias
-        expected = reference.conv2d(*inputs, None, workload.strides, workload.padding, workload.dilation,
-                                    workload.groups, workload.channels_last)
+    if isinstance(workload, ConvWorkload):  # the forward pass and its pre-activation, dx's phases and dW
+        x, kernel, *bias = inputs
+        expected = reference.ACTIVATIONS[workload.activation](reference.conv2d(
+            x, kernel, bias[0] if bias else None, workload.strides, workload.padding, workload.dilation,
+            workload.groups, workload.channels_last))
     else:
         compiled = build.get_kernel(workload, host)
-        expected = np.zeros([int(d) for d in out.shape], str(out.dtype))
+        expected = runtime.aligned_empty([int(d) for d in out.shape], str(out.dtype))
         compiled.kernel.call(*inputs, out=expected)
-    return {**{f"input{i}": a for i, a in enumerate(inputs)}, "expected": expected}
+    return {**{f"input{i}": a for i, a in enumerate(inputs)}, "expected": expected, "output_dtype": str(out.dtype)}
 
 
 def prepare(directory: pathlib.Path, arch: str, variants: int, networks: list[str], batches: list[int]) -> None:
@@ -134,16 +136,18 @@ def prepare(directory: pathlib.Path, arch: str, variants: int, networks: list[st
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
 
-    def add(wl, role, name, knobs=None, variant=0, batch=1):
+    def add(wl, role, name, knobs=None, variant=0, batch=1, count=1):
         compiled = build.get_kernel(wl, target, knobs=knobs, record=False)
         stem = f"{len(entries):03d}"
         shutil.copy(compiled.library, directory / f"{stem}.so")
         shutil.copy(compiled.device_code, directory / f"{stem}.fatbin")
-        entry = {"id": stem, "role": role, "name": name, "variant": variant, "batch": batch,
+        entry = {"id": stem, "role": role, "name": name, "variant": variant, "batch": batch, "count": count,
                  "schedule": compiled.schedule, "knobs": repr(compiled.knobs), "label": wl.label}
         if role == "gradient":
-            np.savez(directory / f"{stem}.npz", **_gradient_arrays(wl, host))
+            arrays = _gradient_arrays(wl, host)
+            np.savez(directory / f"{stem}.npz", **arrays)
             entry["precision"] = _precision(wl.workload if isinstance(wl, backward.GradientKernel) else wl)
+            entry["output_dtype"] = arrays.pop("output_dtype")
         else:
             entry.update({
                 "precision": _precision(wl), "dtype": wl.dtype,
@@ -172,7 +176,7 @@ def prepare(directory: pathlib.Path, arch: str, variants: int, networks: list[st
                 knob_list = _knob_variants(wl, target)[:variants + 1] if precision == "fp32" else [None]
                 for variant, knobs in enumerate(knob_list):
                     try:
-                        add(wl, "bench", workload.name, knobs, variant, batch)
+                        add(wl, "bench", workload.name, knobs, variant, batch, workload.count)
                     except RuntimeError as err:  # e.g. more shared memory than a block may have: not a candidate
                         if variant == 0:
                             raise
@@ -224,8 +228,10 @@ def _torch_reference(torch, entry, x, kernel, bias):
 
 
 def _median_cuda_ms(torch, function) -> float:
-    """Median milliseconds of `function()` by CUDA events, REPEATS repeats of enough calls for ~5 ms."""
-    for _ in range(10):
+    """Median milliseconds of one call of `function`, replayed from a CUDA graph of enough calls for ~5 ms,
+    REPEATS replays: the GPU's time without PyTorch's dispatch on the host, 10-15 µs a call, which is longer
+    than many of these kernels run (tvmconv's times include TVM's launch from C++, a few µs)."""
+    for _ in range(10):  # warm-up: cudnn.benchmark chooses its algorithm here, outside the graph
         function()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -233,11 +239,21 @@ def _median_cuda_ms(torch, function) -> float:
     end.record()
     torch.cuda.synchronize()
     number = max(1, int(REPEAT_SECONDS * 1e3 / max(start.elapsed_time(end), 1e-3)))
+    def calls():
+        for _ in range(number):
+            function()
+    replay = calls
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            calls()
+        replay = graph.replay
+    except RuntimeError as err:  # not capturable here: the calls themselves, dispatch included, and say so
+        print(f"CUDA graph capture failed, timing the calls: {err}", flush=True)
     times = []
     for _ in range(REPEATS):
         start.record()
-        for _ in range(number):
-            function()
+        replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / number)
@@ -310,7 +326,7 @@ def _check_arrays(torch, runtime, directory, entry, generator) -> dict:
     with np.load(directory / f"{entry['id']}.npz") as stored:
         expected = stored["expected"]
         inputs = [stored[f"input{i}"] for i in range(len(stored.files) - 1)]
-    y = np.empty(expected.shape, expected.dtype)
+    y = np.empty(expected.shape, entry["output_dtype"])
     _module(runtime, directory, entry).call(*inputs, out=y)
     error = float(np.abs(y.astype(np.float64) - expected).max() / max(np.abs(expected).max(), 1e-30))
     print(f"{entry['id']} gradient {entry['name'][:90]:90} err {error:.1e}", flush=True)
@@ -372,7 +388,7 @@ def _compare_with_cudnn(torch, results, gpu) -> list[dict]:
             continue
         best = min((r for r in rows if r["precision"] == "fp32"), key=lambda r: r["tvmconv_ms"])
         flops = first["flops"]
-        table.append({"workload": name, "batch": batch, "gflop": flops / 1e9,
+        table.append({"workload": name, "batch": batch, "count": first["count"], "gflop": flops / 1e9,
                       **{f"cudnn_{p}_ms": cudnn[p] for p in cudnn},
                       **{f"tvmconv_{p}_ms": ours[p]["tvmconv_ms"] for p in ours},
                       **{f"{p}_vs_cudnn": cudnn[p] / ours[p]["tvmconv_ms"] for p in ours},
@@ -388,7 +404,9 @@ def _markdown(gpu, table) -> str:
     lines = [f"GPU: {gpu['name']} (sm_{gpu['compute_capability'].replace('.', '')}, {gpu['sms']} SMs, max SM clock "
              f"{gpu['max_sm_mhz']:.0f} MHz, FP32 FMA peak {gpu['fp32_peak_gflops'] / 1e3:.1f} TFLOP/s), driver "
              f"{gpu['driver']}, torch {gpu['torch']}, cuDNN {gpu['cudnn']}. Times in µs; the ratio is cuDNN's "
-             "time over tvmconv's in the same precision (> 1: tvmconv faster).", ""]
+             "time over tvmconv's in the same precision (> 1: tvmconv faster). cuDNN's time is a call "
+             "replayed from a CUDA graph (no PyTorch dispatch); tvmconv's, TVM's time evaluator (its launch from C++ "
+             "included).", ""]
     geomean = lambda rows, key: math.exp(statistics.fmean(math.log(r[key]) for r in rows))  # noqa: E731
     for batch, rows in itertools.groupby(table, key=lambda r: r["batch"]):
         rows = list(rows)
@@ -405,6 +423,14 @@ def _markdown(gpu, table) -> str:
                       f"TF32 {geomean(rows, 'tf32_vs_cudnn'):.3f}x, fp16 {geomean(rows, 'fp16_vs_cudnn'):.3f}x "
                       f"cuDNN in the same precision; best fp32 variant {geomean(rows, 'best_fp32_vs_cudnn'):.3f}x.",
                   ""]
+        # A stack: all of a network's convolutions, each as often as the network runs it.
+        for network, layers in itertools.groupby(rows, key=lambda r: r["workload"].split("/")[0]):
+            layers = list(layers)
+            stack = {key: sum(r["count"] * r[key] for r in layers) * 1e3 for key in layers[0] if key.endswith("_ms")}
+            lines.append(f"Stack {network}, batch {batch}: " + "; ".join(
+                f"{p} cuDNN {stack[f'cudnn_{p}_ms']:.1f} µs, tvmconv {stack[f'tvmconv_{p}_ms']:.1f} µs "
+                f"({stack[f'cudnn_{p}_ms'] / stack[f'tvmconv_{p}_ms']:.3f}x)" for p in ("fp32", "tf32", "fp16")))
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

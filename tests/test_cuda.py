@@ -85,6 +85,9 @@ TENSOR_CORES = {
                                                       dtype="float16", activation="softmax"),
     "tf32 3x3": ConvWorkload(1, 9, 7, 5, 24, (3, 3), padding="same", tf32=True, activation="gelu"),
     "tf32 1x1 stride 2": ConvWorkload(2, 8, 8, 40, 64, (1, 1), (2, 2), tf32=True),
+    # M and K whole tiles: no padding stage, A's stage is the reindex of x (element-aligned) itself
+    "float16 1x1 whole tiles": ConvWorkload(1, 8, 8, 32, 32, (1, 1), dtype="float16"),
+    "tf32 1x1 whole tiles": ConvWorkload(2, 8, 4, 16, 16, (1, 1), tf32=True),
 }
 
 
@@ -109,6 +112,16 @@ def test_tensor_core_template(name):
     _check_forward(wl, emulated(wl, SM80, tensor_cores.Knobs(1, 1, 1, 1, 1)))
 
 
+@pytest.mark.parametrize("name", TENSOR_CORES)
+def test_tensor_core_schedule_is_tensorized(name):
+    """Every fragment's fill, load and product becomes its instruction (the emulation above leaves them out),
+    also where the GEMM needs no padding: batch-8 1x1 layers such as ResNet-50's 56x56x64 failed there."""
+    wl = TENSOR_CORES[name]
+    text = build.scheduled(wl, SM80, cuda.RULE, cuda.RULE.default_knobs(wl, SM80)).script()
+    assert "T.ptx_legacy.mma(" in text and "T.cuda.mma_fill_legacy(" in text
+    assert ("T.ptx_legacy.ldmatrix(" in text) == (wl.dtype == "float16")
+
+
 @needs_nvcc
 @pytest.mark.parametrize("target", [SM80, SM90], ids=["sm_80", "sm_90"])
 def test_tensor_cores_compile_to_mma(target):
@@ -124,6 +137,31 @@ def test_tensor_cores_compile_to_mma(target):
     for wl in (float16, tf32):
         with open(build.get_kernel(wl, target).device_code, "rb") as f:
             assert int.from_bytes(f.read(4), "little") == 0xBA55ED50  # a fatbin
+
+
+def _shared_memory_bytes(workload, target) -> int:
+    """The shared memory a block of the defaults' kernel allocates, as TVM's pipeline sizes it (after compacting
+    each stage to what a block reads)."""
+    func = build.scheduled(workload, target, cuda.RULE, cuda.RULE.default_knobs(workload, target))
+    default, _, _ = tvm.tirx.get_tir_pipeline("default")
+    lowered = default(tvm.IRModule({"main": func.with_attr("target", target)}))
+    text = "\n".join(f.script() for f in lowered.functions.values())
+    # T.alloc_shared((2560,), "float16", align=2); float32, the default, goes unnamed
+    return sum(int(np.prod([int(d) for d in shape.split(",") if d.strip()])) * np.dtype(dtype or "float32").itemsize
+               for shape, dtype in re.findall(r'T\.alloc_shared\(\(([^)]*)\)(?:, "(\w+)")?', text))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_the_float32_defaults_fit_a_block_for_every_network_layer(batch):
+    """The SIMT template's defaults for every layer of ResNet-50 and MobileNetV2 stage at most a block's 48 KB.
+    MobileNetV2's 7x7x576 -> 160 and 7x7x960 -> 160 layers, with blocks overhanging both the 7-wide rows and
+    the 160 filters, once staged 18 and 52 MB (ptxas refused them)."""
+    from tvmconv.networks import conv_workload, network_workloads
+    for network in ("resnet50", "mobilenet_v2"):
+        for layer in network_workloads(network):
+            wl = conv_workload(layer, batch)
+            used = _shared_memory_bytes(wl, SM90)
+            assert 0 < used <= cuda.shared_bytes(SM90), (layer.name, used)
 
 
 def test_tensor_cores_only_where_they_apply():
@@ -168,6 +206,23 @@ def test_the_space_samples_replay_and_compute_the_convolution(wl):
                 _check_forward(wl, emulated(wl, SM90, values), seed=seed)
             checked += 1
     assert checked >= 12
+
+
+@pytest.mark.parametrize("wl", [ConvWorkload(1, 14, 14, 64, 96, (1, 1)), SIMT["softmax"]], ids=["1x1", "softmax"])
+def test_a_sampled_trace_replays_with_every_other_decision(wl):
+    """Tuning's first round and the search's mutations replay a trace with decisions changed one at a time:
+    each must replay, whatever loops the new tiles leave (a unit loop is dropped). The templates' last
+    step once asked every block for its loops, an instruction whose outputs varied with the tiles."""
+    for knobs in cuda.RULE.tunable_knobs(wl, SM90):
+        sch = s_tir.Schedule(wl.prim_func(0), seed=3)
+        cuda.RULE.schedule(wl, sch, SM90, cuda.RULE.sample_tiles(sch, wl, SM90, knobs))
+        trace = sch.trace
+        samples = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+        assert samples
+        for inst in samples:
+            for decision in range(len(inst.attrs[0])):
+                trace.with_decision(inst, decision, remove_postproc=True).apply_to_schedule(
+                    s_tir.Schedule(wl.prim_func(0)), remove_postproc=True)
 
 
 @pytest.mark.slow
